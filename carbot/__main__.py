@@ -1,0 +1,5 @@
+"""`python -m carbot` is the `carbot` command."""
+
+from carbot.cli import main
+
+main()

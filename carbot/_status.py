@@ -1,0 +1,84 @@
+"""`carbot status`: what the queue, the workers and the model registry are doing, as a dict and as text."""
+
+from __future__ import annotations
+
+import redis
+from rq import Queue, Worker
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+from carbot.settings import Settings
+from model import ModelRegistry
+from worker import SERIALIZER, STATS_KEY
+
+
+def collect_status(settings: Settings, redis_url: str | None) -> dict:
+    """Everything `carbot status` shows. `redis_url` None means no Redis is running."""
+    registry = ModelRegistry(settings.registry_dir)
+    report: dict = {"model": {"active_version": registry.active_version(), "registry": str(registry.root)}}
+    if redis_url is None:
+        report["queue"] = None
+        return report
+    try:
+        connection = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        queue = Queue(settings.classify_queue, connection=connection, serializer=SERIALIZER)
+        counters = {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
+        workers = Worker.all(queue=queue)
+        report["queue"] = {
+            "name": queue.name,
+            "queued": queue.count,
+            "started": StartedJobRegistry(queue=queue).count,
+            "finished": FinishedJobRegistry(queue=queue).count,
+            "failed": FailedJobRegistry(queue=queue).count,
+            "expired": counters.get("expired", 0),
+        }
+        report["batches"] = {
+            "batches": counters.get("batches", 0),
+            "photos": counters.get("photos", 0),
+            "computed": counters.get("computed", 0),
+            "rejected": counters.get("rejected", 0),
+            "mean_batch_size": round(counters.get("photos", 0) / counters["batches"], 2)
+            if counters.get("batches")
+            else 0,
+        }
+        report["workers"] = [
+            {
+                "name": w.name,
+                "state": w.get_state(),
+                "pid": w.pid,
+                "host": w.hostname,
+                "finished": w.successful_job_count,
+                "failed": w.failed_job_count,
+            }  # fmt: skip
+            for w in workers
+        ]
+    except redis.RedisError as exc:
+        report["queue"] = {"error": f"Redis is not answering: {exc.__class__.__name__}"}
+    return report
+
+
+def format_status(report: dict) -> str:
+    """The status as a few lines for a person."""
+    lines = [
+        f"model     active version: {report['model']['active_version'] or 'none'} ({report['model']['registry']})"
+    ]
+    queue = report.get("queue")
+    if queue is None:
+        lines.append("queue     no Redis running (set REDIS_URL, or start `carbot worker`)")
+        return "\n".join(lines)
+    if "error" in queue:
+        lines.append(f"queue     {queue['error']}")
+        return "\n".join(lines)
+    lines.append(
+        f"queue     {queue['name']}: {queue['queued']} queued, {queue['started']} started, "
+        f"{queue['finished']} finished, {queue['failed']} failed, {queue['expired']} expired"
+    )
+    batches = report["batches"]
+    lines.append(
+        f"batches   {batches['batches']} batches, {batches['photos']} photos "
+        f"(mean batch {batches['mean_batch_size']}), {batches['computed']} computed, {batches['rejected']} rejected"
+    )
+    lines.append(f"workers   {len(report['workers'])}")
+    for w in report["workers"]:
+        lines.append(f"          {w['name']} ({w['state']}, pid {w['pid']} on {w['host']}): "
+                     f"{w['finished']} finished, {w['failed']} failed")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""The `carbot` command: one entry point for the worker, the classifier, the demo and the benchmark.
+
+Each sub-command reads the settings once, brings up what the embedded defaults
+need (a private Redis, a background worker) and tears it down on exit. Heavy
+imports (TensorFlow) happen inside the commands that need them, so
+`carbot status` answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import redis
+
+from carbot import services
+from carbot.settings import Settings, get_settings
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def main(verbose: bool) -> None:
+    """Name the car model in a photo: chat bots on a batched inference queue."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.option("--max-batch", type=int, help="Most photos per forward pass (default: setting, 32).")
+@click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill (default: setting, 5).")
+@click.option("--model", "artefact", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Serve this artefact directory instead of the registry's active version.")  # fmt: skip
+@click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
+@click.option("--name", help="Worker name shown by `rq info` (default: random).")
+def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | None, burst: bool,
+           name: str | None) -> None:  # fmt: skip
+    """Serve the classify queue with a resident model, in batches."""
+    from worker._main import run_worker
+
+    settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms)
+    with services.redis_url(settings) as url:
+        run_worker(settings, url, artefact=artefact, burst=burst, name=name)
+
+
+@main.command()
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--local", is_flag=True, help="Run the model in this process instead of through the queue.")
+@click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True)
+def classify(images: tuple[Path, ...], as_json: bool, local: bool, top_k: int) -> None:
+    """Name the car model in each IMAGE (all submitted at once, batched by the worker)."""
+    settings = get_settings()
+    photos = [path.read_bytes() for path in images]
+    if local:
+        outcomes = _classify_locally(settings, photos, top_k)
+    else:
+        from worker import ClassifyClient, classify_files_sync
+
+        with services.redis_url(settings) as url, _worker_running(settings, url):
+            outcomes = classify_files_sync(
+                lambda: ClassifyClient.from_settings(settings, url), photos, top_k=top_k
+            )
+    _print_outcomes(images, outcomes, as_json)
+    if any(isinstance(outcome, Exception) for outcome in outcomes):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def status(as_json: bool) -> None:
+    """Queue depth, workers, the active model version and job counts."""
+    from carbot._status import collect_status, format_status
+
+    settings = get_settings()
+    report = collect_status(settings, services.running_redis_url(settings))
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
+@main.command("demo-model")
+@click.option("--force", is_flag=True, help="Rebuild it even if it exists.")
+def demo_model(force: bool) -> None:
+    """Train the demo model on generated photos (about a minute on a CPU) and make it active."""
+    settings = get_settings()
+    _ensure_demo_model(settings, force=force)
+
+
+@main.command()
+@click.option(
+    "--photos", type=int, default=6, show_default=True, help="How many generated photos to classify."
+)
+def demo(photos: int) -> None:
+    """Build the demo model if needed, then classify a few generated photos through the queue."""
+    from training import SYNTHETIC_CLASSES, synthetic_jpeg
+
+    settings = get_settings()
+    _ensure_demo_model(settings, force=False)
+    folder = settings.data_dir / "demo-photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(photos):
+        label = SYNTHETIC_CLASSES[index % len(SYNTHETIC_CLASSES)]
+        path = folder / f"{index:02d}-{label.lower().replace(' ', '-')}.jpg"
+        path.write_bytes(synthetic_jpeg(label, seed=1000 + index))
+        paths.append(path)
+    click.echo(f"Classifying {len(paths)} generated photos from {folder} through the queue...\n")
+    ctx = click.get_current_context()
+    ctx.invoke(classify, images=tuple(paths), as_json=False, local=False, top_k=3)
+
+
+@main.command()
+@click.option("--photos", type=int, default=192, show_default=True, help="Photos per measured method.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--backbone", default="resnet50", show_default=True)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
+)
+def bench(photos: int, image_size: int, backbone: str, json_path: Path | None) -> None:
+    """Measure this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side."""
+    from carbot._bench import run_benchmark
+
+    results = run_benchmark(get_settings(), photos=photos, image_size=image_size, backbone=backbone)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"saved {json_path}")
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def _settings(**overrides: object) -> Settings:
+    settings = get_settings()
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return settings.model_copy(update=given) if given else settings
+
+
+def _ensure_demo_model(settings: Settings, *, force: bool) -> None:
+    from model import ModelRegistry
+
+    registry = ModelRegistry(settings.registry_dir)
+    if registry.exists("demo") and not force:
+        if registry.active_version() is None:
+            registry.activate("demo")
+        return
+    click.echo("Training the demo model on generated photos (about a minute)...")
+    from training import build_demo_model
+
+    artefact = build_demo_model(settings.registry_dir, activate=force or registry.active_version() is None)
+    click.echo(
+        f"Demo model ready: {artefact.path} (test accuracy {artefact.metrics.get('test_accuracy', 0):.0%})."
+    )
+
+
+@contextlib.contextmanager
+def _worker_running(settings: Settings, url: str) -> Iterator[None]:
+    """Make sure a worker serves the queue: use a running one, else start one for the duration of the block."""
+    from worker._main import spawn_worker, workers_listening
+
+    if workers_listening(redis.Redis.from_url(url), settings.classify_queue):
+        yield
+        return
+    log_file = settings.data_dir / "run" / "worker.log"
+    click.echo(f"(no worker was running: started one in the background, log in {log_file})", err=True)
+    process = spawn_worker(url, log_file)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)  # warm shutdown: the current batch finishes first
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> list:
+    from model import ImageRejected, ModelRegistry, Predictor, load_image
+    from worker import PhotoRejected, Prediction
+
+    registry = ModelRegistry(settings.registry_dir)
+    version = registry.active_version()
+    if version is None:
+        raise click.ClickException("No active model: run `carbot demo-model` first.")
+    predictor = Predictor.from_artefact(registry.path_for(version), max_batch=settings.max_batch)
+    outcomes: list = []
+    for photo in photos:
+        started = time.perf_counter()
+        try:
+            image = load_image(photo, predictor.preprocessing)
+        except ImageRejected as exc:
+            outcomes.append(PhotoRejected(str(exc)))
+            continue
+        ranked = predictor.predict_topk(image[None], k=top_k)[0]
+        outcomes.append(Prediction.from_result("local", {
+            "model_version": predictor.version,
+            "photo": "",
+            "top_k": [{"label": label, "probability": p} for label, p in ranked],
+            "timings": {"total_ms": round((time.perf_counter() - started) * 1000, 1)},
+        }))  # fmt: skip
+    return outcomes
+
+
+def _print_outcomes(images: tuple[Path, ...], outcomes: list, as_json: bool) -> None:
+    if as_json:
+        rows = []
+        for path, outcome in zip(images, outcomes):
+            if isinstance(outcome, Exception):
+                rows.append({"file": str(path), "error": type(outcome).__name__, "message": str(outcome)})
+            else:
+                rows.append({
+                    "file": str(path),
+                    "model_version": outcome.model_version,
+                    "top_k": [{"label": c.label, "probability": c.probability} for c in outcome.top_k],
+                    "timings": outcome.timings,
+                })  # fmt: skip
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for path, outcome in zip(images, outcomes):
+        click.echo(click.style(str(path), bold=True))
+        if isinstance(outcome, Exception):
+            click.echo(f"  ✗ {outcome}")
+            continue
+        for rank, candidate in enumerate(outcome.top_k, start=1):
+            bar = "█" * round(candidate.probability * 20)
+            click.echo(f"  {rank}. {candidate.label:<24} {candidate.probability:6.1%}  {bar}")
+        click.echo(click.style(f"  model {outcome.model_version}", dim=True))

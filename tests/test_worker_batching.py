@@ -1,0 +1,129 @@
+"""The batch worker through the real client, real Redis and a real (tiny) model in a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import zlib
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+from tests.conftest import TEST_LABELS, jpeg_bytes
+from worker import SERIALIZER, STATS_KEY, ClassifyClient, PhotoRejected, Prediction
+
+
+def stats(url: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in redis.Redis.from_url(url).hgetall(STATS_KEY).items()}
+
+
+async def submit_all(client: ClassifyClient, photos: list[bytes]) -> list[str]:
+    """Enqueue every photo without waiting for results (so they are all queued before a worker starts)."""
+    loop = asyncio.get_running_loop()
+    return [await loop.run_in_executor(None, client.submit, photo) for photo in photos]
+
+
+async def test_batches_form_under_concurrent_load(redis_url, start_worker):
+    start_worker(max_batch=16, max_wait_ms=20)
+    photos = [jpeg_bytes(seed) for seed in range(64)]
+    async with ClassifyClient(redis_url) as client:
+        predictions = await asyncio.gather(*(client.classify(photo) for photo in photos))
+
+    assert all(isinstance(p, Prediction) for p in predictions)
+    for prediction in predictions:
+        assert prediction.model_version == "tiny-test"
+        assert len(prediction.top_k) == 3
+        assert {c.label for c in prediction.top_k} <= set(TEST_LABELS)
+        probabilities = [c.probability for c in prediction.top_k]
+        assert probabilities == sorted(probabilities, reverse=True)
+    assert max(p.timings["batch_size"] for p in predictions) > 1
+    counters = stats(redis_url)
+    assert counters["photos"] == 64
+    assert counters["batches"] < 64
+
+
+async def test_one_corrupt_photo_fails_alone_in_its_batch(redis_url, start_worker):
+    photos = [jpeg_bytes(seed) for seed in range(15)]
+    corrupt = jpeg_bytes(99)[:200]  # a truncated JPEG
+    async with ClassifyClient(redis_url) as client:
+        await submit_all(client, photos[:7] + [corrupt] + photos[7:])  # queued before any worker runs
+        start_worker(max_batch=16)
+        outcomes = await asyncio.gather(
+            *(client.classify(photo) for photo in photos[:7] + [corrupt] + photos[7:]), return_exceptions=True
+        )
+
+    rejected = outcomes.pop(7)
+    assert isinstance(rejected, PhotoRejected)
+    assert "Traceback" not in str(rejected) and "PIL" not in str(rejected)
+    assert str(rejected)  # a sentence for a person
+    assert all(isinstance(p, Prediction) for p in outcomes)
+    # The 15 good ones were answered together with the bad one, not after it.
+    assert stats(redis_url)["batches"] <= 3
+
+
+async def test_identical_photos_are_computed_once(redis_url, start_worker):
+    same = jpeg_bytes(7)
+    photos = [same] * 8 + [jpeg_bytes(seed) for seed in (1, 2, 3, 4)]
+    async with ClassifyClient(redis_url) as client:
+        await submit_all(client, photos)
+        start_worker(max_batch=32)
+        predictions = await asyncio.gather(*(client.classify(photo) for photo in photos))
+
+    counters = stats(redis_url)
+    # Each photo was submitted twice (submit_all, then classify): 24 jobs, 5 distinct photos.
+    assert counters["photos"] == 24
+    assert counters["computed"] <= 5 * counters["batches"]
+    assert counters["computed"] < counters["photos"]
+    assert len({p.top_k for p in predictions[:8]}) == 1
+
+
+async def test_job_statuses_are_visible_to_rq(redis_url, start_worker):
+    start_worker()
+    connection = redis.Redis.from_url(redis_url)
+    async with ClassifyClient(redis_url) as client:
+        good = await client.classify(jpeg_bytes(1))
+        try:
+            await client.classify(b"this is a text file, not a photo")
+        except PhotoRejected:
+            pass
+    queue = Queue("classify", connection=connection, serializer=SERIALIZER)
+    assert Job.fetch(good.job_id, connection=connection, serializer=SERIALIZER).get_status() == "finished"
+    assert good.job_id in FinishedJobRegistry(queue=queue).get_job_ids()
+    failed_ids = FailedJobRegistry(queue=queue).get_job_ids()
+    assert len(failed_ids) == 1
+    failed = Job.fetch(failed_ids[0], connection=connection, serializer=SERIALIZER)
+    assert failed.get_status() == "failed"
+    assert "PhotoRejected" in failed.latest_result().exc_string
+    assert failed.retries_left in (0, None)  # a bad photo is not retried
+
+
+async def test_jobs_are_json_not_pickle(redis_url):
+    async with ClassifyClient(redis_url) as client:
+        job_id = await asyncio.get_running_loop().run_in_executor(None, client.submit, jpeg_bytes(3))
+    raw = redis.Redis.from_url(redis_url).hget(f"rq:job:{job_id}", "data")
+    func, _instance, args, kwargs = json.loads(zlib.decompress(raw))
+    assert func == "worker._tasks.classify_photo"
+    assert kwargs["photo"].startswith("carbot:photo:") and kwargs["top_k"] == 3
+    assert len(raw) < 1000  # the photo's bytes are not in the job
+
+
+async def test_hundreds_of_concurrent_awaits_use_no_thread_each(redis_url, start_worker):
+    start_worker(max_batch=32)
+    peak_threads = 0
+
+    async def watch_threads():
+        nonlocal peak_threads
+        while True:
+            peak_threads = max(peak_threads, threading.active_count())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_threads())
+    async with ClassifyClient(redis_url) as client:
+        predictions = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(300)))
+    watcher.cancel()
+    assert len(predictions) == 300
+    assert all(isinstance(p, Prediction) for p in predictions)
+    assert peak_threads < 20

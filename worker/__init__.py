@@ -1,0 +1,41 @@
+"""The RQ side of the system: the batch worker and the client the bots use to reach it.
+
+Bots import only the client and the errors; nothing here imports TensorFlow
+until a worker actually loads a model.
+"""
+
+from worker._batch_worker import BatchWorker
+from worker._client import Candidate, ClassifyClient, Prediction, classify_files_sync
+from worker._contract import (
+    CLASSIFY_FUNC,
+    SERIALIZER,
+    STATS_KEY,
+    ClassifyError,
+    ClassifyFailed,
+    ClassifyTimeout,
+    JobExpired,
+    PhotoRejected,
+    QueueBusy,
+    photo_key,
+)
+from worker._inference import BatchClassifier, ModelSource
+
+__all__ = [
+    "CLASSIFY_FUNC",
+    "SERIALIZER",
+    "STATS_KEY",
+    "BatchClassifier",
+    "BatchWorker",
+    "Candidate",
+    "ClassifyClient",
+    "ClassifyError",
+    "ClassifyFailed",
+    "ClassifyTimeout",
+    "JobExpired",
+    "ModelSource",
+    "PhotoRejected",
+    "Prediction",
+    "QueueBusy",
+    "classify_files_sync",
+    "photo_key",
+]

@@ -1,0 +1,204 @@
+"""An RQ worker that classifies photos in batches with a resident model.
+
+RQ runs one job at a time (its issue #928). `BatchWorker` keeps RQ's loop,
+`work()` → `dequeue_job_and_maintain_ttl()` → `execute_job()`, and changes only
+what happens once a first job is in hand:
+
+1. `drain_batch()` takes up to `max_batch - 1` more jobs, waiting at most
+   `max_wait_ms` for them, so a lone photo is barely delayed and a burst fills
+   the batch (TF Serving's `max_batch_size` / `batch_timeout_micros`).
+2. `perform_batch()` walks every job through RQ's own lifecycle: it is started
+   (`prepare_execution`, `prepare_job_execution`: StartedJobRegistry, heartbeat),
+   then the whole batch is classified in one forward pass, then each job is
+   finished with its own result (`_finalize_success`) or its own failure
+   (`_finalize_failure`), so `rq info`, rq-dashboard, results and retries stay true.
+
+A worker killed mid-batch leaves its jobs in the StartedJobRegistry; their
+heartbeats lapse after the job timeout and the next maintenance run of any
+worker re-enqueues them (jobs are enqueued with `Retry`). SIGTERM is RQ's warm
+shutdown: the worker marks itself busy before draining, so the current batch
+is finished before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC
+
+from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.utils import now
+from rq.worker import WorkerStatus
+
+from worker._contract import CLASSIFY_FUNC, FINAL_ERRORS, PHOTO_KEY_PREFIX, SERIALIZER, STATS_KEY, JobExpired
+from worker._inference import BatchClassifier, BatchReport
+
+log = logging.getLogger(__name__)
+
+# How long past its job timeout a started job's heartbeat lasts. RQ's SimpleWorker adds 60 s;
+# a short grace is what makes a killed worker's photos come back within seconds.
+HEARTBEAT_GRACE_S = 5
+# While waiting up to max_wait_ms for more jobs we poll in steps this long: Redis times out
+# blocking commands only every 1/hz seconds (100 ms by default), far coarser than the bound.
+DRAIN_POLL_S = 0.0005
+
+
+class BatchWorker(SimpleWorker):
+    """A `SimpleWorker` (no fork, the model stays loaded) that runs classify jobs in batches."""
+
+    def __init__(self, queues, *, classifier: BatchClassifier, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 **kwargs) -> None:  # fmt: skip
+        kwargs.setdefault("serializer", SERIALIZER)
+        super().__init__(queues, **kwargs)
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+
+    # -- RQ's entry point -------------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run `job` together with whatever else is queued, as one batch."""
+        # Busy from here on: a SIGTERM now means "finish this batch, then stop" (RQ's warm shutdown).
+        self.set_state(WorkerStatus.BUSY)
+        batch, others = [], []
+        for item in [(job, queue), *self.drain_batch()]:
+            (batch if item[0].func_name == CLASSIFY_FUNC else others).append(item)
+        if batch:
+            self.perform_batch(batch)
+        for other_job, other_queue in others:
+            # Not a photo: run it the plain RQ way so a shared queue still works.
+            self.perform_job(other_job, other_queue, self.prepare_execution(other_job))
+        self.set_state(WorkerStatus.IDLE)
+
+    def drain_batch(self) -> list[tuple[Job, Queue]]:
+        """Take up to `max_batch - 1` more queued jobs, waiting at most `max_wait_ms` for them to arrive."""
+        drained: list[tuple[Job, Queue]] = []
+        deadline = time.monotonic() + self.max_wait_s
+        while len(drained) < self.max_batch - 1:
+            try:
+                item = self.queue_class.dequeue_any(
+                    self._ordered_queues, None, connection=self.connection,
+                    job_class=self.job_class, serializer=self.serializer,
+                )  # fmt: skip
+            except DequeueTimeout:  # pragma: no cover - non-blocking dequeue does not time out
+                item = None
+            if item is not None:
+                drained.append(item)
+            elif time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+            else:
+                break
+        return drained
+
+    # -- one batch, job by job through RQ's lifecycle --------------------------------------------------------
+
+    def perform_batch(self, batch: list[tuple[Job, Queue]]) -> None:
+        """Start every job, classify the live ones in one pass, then finish each job with its own outcome."""
+        started = [(job, queue, self.start_job(job)) for job, queue in batch]
+        checked_at = time.time()
+        live = [(job, queue, execution) for job, queue, execution in started if not _expired(job, checked_at)]
+        for job, queue, execution in started:
+            if _expired(job, checked_at):
+                self.fail_job(job, queue, execution, JobExpired())
+        if not live:
+            self._record(BatchReport(), expired=len(started))
+            return
+
+        try:
+            report = self.classify([job for job, _, _ in live])
+        except Exception as exc:  # the model itself failed: every job gets the error and RQ's retry
+            log.exception("batch of %d failed", len(live))
+            for job, queue, execution in live:
+                self.fail_job(job, queue, execution, exc)
+            return
+
+        for (job, queue, execution), outcome in zip(live, report.outcomes):
+            if isinstance(outcome, Exception):
+                self.fail_job(job, queue, execution, outcome)
+            else:
+                outcome["timings"] = self._timings(job, report)
+                self._finalize_success(job, queue, execution, outcome)
+        self._record(report, expired=len(started) - len(live), queue_wait_ms=_queue_wait_ms(live))
+
+    def start_job(self, job: Job):
+        """RQ's bookkeeping before a job runs: an Execution, the StartedJobRegistry, status `started`."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        job.started_at = now()
+        return execution
+
+    def classify(self, jobs: list[Job]) -> BatchReport:
+        """Fetch the jobs' photos in one round trip and classify them together."""
+        keys = [job.kwargs["photo"] for job in jobs]
+        photos = self.connection.mget(keys)
+        digests = [key.removeprefix(PHOTO_KEY_PREFIX) for key in keys]
+        return self.classifier.classify(
+            list(zip(digests, photos)), [int(job.kwargs.get("top_k", 3)) for job in jobs]
+        )
+
+    def fail_job(self, job: Job, queue: Queue, execution, exc: BaseException) -> None:
+        """Finish `job` as failed through RQ; an error that is the photo's fault is never retried."""
+        if type(exc).__name__ in FINAL_ERRORS:
+            job.retries_left = 0
+        self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        # A bad photo is an everyday event, not a crash: one line instead of a traceback.
+        exc = exc_info[1]
+        if type(exc).__name__ in FINAL_ERRORS:
+            log.info("job %s: %s: %s", job.id, type(exc).__name__, exc)
+            return
+        super().handle_exception(job, *exc_info)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return int(job.timeout or self.queue_class.DEFAULT_TIMEOUT) + HEARTBEAT_GRACE_S
+
+    def _install_signal_handlers(self) -> None:
+        # Python only lets the main thread install signal handlers; a worker in a thread is stopped another way.
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
+
+    # -- reporting ------------------------------------------------------------------------------------------
+
+    def _timings(self, job: Job, report: BatchReport) -> dict:
+        return {
+            "queue_ms": round(_queue_wait_ms([(job, None, None)]), 1),
+            "decode_ms": round(report.decode_ms, 1),
+            "inference_ms": round(report.inference_ms, 1),
+            "batch_size": report.size,
+        }
+
+    def _record(self, report: BatchReport, *, expired: int, queue_wait_ms: float = 0.0) -> None:
+        """One log line per batch, and the shared counters that `carbot status` shows."""
+        if report.size:
+            log.info(
+                "batch size=%d distinct=%d rejected=%d expired=%d queue_wait_ms=%.1f decode_ms=%.1f "
+                "inference_ms=%.1f model=%s",
+                report.size, report.distinct, report.rejected, expired, queue_wait_ms,
+                report.decode_ms, report.inference_ms, report.model_version,
+            )  # fmt: skip
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hincrby(STATS_KEY, "batches", 1 if report.size else 0)
+            pipe.hincrby(STATS_KEY, "photos", report.size)
+            pipe.hincrby(STATS_KEY, "computed", report.computed)
+            pipe.hincrby(STATS_KEY, "rejected", report.rejected)
+            pipe.hincrby(STATS_KEY, "expired", expired)
+            pipe.execute()
+
+
+def _expired(job: Job, now: float) -> bool:
+    deadline = job.kwargs.get("deadline")
+    return deadline is not None and now > float(deadline)
+
+
+def _queue_wait_ms(jobs) -> float:
+    """The longest time a job of `jobs` spent queued before it started."""
+    waits = [
+        (job.started_at - job.enqueued_at.replace(tzinfo=UTC)).total_seconds() * 1000
+        for job, _, _ in jobs
+        if job.started_at and job.enqueued_at
+    ]
+    return max(waits, default=0.0)

@@ -1,0 +1,284 @@
+"""The client the bots use: submit a photo, await its top-k, without blocking the event loop.
+
+Submitting is two short Redis round trips (queue depth, then photo + job in one
+pipeline) made with RQ's own `Queue.enqueue_call` in a small thread pool. Waiting
+is where the time goes, and it needs no thread: one `_ResultListener` per client
+reads the result streams RQ writes for each job (`rq:results:<job id>`) with a
+single blocking XREAD over all pending jobs, so hundreds of awaits cost one
+Redis connection and no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from uuid import uuid4
+
+import redis
+import redis.asyncio as aioredis
+from rq import Queue, Retry
+from rq.results import Result
+
+from model import Preprocessing
+from worker._contract import (
+    CLASSIFY_FUNC,
+    SERIALIZER,
+    ClassifyError,
+    ClassifyFailed,
+    ClassifyTimeout,
+    PhotoRejected,
+    QueueBusy,
+    error_from_exc_string,
+    photo_key,
+)
+
+# How long one XREAD blocks before the listener looks at its waiters again; results wake it at once.
+_LISTEN_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A finished classification: the top-k labels, best first, and the model version that produced them."""
+
+    job_id: str
+    model_version: str
+    photo_sha256: str
+    top_k: tuple[Candidate, ...]
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_result(cls, job_id: str, value: dict) -> Prediction:
+        return cls(
+            job_id=job_id,
+            model_version=value["model_version"],
+            photo_sha256=value["photo"],
+            top_k=tuple(Candidate(c["label"], float(c["probability"])) for c in value["top_k"]),
+            timings=value.get("timings", {}),
+        )
+
+
+class ClassifyClient:
+    """Submits photos to the `classify` queue and awaits their results.
+
+    Use one per process and close it with `await client.aclose()` (or `async with`).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        queue: str = "classify",
+        queue_limit: int = 500,
+        timeout_s: float = 30.0,
+        job_timeout_s: int = 30,
+        retries: int = 2,
+        photo_ttl_s: int = 900,
+        result_ttl_s: int = 600,
+        max_photo_bytes: int = Preprocessing().max_bytes,
+        submit_threads: int = 4,
+    ) -> None:
+        self.queue_limit = queue_limit
+        self.timeout_s = timeout_s
+        self.job_timeout_s = job_timeout_s
+        self.retries = retries
+        self.photo_ttl_s = photo_ttl_s
+        self.result_ttl_s = result_ttl_s
+        self.max_photo_bytes = max_photo_bytes
+        self._sync = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
+        self._submitter = ThreadPoolExecutor(max_workers=submit_threads, thread_name_prefix="classify-submit")
+        self._listener = _ResultListener(aioredis.Redis.from_url(redis_url, socket_connect_timeout=5))
+
+    @classmethod
+    def from_settings(cls, settings, redis_url: str) -> ClassifyClient:
+        """A client configured by `carbot.settings.Settings`, talking to `redis_url`."""
+        return cls(
+            redis_url,
+            queue=settings.classify_queue,
+            queue_limit=settings.queue_limit,
+            timeout_s=settings.request_timeout_s,
+            job_timeout_s=settings.job_timeout_s,
+            retries=settings.job_retries,
+            photo_ttl_s=settings.image_ttl_s,
+            result_ttl_s=settings.result_ttl_s,
+        )
+
+    async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Prediction:
+        """Classify one photo through the queue.
+
+        Raises `PhotoRejected` (the photo's fault; the message is for a person), `QueueBusy`
+        (too many photos waiting, nothing submitted), `ClassifyTimeout` (no answer before the
+        deadline; the worker will skip the job) or `ClassifyFailed`.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.time() + timeout_s
+        loop = asyncio.get_running_loop()
+        job_id = await loop.run_in_executor(self._submitter, self.submit, photo, top_k, deadline)
+        try:
+            result = await asyncio.wait_for(
+                self._listener.wait(job_id), timeout=max(0.0, deadline - time.time())
+            )
+        except TimeoutError:
+            raise ClassifyTimeout(
+                f"No answer within {timeout_s:g} s; please try again in a minute."
+            ) from None
+        except (redis.RedisError, OSError) as exc:
+            raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
+        if result.type == Result.Type.SUCCESSFUL:
+            return Prediction.from_result(job_id, result.return_value)
+        raise error_from_exc_string(result.exc_string)
+
+    def submit(self, photo: bytes, top_k: int = 3, deadline: float | None = None) -> str:
+        """Store the photo and enqueue its job (blocking; `classify` runs this in a thread). Returns the job id."""
+        if not photo:
+            raise PhotoRejected("The file is empty.")
+        if len(photo) > self.max_photo_bytes:
+            raise PhotoRejected(
+                f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo."
+            )
+        try:
+            if self._queue.count >= self.queue_limit:
+                raise QueueBusy("Too many photos are waiting right now; please try again in a minute.")
+            key = photo_key(photo)
+            with self._sync.pipeline() as pipe:
+                # One transaction: the job and its photo land together (RQ's enqueue must come first in it).
+                job = self._queue.enqueue_call(
+                    CLASSIFY_FUNC,
+                    kwargs={"photo": key, "top_k": top_k, "deadline": deadline},
+                    timeout=self.job_timeout_s,
+                    result_ttl=self.result_ttl_s,
+                    failure_ttl=self.result_ttl_s,
+                    # A job nobody picked up before its deadline is of no use to anybody.
+                    ttl=None if deadline is None else max(1, int(deadline - time.time()) + 60),
+                    retry=Retry(max=self.retries) if self.retries else None,
+                    pipeline=pipe,
+                )
+                pipe.set(key, photo, ex=self.photo_ttl_s)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
+        return job.id
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+        self._submitter.shutdown(wait=False, cancel_futures=True)
+        self._sync.close()
+
+    async def __aenter__(self) -> ClassifyClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _ResultListener:
+    """Resolves each pending job's future from its RQ result stream, with one XREAD for all of them.
+
+    A job registered while the XREAD is blocked would not be part of it, so
+    registering writes to this listener's own "wake" stream, which every XREAD
+    also reads: Redis answers the blocked XREAD at once and the next one includes
+    the new job.
+    """
+
+    def __init__(self, connection: aioredis.Redis) -> None:
+        self._redis = connection
+        self._wake_key = f"carbot:client:{uuid4().hex}:wake"
+        self._wake_seen = "0-0"
+        self._pending: dict[str, _Pending] = {}  # result stream key -> waiter
+        self._task: asyncio.Task | None = None
+        self._reading = False  # an XREAD is in flight
+        self._woken = False  # ...and a wake-up has already been sent for it
+
+    async def wait(self, job_id: str) -> Result:
+        key = Result.get_key(job_id)
+        pending = _Pending(job_id, asyncio.get_running_loop().create_future())
+        self._pending[key] = pending
+        try:
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._listen(), name="classify-results")
+            elif self._reading and not self._woken:
+                self._woken = True
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
+                    pipe.expire(self._wake_key, 3600)
+                    await pipe.execute()
+            return await pending.future
+        finally:
+            self._pending.pop(key, None)
+
+    async def _listen(self) -> None:
+        try:
+            while self._pending:
+                streams = {key: pending.last_id for key, pending in self._pending.items()}
+                streams[self._wake_key] = self._wake_seen
+                self._reading, self._woken = True, False
+                try:
+                    response = await self._redis.xread(streams, block=_LISTEN_BLOCK_MS)
+                finally:
+                    self._reading = False
+                for raw_key, entries in response or []:
+                    self._deliver(raw_key.decode(), entries)
+        except Exception as exc:  # Redis went away: every waiter hears it instead of hanging
+            for pending in self._pending.values():
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+
+    def _deliver(self, key: str, entries: Sequence) -> None:
+        if key == self._wake_key:
+            self._wake_seen = entries[-1][0].decode()
+            return
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        for entry_id, payload in entries:
+            pending.last_id = entry_id.decode()
+            result = Result.restore(
+                pending.job_id, pending.last_id, payload, connection=None, serializer=SERIALIZER
+            )
+            # RETRIED means another attempt is coming: keep waiting for it.
+            if result.type != Result.Type.RETRIED:
+                del self._pending[key]
+                if not pending.future.done():
+                    pending.future.set_result(result)
+                return
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.delete(self._wake_key)
+        await self._redis.aclose()
+
+
+@dataclass
+class _Pending:
+    job_id: str
+    future: asyncio.Future
+    last_id: str = "0-0"
+
+
+def classify_files_sync(
+    client_factory, photos: Sequence[bytes], *, top_k: int = 3
+) -> list[Prediction | ClassifyError]:
+    """Classify `photos` concurrently from synchronous code (the CLI); each entry is a Prediction or the error."""
+
+    async def run() -> list[Prediction | ClassifyError]:
+        async with client_factory() as client:
+            outcomes = await asyncio.gather(
+                *(client.classify(photo, top_k=top_k) for photo in photos), return_exceptions=True
+            )
+        for outcome in outcomes:
+            if not isinstance(outcome, Prediction | ClassifyError):
+                raise outcome
+        return list(outcomes)
+
+    return asyncio.run(run())

@@ -1,0 +1,77 @@
+"""The job contract between the bots' client and the worker.
+
+One RQ job per photo on queue `classify`, serialised as JSON (never pickle: a
+compromised Redis must not mean code execution on the GPU host). The photo's
+bytes are stored once in Redis under their SHA-256 with a TTL; the job carries
+the key and small keyword arguments:
+
+    classify_photo(photo="carbot:photo:<sha256>", top_k=3, deadline=<unix time>)
+
+The result is JSON too:
+
+    {"model_version": "v3", "photo": "<sha256>",
+     "top_k": [{"label": "FIAT ARGO", "probability": 0.91}, ...],
+     "timings": {"queue_ms": .., "decode_ms": .., "inference_ms": .., "batch_size": ..}}
+
+A job that fails records an `exc_string` whose last line is `<ErrorName>: <message>`;
+for the errors below the message is meant for a person and the job is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from rq.serializers import JSONSerializer
+
+SERIALIZER = JSONSerializer
+CLASSIFY_FUNC = "worker._tasks.classify_photo"
+PHOTO_KEY_PREFIX = "carbot:photo:"
+STATS_KEY = "carbot:stats"  # a Redis hash of counters the workers keep (batches, images, expired, ...)
+
+
+def photo_key(photo: bytes) -> str:
+    """The Redis key under which a photo's bytes are stored: its SHA-256."""
+    return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
+
+
+class ClassifyError(Exception):
+    """Base of the errors a caller of the classifier can get."""
+
+
+class PhotoRejected(ClassifyError):
+    """The photo cannot be classified (not an image, corrupt, too large...); the message says why."""
+
+
+class JobExpired(ClassifyError):
+    """The job waited past its deadline and was not computed."""
+
+    def __init__(self, message: str = "The photo waited too long in the queue; please send it again.") -> None:
+        super().__init__(message)
+
+
+class ClassifyFailed(ClassifyError):
+    """The classifier failed for a reason that is not the photo's fault."""
+
+
+class QueueBusy(ClassifyError):
+    """Too many photos are waiting: the photo was not submitted; try again in a minute."""
+
+
+class ClassifyTimeout(ClassifyError):
+    """No answer came before the request's deadline; the worker will not compute the photo any more."""
+
+
+# Errors that are the input's fault: retrying them cannot help.
+FINAL_ERRORS = {cls.__name__: cls for cls in (PhotoRejected, JobExpired)}
+
+_LAST_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<name>\w+): (?P<message>.*)$")
+
+
+def error_from_exc_string(exc_string: str | None) -> ClassifyError:
+    """Turn a failed job's `exc_string` back into the error the caller should see."""
+    lines = [line for line in (exc_string or "").strip().splitlines() if line.strip()]
+    match = _LAST_LINE.match(lines[-1]) if lines else None
+    if match and match["name"] in FINAL_ERRORS:
+        return FINAL_ERRORS[match["name"]](match["message"])
+    return ClassifyFailed("The classifier failed on this photo; please try again later.")

@@ -1,0 +1,160 @@
+"""Classifying a batch of photos: decode in parallel, compute each distinct photo once, one forward pass.
+
+This is the part of the worker that knows about the model. The RQ side
+(`_batch_worker.py`) hands it photos and gets back, for each one, either a
+result dictionary or the exception that photo deserves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+
+from model import ImageRejected, ModelRegistry, load_image
+from worker._contract import PhotoRejected
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    """What one batch cost; the worker logs it and adds it to the shared counters."""
+
+    size: int = 0
+    distinct: int = 0  # different photos in the batch
+    computed: int = 0  # photos that went through the model
+    rejected: int = 0  # jobs whose photo could not be read
+    decode_ms: float = 0.0
+    inference_ms: float = 0.0
+    model_version: str = ""
+    outcomes: list[dict | Exception] = field(default_factory=list)
+
+
+class ModelSource:
+    """The predictor to use, reloaded between batches when the registry's active version changes.
+
+    With a fixed artefact path there is nothing to watch; with a registry, a new
+    version is loaded (and its checksum verified) before it replaces the old one,
+    so a half-written or corrupt artefact never answers a photo.
+    """
+
+    def __init__(self, *, registry: Path | None = None, artefact: Path | None = None, max_batch: int = 32):
+        if (registry is None) == (artefact is None):
+            raise ValueError("give exactly one of registry or artefact")
+        self._registry = ModelRegistry(registry) if registry is not None else None
+        self._artefact = artefact
+        self._max_batch = max_batch
+        self._predictor = None
+        self._loaded_path: Path | None = None
+        self._failed_path: Path | None = None  # a version that would not load is not retried every batch
+        self._lock = threading.Lock()
+
+    def current(self):
+        """The predictor for the next batch (a `model.Predictor`)."""
+        with self._lock:
+            wanted = self._wanted_path()
+            if wanted not in (self._loaded_path, self._failed_path):
+                self._load(wanted)
+            return self._predictor
+
+    def _wanted_path(self) -> Path:
+        if self._artefact is not None:
+            return self._artefact
+        version = self._registry.active_version()
+        if version is None:
+            if self._predictor is not None:
+                return self._loaded_path
+            raise RuntimeError(
+                f"No active model in {self._registry.root}: run `carbot demo-model` or `carbot promote VERSION`."
+            )
+        return self._registry.path_for(version)
+
+    def _load(self, path: Path) -> None:
+        from model import Predictor
+
+        try:
+            predictor = Predictor.from_artefact(path, max_batch=self._max_batch)
+            predictor.warmup()
+        except Exception:
+            if self._predictor is None:
+                raise
+            log.exception("could not load model %s; still serving %s", path, self._predictor.version)
+            self._failed_path = path
+            return
+        log.info("model %s loaded from %s", predictor.version, path)
+        self._predictor, self._loaded_path, self._failed_path = predictor, path, None
+
+
+class BatchClassifier:
+    """Turns photo bytes into top-k results, one forward pass per batch."""
+
+    def __init__(self, source: ModelSource, *, decode_threads: int = 4):
+        self.source = source
+        self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+
+    def classify(self, photos: Sequence[tuple[str, bytes | None]], top_k: Sequence[int]) -> BatchReport:
+        """Classify `photos` (each a `(sha256, bytes or None when missing)`), asking `top_k[i]` labels for each.
+
+        Identical photos (same hash) are decoded and computed once. A photo that
+        cannot be read gets a `PhotoRejected`; the others are unaffected.
+        """
+        predictor = self.source.current()
+        report = BatchReport(size=len(photos), model_version=predictor.version)
+
+        distinct: dict[str, bytes | None] = dict(photos)
+        report.distinct = len(distinct)
+
+        started = time.perf_counter()
+        decoded = dict(zip(distinct, self._pool.map(self._decode, distinct.values(), repeat(predictor))))
+        report.decode_ms = (time.perf_counter() - started) * 1000
+
+        good = [digest for digest, image in decoded.items() if isinstance(image, np.ndarray)]
+        ranked: dict[str, list[tuple[str, float]]] = {}
+        report.computed = len(good)
+        if good:
+            started = time.perf_counter()
+            batch = np.stack([decoded[digest] for digest in good])
+            predictions = predictor.predict_topk(batch, k=max(top_k))
+            report.inference_ms = (time.perf_counter() - started) * 1000
+            ranked = dict(zip(good, predictions))
+
+        for (digest, _), k in zip(photos, top_k):
+            if digest in ranked:
+                report.outcomes.append(
+                    {
+                        "model_version": predictor.version,
+                        "photo": digest,
+                        "top_k": [
+                            {"label": label, "probability": round(float(p), 6)}
+                            for label, p in ranked[digest][:k]
+                        ],
+                    }
+                )
+            else:
+                report.rejected += 1
+                report.outcomes.append(decoded[digest])
+        return report
+
+    @staticmethod
+    def _decode(photo: bytes | None, predictor) -> np.ndarray | Exception:
+        if photo is None:
+            return PhotoRejected("The photo expired before it could be classified; please send it again.")
+        try:
+            return load_image(photo, predictor.preprocessing)
+        except ImageRejected as exc:
+            return PhotoRejected(str(exc))
+        except Exception:
+            # A decoder bug on some odd file must cost that photo only, never the worker.
+            log.exception("unexpected error decoding a photo")
+            return PhotoRejected("This picture could not be read; please send it as a JPEG or PNG.")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,70 @@
+"""Running a batch worker process: the model source, the classifier and RQ's loop, wired together."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+from rq import Queue, Worker
+
+from carbot.settings import Settings
+from worker._batch_worker import BatchWorker
+from worker._contract import SERIALIZER
+from worker._inference import BatchClassifier, ModelSource
+
+
+def run_worker(
+    settings: Settings,
+    redis_url: str,
+    *,
+    artefact: Path | None = None,
+    burst: bool = False,
+    name: str | None = None,
+    log_level: str = "INFO",
+) -> bool:
+    """Serve the classify queue until stopped (SIGTERM or Ctrl+C finish the current batch first).
+
+    The model is the registry's active version, reloaded between batches when it
+    changes, unless a fixed `artefact` directory is given. Returns whether any job ran.
+    """
+    source = (
+        ModelSource(artefact=artefact, max_batch=settings.max_batch)
+        if artefact is not None
+        else ModelSource(registry=settings.registry_dir, max_batch=settings.max_batch)
+    )
+    source.current()  # load and compile before taking jobs, so the first photo doesn't pay for it
+    classifier = BatchClassifier(source, decode_threads=settings.decode_threads)
+    worker = BatchWorker(
+        [settings.classify_queue],
+        classifier=classifier,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        connection=redis.Redis.from_url(redis_url),
+        name=name,
+        maintenance_interval=settings.maintenance_interval_s,
+        # An idle worker wakes every maintenance interval, so a dead worker's jobs are found promptly.
+        worker_ttl=settings.maintenance_interval_s + 15,
+    )
+    worker.log_result_lifespan = False
+    try:
+        return worker.work(burst=burst, logging_level=log_level)
+    finally:
+        classifier.close()
+
+
+def workers_listening(connection: redis.Redis, queue_name: str) -> int:
+    """How many live workers serve `queue_name`."""
+    return Worker.count(queue=Queue(queue_name, connection=connection, serializer=SERIALIZER))
+
+
+def spawn_worker(redis_url: str, log_file: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `carbot worker` as a child process on `redis_url`, logging to `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "REDIS_URL": redis_url, **(extra_env or {})}
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "carbot", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
