@@ -37,6 +37,8 @@ from worker._contract import (
 
 # How long one XREAD blocks before the listener looks at its waiters again; results wake it at once.
 _LISTEN_BLOCK_MS = 1000
+# Consecutive failed XREADs (backing off 0.1 s, 0.2 s, ...) before the waiters are told Redis is gone.
+_LISTEN_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -216,21 +218,34 @@ class _ResultListener:
             self._pending.pop(key, None)
 
     async def _listen(self) -> None:
-        try:
-            while self._pending:
-                streams = {key: pending.last_id for key, pending in self._pending.items()}
-                streams[self._wake_key] = self._wake_seen
-                self._reading, self._woken = True, False
-                try:
-                    response = await self._redis.xread(streams, block=_LISTEN_BLOCK_MS)
-                finally:
-                    self._reading = False
-                for raw_key, entries in response or []:
-                    self._deliver(raw_key.decode(), entries)
-        except Exception as exc:  # Redis went away: every waiter hears it instead of hanging
-            for pending in self._pending.values():
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+        failures = 0
+        while self._pending:
+            streams = {key: pending.last_id for key, pending in self._pending.items()}
+            streams[self._wake_key] = self._wake_seen
+            self._reading, self._woken = True, False
+            try:
+                response = await self._redis.xread(streams, block=_LISTEN_BLOCK_MS)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                # A blip (a busy event loop, a reconnect) is retried; a Redis that stays away fails the waiters.
+                failures += 1
+                if failures > _LISTEN_RETRIES:
+                    self._fail_all(exc)
+                    return
+                await asyncio.sleep(0.05 * 2**failures)
+                continue
+            except Exception as exc:
+                self._fail_all(exc)
+                return
+            finally:
+                self._reading = False
+            failures = 0
+            for raw_key, entries in response or []:
+                self._deliver(raw_key.decode(), entries)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(exc)
 
     def _deliver(self, key: str, entries: Sequence) -> None:
         if key == self._wake_key:

@@ -1,0 +1,61 @@
+"""The car classifier: preprocessing, network, versioned artefacts, registry and prediction.
+
+``import model`` is light: it gives the parts a bot or ``carbot status`` needs (reading a
+photo, reading artefacts and the registry) without importing TensorFlow. The names that
+need Keras are imported on first use::
+
+    from model import load_image, ModelRegistry    # light
+    from model import Predictor                     # imports TensorFlow now
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._artefact import Artefact, ArtefactCorrupt, read_artefact
+from ._backbones import BACKBONES
+from ._preprocess import ImageRejected, Preprocessing, load_image
+from ._registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from ._network import build_classifier
+    from ._predictor import Predictor
+    from ._saving import LoadedModel, load_artefact, save_artefact
+
+__all__ = [
+    "BACKBONES",
+    "Artefact",
+    "ArtefactCorrupt",
+    "ImageRejected",
+    "LoadedModel",
+    "ModelRegistry",
+    "Predictor",
+    "Preprocessing",
+    "build_classifier",
+    "load_artefact",
+    "load_image",
+    "read_artefact",
+    "save_artefact",
+]
+
+# Heavy names (they import Keras) and the private module each lives in.
+_LAZY = {
+    "build_classifier": "._network",
+    "save_artefact": "._saving",
+    "load_artefact": "._saving",
+    "LoadedModel": "._saving",
+    "Predictor": "._predictor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,157 @@
+"""Batched prediction with a loaded artefact: probabilities and top-k labels.
+
+Batches are padded up to a few fixed sizes ("buckets": powers of two up to `max_batch`),
+so the compiled forward pass is traced once per bucket and then reused, however the
+worker's batches happen to vary in size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from ._artefact import Artefact
+from ._preprocess import Preprocessing
+from ._saving import LoadedModel, load_artefact
+
+
+class Predictor:
+    """A loaded model that answers batches of preprocessed images (from `load_image`)."""
+
+    def __init__(self, loaded: LoadedModel, *, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self._loaded = loaded
+        self._max_batch = max_batch
+        self._buckets = bucket_sizes(max_batch)
+        self._trace_count = 0
+        self._forward = self._compile_forward()
+
+    @classmethod
+    def from_artefact(cls, directory: Path, *, max_batch: int = 32) -> Predictor:
+        return cls(load_artefact(directory), max_batch=max_batch)
+
+    @property
+    def artefact(self) -> Artefact:
+        return self._loaded.artefact
+
+    @property
+    def version(self) -> str:
+        return self.artefact.version
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.artefact.labels
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.artefact.preprocessing
+
+    @property
+    def image_size(self) -> int:
+        return self.artefact.image_size
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return self._buckets
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the forward pass was traced (compiled); stays put once warm."""
+        return self._trace_count
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, size, size, 3) uint8 images -> (N, num_classes) float32 probabilities."""
+        images = self._checked(images)
+        chunks = [
+            self._run_padded(images[start : start + self._max_batch])
+            for start in range(0, len(images), self._max_batch)
+        ]
+        if not chunks:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def predict_topk(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each image, the `k` most likely labels with their probabilities, best first."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        k = min(k, len(self.labels))
+        results = []
+        for row in self.probabilities(images):
+            best = np.argsort(-row, kind="stable")[:k]
+            results.append([(self.labels[i], float(row[i])) for i in best])
+        return results
+
+    def warmup(self, batch_sizes: Iterable[int] | None = None) -> None:
+        """Compile the forward pass for the buckets that `batch_sizes` fall in (default: all)."""
+        sizes = self._buckets if batch_sizes is None else batch_sizes
+        for bucket in sorted({self._bucket_for(min(int(n), self._max_batch)) for n in sizes}):
+            self._forward(np.zeros((bucket, self.image_size, self.image_size, 3), dtype=np.uint8))
+
+    def _checked(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), not {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images (from load_image), not {images.dtype}")
+        return images
+
+    def _run_padded(self, chunk: np.ndarray) -> np.ndarray:
+        count = len(chunk)
+        bucket = self._bucket_for(count)
+        if bucket > count:
+            padding = np.zeros((bucket - count, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, padding])
+        return self._forward(chunk)[:count]
+
+    def _bucket_for(self, count: int) -> int:
+        return next(bucket for bucket in self._buckets if bucket >= count)
+
+    def _compile_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+        keras_model = self._loaded.keras_model
+        if keras.backend.backend() != "tensorflow":
+            return self._eager_forward(keras_model)
+        import tensorflow as tf
+
+        @tf.function
+        def traced(images: tf.Tensor) -> tf.Tensor:
+            # Python code here runs only while TensorFlow traces, once per input shape.
+            self._trace_count += 1
+            return tf.cast(keras_model(tf.cast(images, tf.float32), training=False), tf.float32)
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            return traced(tf.convert_to_tensor(batch)).numpy()
+
+        return forward
+
+    def _eager_forward(self, keras_model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+        # Other backends (JAX on a GPU host) compile inside predict_on_batch, once per shape;
+        # count new shapes as the closest equivalent of a trace.
+        seen: set[tuple[int, ...]] = set()
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            if batch.shape not in seen:
+                seen.add(batch.shape)
+                self._trace_count += 1
+            return np.asarray(keras_model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
+
+        return forward
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch`, then `max_batch` itself: 24 -> (1, 2, 4, 8, 16, 24)."""
+    sizes = []
+    size = 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch)
+    return tuple(sizes)

@@ -1,0 +1,251 @@
+"""Turn the bytes of an uploaded photo into the square RGB array the classifier reads.
+
+This is the one preprocessing function: the worker calls it on every photo and training
+calls it on every example, so a photo is seen the same way in both. It is also the first
+code that touches untrusted bytes, so it refuses anything odd with an `ImageRejected`
+whose message can be shown to the person who sent the photo.
+
+It imports Pillow and NumPy only (no TensorFlow), so bots may use it to check a photo.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE_POLICIES = ("stretch", "pad", "crop")
+
+# Formats a phone or a chat app actually sends. Naming them keeps Pillow's rarer, less
+# hardened decoders away from untrusted bytes. (The JPEG opener also opens phones' MPO files.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Transparent areas become white: a cut-out car on a web page is usually on white.
+_BACKGROUND = (255, 255, 255)
+# Letterbox bars are mid-grey, close to the mean pixel that ImageNet backbones subtract,
+# so the bars carry as little signal as possible.
+PAD_COLOUR = (128, 128, 128)
+
+_MESSAGES = {
+    "empty": "The file is empty; please send the picture again.",
+    "too_large": "This file is too large; please send a smaller picture.",
+    "not_an_image": "This file is not a picture I can read (JPEG, PNG, WebP, GIF, BMP, TIFF).",
+    "truncated": "This picture is incomplete or damaged; please send it again.",
+    "too_many_pixels": "This picture has too many pixels; please send a smaller one.",
+    "unsupported": "This picture uses a format or colour mode I cannot read; please send a JPEG or PNG.",
+}
+
+
+class ImageRejected(ValueError):
+    """A photo that cannot be used; `reason` is a short code, `str()` a sentence for a person."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        if reason not in _MESSAGES:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        super().__init__(message or _MESSAGES[reason])
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default would call ImageRejected(message) and lose the reason.
+        return (type(self), (self.reason, str(self)))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the network's input; stored in every model artefact."""
+
+    image_size: int = 224
+    # "stretch": plain resize to a square, as the original study did.
+    # "pad": fit the long side, letterbox with mid-grey. "crop": centre crop of the short side.
+    resize: str = "stretch"
+    max_bytes: int = 25 * 2**20
+    max_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, not {self.resize!r}")
+        for name in ("image_size", "max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        # Unknown keys are ignored so that an artefact written by a newer version still loads.
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in d.items() if key in known})
+
+
+def load_image(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> np.ndarray:
+    """Decode a photo and return it as an (image_size, image_size, 3) uint8 RGB array.
+
+    The result is upright (EXIF orientation applied), the first frame of an animation,
+    with transparency on white. Raises `ImageRejected` for anything that is not a
+    readable picture within the size limits.
+    """
+    _check_byte_size(data, preprocessing)
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            _check_pixel_count(img, preprocessing)
+            _request_draft(img, preprocessing)
+            _decode(img)
+            # Resize inside the block: the decoded pixels may belong to `img`, closed on exit.
+            resized = _resize(_to_rgb(_upright(img)), preprocessing)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("too_many_pixels") from exc
+    except ImageRejected:
+        raise
+    except Exception as exc:
+        # Pillow reports malformed input with many exception types (OSError, SyntaxError,
+        # struct.error, ...); for a person they all mean the same thing.
+        raise ImageRejected("not_an_image") from exc
+    return np.array(resized, dtype=np.uint8)
+
+
+def _check_byte_size(data: bytes, preprocessing: Preprocessing) -> None:
+    if len(data) == 0:
+        raise ImageRejected("empty")
+    if len(data) > preprocessing.max_bytes:
+        limit_mb = preprocessing.max_bytes / 2**20
+        raise ImageRejected("too_large", f"This file is too large; please send a picture under {limit_mb:.0f} MB.")
+
+
+def _check_pixel_count(img: Image.Image, preprocessing: Preprocessing) -> None:
+    # Pillow has read only the header so far: this is the cheap moment to refuse a
+    # decompression bomb, whatever Image.MAX_IMAGE_PIXELS happens to be set to.
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageRejected("not_an_image")
+    if width * height > preprocessing.max_pixels:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"This picture has too many pixels ({width}x{height}); please send a smaller one.",
+        )
+
+
+def _request_draft(img: Image.Image, preprocessing: Preprocessing) -> None:
+    """Let the JPEG decoder scale down by 2, 4 or 8 while decoding (much faster for big photos)."""
+    if img.format not in ("JPEG", "MPO"):
+        return
+    img.draft("RGB", _draft_size(img.size, preprocessing))
+
+
+def _draft_size(size: tuple[int, int], preprocessing: Preprocessing) -> tuple[int, int]:
+    # Pillow's draft keeps both sides at least as large as the size asked for. Stretch and
+    # crop need both sides >= image_size; pad only needs the long side to reach it.
+    target = preprocessing.image_size
+    if preprocessing.resize != "pad":
+        return (target, target)
+    width, height = size
+    long_side = max(width, height)
+    return (max(1, -(-width * target // long_side)), max(1, -(-height * target // long_side)))
+
+
+def _decode(img: Image.Image) -> None:
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise
+    except OSError as exc:
+        if "decoder" in str(exc) and "not available" in str(exc):
+            raise ImageRejected("unsupported") from exc
+        raise ImageRejected("truncated") from exc
+    except Exception as exc:
+        raise ImageRejected("truncated") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        # A broken EXIF block should not cost the person their answer; the pixels are fine.
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        return _on_background(img)
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16"):
+        return _grey_to_rgb(np.asarray(img).astype(np.uint16) >> 8)
+    if mode == "I":
+        return _grey_to_rgb(_scale_wide_ints(np.asarray(img)))
+    if mode == "F":
+        return _grey_to_rgb(_scale_floats(np.asarray(img)))
+    try:
+        # 1, L, P, CMYK (Pillow already undoes Adobe's inverted CMYK), YCbCr, ...
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageRejected("unsupported") from exc
+
+
+def _on_background(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scale_wide_ints(values: np.ndarray) -> np.ndarray:
+    # Mode "I" almost always holds 16-bit samples (16-bit PNG or TIFF); map that range to 8 bits.
+    if values.size and values.min() >= 0 and values.max() <= 0xFFFF:
+        return values.astype(np.uint32) >> 8
+    return _stretch_to_bytes(values.astype(np.float64))
+
+
+def _scale_floats(values: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(values.astype(np.float64))
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        return np.rint(values * 255.0)
+    return _stretch_to_bytes(values)
+
+
+def _stretch_to_bytes(values: np.ndarray) -> np.ndarray:
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if high <= low:
+        return np.zeros_like(values)
+    return np.rint((values - low) * (255.0 / (high - low)))
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    grey8 = np.clip(grey, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey8[:, :, None], 3, axis=2), mode="RGB")
+
+
+def _resize(img: Image.Image, preprocessing: Preprocessing) -> Image.Image:
+    size = preprocessing.image_size
+    if preprocessing.resize == "stretch":
+        return _scaled(img, (size, size))
+    if preprocessing.resize == "crop":
+        return _scaled(img, (size, size), box=_centre_square(img.size))
+    return _letterboxed(img, size)
+
+
+def _scaled(img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    # Pillow's BILINEAR widens its support when shrinking, so this is antialiased; the
+    # reducing gap first shrinks by an integer factor, which makes big photos fast.
+    return img.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+
+
+def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    width, height = size
+    side = min(width, height)
+    left = (width - side) // 2
+    top = (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def _letterboxed(img: Image.Image, size: int) -> Image.Image:
+    width, height = img.size
+    scale = size / max(width, height)
+    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+    canvas.paste(_scaled(img, inner), ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    return canvas

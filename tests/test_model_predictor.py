@@ -1,0 +1,180 @@
+"""The network builder and the batched Predictor, on the tiny backbone at 32 px."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import model
+from model import BACKBONES, Predictor, Preprocessing, build_classifier, save_artefact
+from model._predictor import bucket_sizes
+
+LABELS = ("FIAT ARGO", "VW GOL", "CHEVROLET ONIX", "FORD KA")
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def artefact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("artefact") / "v1"
+    keras_model = build_classifier(len(LABELS), backbone="tiny", image_size=SIZE)
+    # A louder head than the initial one, so that different images get clearly different answers.
+    head = keras_model.get_layer("head")
+    kernel, bias = head.get_weights()
+    head.set_weights([np.random.default_rng(0).normal(0, 3, kernel.shape).astype("float32"), bias])
+    save_artefact(
+        keras_model,
+        directory,
+        version="v1",
+        labels=LABELS,
+        backbone="tiny",
+        preprocessing=Preprocessing(image_size=SIZE),
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def predictor(artefact_dir: Path) -> Predictor:
+    return Predictor.from_artefact(artefact_dir, max_batch=8)
+
+
+def random_images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_all_public_names_resolve() -> None:
+    for name in model.__all__:
+        assert getattr(model, name) is not None
+    with pytest.raises(AttributeError):
+        _ = model.no_such_name
+
+
+def test_backbones_are_named() -> None:
+    assert {"resnet50", "resnet50v2", "mobilenetv3small", "tiny"} <= set(BACKBONES)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_classifier(3, backbone="vgg16")
+
+
+def test_model_layout_training_relies_on() -> None:
+    keras_model = build_classifier(3, backbone="tiny", image_size=SIZE, dropout=0.2)
+    assert keras_model.input_shape == (None, SIZE, SIZE, 3)
+    assert keras_model.output_shape == (None, 3)
+    assert isinstance(keras_model.get_layer("backbone"), keras.Model)
+    assert keras_model.get_layer("head_dropout").rate == 0.2
+    head = keras_model.get_layer("head")
+    assert head.dtype_policy.name == "float32" and head.kernel_regularizer is not None
+
+
+def test_model_takes_uint8_or_float_pixels_and_survives_serialisation() -> None:
+    keras_model = build_classifier(3, backbone="tiny", image_size=SIZE)
+    images = random_images(2)
+    as_float = keras_model(images.astype("float32"), training=False)
+    np.testing.assert_allclose(keras_model(images, training=False), as_float, atol=1e-6)
+    clone = keras.models.model_from_json(keras_model.to_json())
+    clone.set_weights(keras_model.get_weights())
+    np.testing.assert_allclose(clone(images.astype("float32"), training=False), as_float, atol=1e-6)
+
+
+def test_properties(predictor: Predictor) -> None:
+    assert predictor.version == "v1" and predictor.labels == LABELS
+    assert predictor.image_size == SIZE and predictor.preprocessing == Preprocessing(image_size=SIZE)
+    assert predictor.buckets == (1, 2, 4, 8)
+
+
+def test_buckets() -> None:
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32)
+    assert bucket_sizes(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_topk_is_sorted_and_probabilities_sum_to_one(predictor: Predictor) -> None:
+    images = random_images(3)
+    probabilities = predictor.probabilities(images)
+    assert probabilities.shape == (3, len(LABELS)) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+    top = predictor.predict_topk(images, k=2)
+    assert [len(row) for row in top] == [2, 2, 2]
+    everything = predictor.predict_topk(images, k=10)
+    for row, probs in zip(everything, probabilities, strict=True):
+        assert [p for _, p in row] == sorted((p for _, p in row), reverse=True)
+        assert {label for label, _ in row} == set(LABELS)
+        assert row[0] == (LABELS[int(np.argmax(probs))], pytest.approx(float(probs.max())))
+
+
+def test_batches_in_one_bucket_do_not_retrace(artefact_dir: Path) -> None:
+    predictor = Predictor.from_artefact(artefact_dir, max_batch=8)
+    predictor.warmup()
+    assert predictor.trace_count == len(predictor.buckets)
+    predictor.probabilities(random_images(3))
+    predictor.probabilities(random_images(4))
+    predictor.probabilities(random_images(1))
+    predictor.probabilities(random_images(8))
+    assert predictor.trace_count == len(predictor.buckets)
+
+
+def test_warmup_of_chosen_sizes(artefact_dir: Path) -> None:
+    predictor = Predictor.from_artefact(artefact_dir, max_batch=8)
+    predictor.warmup([3, 4, 100])  # buckets 4 and 8
+    assert predictor.trace_count == 2
+
+
+def test_padded_batch_equals_single_images(predictor: Predictor) -> None:
+    black, white = np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE, 3), 255, np.uint8)
+    images = np.stack([black, white, random_images(1, seed=1)[0]])
+    batched = predictor.probabilities(images)
+    singles = np.concatenate([predictor.probabilities(image[None]) for image in images])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1], atol=1e-3)  # the rows really differ
+
+
+def test_more_images_than_max_batch(predictor: Predictor) -> None:
+    images = random_images(19, seed=2)
+    probabilities = predictor.probabilities(images)
+    assert probabilities.shape == (19, len(LABELS))
+    np.testing.assert_allclose(probabilities[17:], predictor.probabilities(images[17:]), atol=1e-5)
+    assert len(predictor.predict_topk(images)) == 19
+
+
+def test_bad_input_is_refused(predictor: Predictor) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        predictor.probabilities(random_images(1)[0])
+    with pytest.raises(ValueError, match="uint8"):
+        predictor.probabilities(random_images(1).astype("float32"))
+    with pytest.raises(ValueError):
+        predictor.predict_topk(random_images(1), k=0)
+    assert predictor.probabilities(random_images(0)).shape == (0, len(LABELS))
+
+
+def test_backbone_weights_from_a_local_file(tmp_path: Path) -> None:
+    source = build_classifier(3, backbone="tiny", image_size=SIZE)
+    weights_file = tmp_path / "tiny_backbone.weights.h5"
+    source.get_layer("backbone").save_weights(weights_file)
+    built = build_classifier(3, backbone="tiny", image_size=SIZE, weights=weights_file)
+    for expected, actual in zip(
+        source.get_layer("backbone").get_weights(), built.get_layer("backbone").get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_classifier(3, backbone="tiny", image_size=SIZE, weights=tmp_path / "nothing.weights.h5")
+
+
+def test_no_imagenet_weights_for_tiny() -> None:
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_classifier(3, backbone="tiny", image_size=SIZE, weights="imagenet")
+
+
+def test_imagenet_offline_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fail the download the way keras does with no network, so that the test never reaches out.
+    def no_network(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    with pytest.raises(RuntimeError, match="weights=PATH") as caught:
+        build_classifier(3, backbone="mobilenetv3small", image_size=SIZE, weights="imagenet")
+    assert "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5" in str(caught.value)

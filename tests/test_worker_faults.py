@@ -1,0 +1,122 @@
+"""Workers that die or are stopped, a full queue and late answers: no photo is lost or answered late."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import time
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from tests.conftest import jpeg_bytes
+from worker import SERIALIZER, STATS_KEY, ClassifyClient, ClassifyTimeout, Prediction, QueueBusy
+
+
+def big_photo(seed: int) -> bytes:
+    """A noisy phone-size JPEG: slow enough to decode that a batch of them takes a while."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def queue_of(url: str) -> Queue:
+    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+
+
+async def wait_for_started_jobs(url: str, timeout: float = 60) -> list[str]:
+    """The ids of jobs a worker holds right now (in RQ's StartedJobRegistry), as soon as there are some."""
+    registry = StartedJobRegistry(queue=queue_of(url))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = registry.get_job_ids()
+        if ids:
+            return ids
+        await asyncio.sleep(0.001)
+    raise AssertionError("no batch was started")
+
+
+@pytest.fixture(scope="module")
+def big_photos() -> list[bytes]:
+    return [big_photo(seed) for seed in range(40)]
+
+
+async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_photos):
+    first = start_worker("doomed", max_batch=4, job_timeout_s=3)
+    async with ClassifyClient(redis_url, job_timeout_s=3, timeout_s=90) as client:
+        answers = asyncio.gather(*(client.classify(photo) for photo in big_photos), return_exceptions=True)
+        in_flight = await wait_for_started_jobs(redis_url)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        start_worker("rescuer", max_batch=4)
+        outcomes = await answers
+
+    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    connection = redis.Redis.from_url(redis_url)
+    for job_id in in_flight:  # the photos the dead worker held were answered by the next one
+        job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
+        assert job.get_status() == "finished"
+        assert job.latest_result().worker_name == "rescuer"
+    assert FailedJobRegistry(queue=queue_of(redis_url)).count == 0
+
+
+async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, big_photos):
+    worker = start_worker("polite", max_batch=4)
+    async with ClassifyClient(redis_url, timeout_s=90) as client:
+        answers = asyncio.gather(*(client.classify(photo) for photo in big_photos), return_exceptions=True)
+        in_flight = await wait_for_started_jobs(redis_url)
+        worker.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.get_running_loop().run_in_executor(None, worker.process.wait, 30)
+
+        assert exit_code == 0
+        connection = redis.Redis.from_url(redis_url)
+        for job_id in in_flight:
+            assert Job.fetch(job_id, connection=connection, serializer=SERIALIZER).get_status() == "finished"
+        queue = queue_of(redis_url)
+        assert StartedJobRegistry(queue=queue).count == 0
+        assert FailedJobRegistry(queue=queue).count == 0
+        assert queue.count > 0  # the rest waits, untouched, for the next worker
+        assert "warm shut down" in worker.log()
+
+        start_worker("next")
+        outcomes = await answers
+    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+
+
+async def test_full_queue_answers_busy_at_once(redis_url):
+    async with ClassifyClient(redis_url, queue_limit=3) as client:
+        waiting = [asyncio.create_task(client.classify(jpeg_bytes(seed), timeout_s=30)) for seed in range(3)]
+        while queue_of(redis_url).count < 3:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(QueueBusy, match="try again"):
+            await client.classify(jpeg_bytes(10))
+        assert time.monotonic() - started < 5  # prompt, not after the request timeout
+        for task in waiting:
+            task.cancel()
+    assert queue_of(redis_url).count == 3  # the refused photo was never queued
+
+
+async def test_deadline_gives_timeout_and_the_worker_skips_the_job(redis_url, start_worker):
+    async with ClassifyClient(redis_url) as client:
+        with pytest.raises(ClassifyTimeout):
+            await client.classify(jpeg_bytes(5), timeout_s=0.5)
+        start_worker()
+        # A fresh photo submitted now is answered; the stale one was failed as expired, not computed.
+        assert isinstance(await client.classify(jpeg_bytes(6)), Prediction)
+
+    connection = redis.Redis.from_url(redis_url)
+    failed = FailedJobRegistry(queue=queue_of(redis_url)).get_job_ids()
+    assert len(failed) == 1
+    result = Job.fetch(failed[0], connection=connection, serializer=SERIALIZER).latest_result()
+    assert "JobExpired" in result.exc_string
+    counters = connection.hgetall(STATS_KEY)
+    assert int(counters[b"expired"]) == 1
+    assert int(counters[b"computed"]) == 1
