@@ -1,0 +1,32 @@
+# The two set-up commands of the README, and a few more. Only Python 3.11+ and pip are needed:
+# the first command makes a virtual environment in .venv and installs the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench worker clean
+
+$(BIN)/carbot: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[ml,dev]'
+	@touch $@
+
+demo: $(BIN)/carbot  ## build the demo model if needed, classify generated photos through the queue
+	$(BIN)/carbot demo
+
+test: $(BIN)/carbot  ## the whole test suite (starts its own Redis; uses PostgreSQL where a test URL is set)
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/carbot
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(BIN)/carbot  ## the serving benchmark: ratios measured side by side in one run
+	$(BIN)/carbot bench --json bench-results.json
+
+worker: $(BIN)/carbot
+	$(BIN)/carbot worker
+
+clean:
+	rm -rf $(VENV) data bench-results.json
