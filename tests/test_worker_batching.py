@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from tests.conftest import TEST_LABELS, jpeg_bytes
-from worker import SERIALIZER, STATS_KEY, ClassifyClient, PhotoRejected, Prediction
+from worker import CLASSIFY_FUNC, SERIALIZER, STATS_KEY, ClassifyClient, PhotoRejected, Prediction
 
 
 def stats(url: str) -> dict[str, int]:
@@ -126,3 +126,19 @@ async def test_hundreds_of_concurrent_awaits_use_no_thread_each(redis_url, start
     assert len(predictions) == 300
     assert all(isinstance(p, Prediction) for p in predictions)
     assert peak_threads < 20
+
+
+async def test_malformed_jobs_fail_alone_and_the_worker_survives(redis_url, start_worker):
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue("classify", connection=connection, serializer=SERIALIZER)
+    traversal = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "/etc/passwd"})
+    garbage = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "carbot:photo:0"})
+    connection.hset(garbage.key, "data", b"\x80\x04\x95 a pickle from some other client")
+    worker = start_worker()
+    async with ClassifyClient(redis_url) as client:
+        assert isinstance(await client.classify(jpeg_bytes(2)), Prediction)  # queued after both bad jobs
+
+    assert worker.process.poll() is None
+    traversal, garbage = (Job.fetch(j.id, connection=connection, serializer=SERIALIZER) for j in (traversal, garbage))
+    assert traversal.get_status() == garbage.get_status() == "failed"
+    assert "InvalidJob" in traversal.latest_result().exc_string

@@ -33,7 +33,15 @@ from rq.job import Job
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from worker._contract import CLASSIFY_FUNC, FINAL_ERRORS, PHOTO_KEY_PREFIX, SERIALIZER, STATS_KEY, JobExpired
+from worker._contract import (
+    CLASSIFY_FUNC,
+    FINAL_ERRORS,
+    SERIALIZER,
+    STATS_KEY,
+    InvalidJob,
+    JobExpired,
+    PhotoRequest,
+)
 from worker._inference import BatchClassifier, BatchReport
 
 log = logging.getLogger(__name__)
@@ -65,7 +73,7 @@ class BatchWorker(SimpleWorker):
         self.set_state(WorkerStatus.BUSY)
         batch, others = [], []
         for item in [(job, queue), *self.drain_batch()]:
-            (batch if item[0].func_name == CLASSIFY_FUNC else others).append(item)
+            (batch if _is_photo_job(item[0]) else others).append(item)
         if batch:
             self.perform_batch(batch)
         for other_job, other_queue in others:
@@ -97,31 +105,39 @@ class BatchWorker(SimpleWorker):
 
     def perform_batch(self, batch: list[tuple[Job, Queue]]) -> None:
         """Start every job, classify the live ones in one pass, then finish each job with its own outcome."""
-        started = [(job, queue, self.start_job(job)) for job, queue in batch]
         checked_at = time.time()
-        live = [(job, queue, execution) for job, queue, execution in started if not _expired(job, checked_at)]
-        for job, queue, execution in started:
-            if _expired(job, checked_at):
+        live, expired = [], 0
+        for job, queue in batch:
+            execution = self.start_job(job)
+            try:
+                request = PhotoRequest.from_kwargs(job.kwargs)
+            except InvalidJob as exc:
+                self.fail_job(job, queue, execution, exc)
+                continue
+            if request.expired(checked_at):
+                expired += 1
                 self.fail_job(job, queue, execution, JobExpired())
+                continue
+            live.append((job, queue, execution, request))
         if not live:
-            self._record(BatchReport(), expired=len(started))
+            self._record(BatchReport(), expired=expired)
             return
 
         try:
-            report = self.classify([job for job, _, _ in live])
+            report = self.classify([request for _, _, _, request in live])
         except Exception as exc:  # the model itself failed: every job gets the error and RQ's retry
             log.exception("batch of %d failed", len(live))
-            for job, queue, execution in live:
+            for job, queue, execution, _ in live:
                 self.fail_job(job, queue, execution, exc)
             return
 
-        for (job, queue, execution), outcome in zip(live, report.outcomes):
+        for (job, queue, execution, _), outcome in zip(live, report.outcomes):
             if isinstance(outcome, Exception):
                 self.fail_job(job, queue, execution, outcome)
             else:
                 outcome["timings"] = self._timings(job, report)
                 self._finalize_success(job, queue, execution, outcome)
-        self._record(report, expired=len(started) - len(live), queue_wait_ms=_queue_wait_ms(live))
+        self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
 
     def start_job(self, job: Job):
         """RQ's bookkeeping before a job runs: an Execution, the StartedJobRegistry, status `started`."""
@@ -130,13 +146,12 @@ class BatchWorker(SimpleWorker):
         job.started_at = now()
         return execution
 
-    def classify(self, jobs: list[Job]) -> BatchReport:
-        """Fetch the jobs' photos in one round trip and classify them together."""
-        keys = [job.kwargs["photo"] for job in jobs]
-        photos = self.connection.mget(keys)
-        digests = [key.removeprefix(PHOTO_KEY_PREFIX) for key in keys]
+    def classify(self, requests: list[PhotoRequest]) -> BatchReport:
+        """Fetch the photos in one round trip and classify them together."""
+        photos = self.connection.mget([request.photo for request in requests])
         return self.classifier.classify(
-            list(zip(digests, photos)), [int(job.kwargs.get("top_k", 3)) for job in jobs]
+            [(request.digest, photo) for request, photo in zip(requests, photos)],
+            [request.top_k for request in requests],
         )
 
     def fail_job(self, job: Job, queue: Queue, execution, exc: BaseException) -> None:
@@ -165,7 +180,7 @@ class BatchWorker(SimpleWorker):
 
     def _timings(self, job: Job, report: BatchReport) -> dict:
         return {
-            "queue_ms": round(_queue_wait_ms([(job, None, None)]), 1),
+            "queue_ms": round(_queue_wait_ms(job), 1),
             "decode_ms": round(report.decode_ms, 1),
             "inference_ms": round(report.inference_ms, 1),
             "batch_size": report.size,
@@ -189,16 +204,15 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
 
 
-def _expired(job: Job, now: float) -> bool:
-    deadline = job.kwargs.get("deadline")
-    return deadline is not None and now > float(deadline)
+def _is_photo_job(job: Job) -> bool:
+    try:
+        return job.func_name == CLASSIFY_FUNC
+    except Exception:  # undecodable job data: RQ's plain path fails it on its own
+        return False
 
 
-def _queue_wait_ms(jobs) -> float:
-    """The longest time a job of `jobs` spent queued before it started."""
-    waits = [
-        (job.started_at - job.enqueued_at.replace(tzinfo=UTC)).total_seconds() * 1000
-        for job, _, _ in jobs
-        if job.started_at and job.enqueued_at
-    ]
-    return max(waits, default=0.0)
+def _queue_wait_ms(job: Job) -> float:
+    """How long `job` waited in the queue before it started."""
+    if not (job.started_at and job.enqueued_at):
+        return 0.0
+    return (job.started_at - job.enqueued_at.replace(tzinfo=UTC)).total_seconds() * 1000

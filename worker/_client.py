@@ -30,6 +30,7 @@ from worker._contract import (
     ClassifyFailed,
     ClassifyTimeout,
     PhotoRejected,
+    PhotoRequest,
     QueueBusy,
     error_from_exc_string,
     photo_key,
@@ -126,13 +127,9 @@ class ClassifyClient:
         loop = asyncio.get_running_loop()
         job_id = await loop.run_in_executor(self._submitter, self.submit, photo, top_k, deadline)
         try:
-            result = await asyncio.wait_for(
-                self._listener.wait(job_id), timeout=max(0.0, deadline - time.time())
-            )
+            result = await asyncio.wait_for(self._listener.wait(job_id), timeout=max(0.0, deadline - time.time()))
         except TimeoutError:
-            raise ClassifyTimeout(
-                f"No answer within {timeout_s:g} s; please try again in a minute."
-            ) from None
+            raise ClassifyTimeout(f"No answer within {timeout_s:g} s; please try again in a minute.") from None
         except (redis.RedisError, OSError) as exc:
             raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
         if result.type == Result.Type.SUCCESSFUL:
@@ -155,7 +152,7 @@ class ClassifyClient:
                 # One transaction: the job and its photo land together (RQ's enqueue must come first in it).
                 job = self._queue.enqueue_call(
                     CLASSIFY_FUNC,
-                    kwargs={"photo": key, "top_k": top_k, "deadline": deadline},
+                    kwargs=PhotoRequest(photo=key, top_k=top_k, deadline=deadline).to_kwargs(),
                     timeout=self.job_timeout_s,
                     result_ttl=self.result_ttl_s,
                     failure_ttl=self.result_ttl_s,
@@ -256,9 +253,7 @@ class _ResultListener:
             return
         for entry_id, payload in entries:
             pending.last_id = entry_id.decode()
-            result = Result.restore(
-                pending.job_id, pending.last_id, payload, connection=None, serializer=SERIALIZER
-            )
+            result = Result.restore(pending.job_id, pending.last_id, payload, connection=None, serializer=SERIALIZER)
             # RETRIED means another attempt is coming: keep waiting for it.
             if result.type != Result.Type.RETRIED:
                 del self._pending[key]
@@ -281,9 +276,7 @@ class _Pending:
     last_id: str = "0-0"
 
 
-def classify_files_sync(
-    client_factory, photos: Sequence[bytes], *, top_k: int = 3
-) -> list[Prediction | ClassifyError]:
+def classify_files_sync(client_factory, photos: Sequence[bytes], *, top_k: int = 3) -> list[Prediction | ClassifyError]:
     """Classify `photos` concurrently from synchronous code (the CLI); each entry is a Prediction or the error."""
 
     async def run() -> list[Prediction | ClassifyError]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 from rq.serializers import JSONSerializer
 
@@ -33,6 +34,40 @@ STATS_KEY = "carbot:stats"  # a Redis hash of counters the workers keep (batches
 def photo_key(photo: bytes) -> str:
     """The Redis key under which a photo's bytes are stored: its SHA-256."""
     return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
+
+
+@dataclass(frozen=True)
+class PhotoRequest:
+    """The keyword arguments of a classify job, checked."""
+
+    photo: str  # the Redis key of the photo's bytes
+    top_k: int = 3
+    deadline: float | None = None  # unix time after which nobody waits for the answer
+
+    @classmethod
+    def from_kwargs(cls, kwargs: object) -> PhotoRequest:
+        """Read a job's kwargs; anything malformed is an `InvalidJob` for that job alone."""
+        try:
+            request = cls(
+                photo=str(kwargs["photo"]),
+                top_k=int(kwargs.get("top_k", 3)),
+                deadline=None if kwargs.get("deadline") is None else float(kwargs["deadline"]),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise InvalidJob("This request was malformed and cannot be classified.") from None
+        if not request.photo.startswith(PHOTO_KEY_PREFIX) or not 1 <= request.top_k <= 100:
+            raise InvalidJob("This request was malformed and cannot be classified.")
+        return request
+
+    def to_kwargs(self) -> dict:
+        return {"photo": self.photo, "top_k": self.top_k, "deadline": self.deadline}
+
+    @property
+    def digest(self) -> str:
+        return self.photo.removeprefix(PHOTO_KEY_PREFIX)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
 
 class ClassifyError(Exception):
@@ -50,6 +85,10 @@ class JobExpired(ClassifyError):
         super().__init__(message)
 
 
+class InvalidJob(ClassifyError):
+    """The job's arguments do not follow this contract (a foreign or corrupted job)."""
+
+
 class ClassifyFailed(ClassifyError):
     """The classifier failed for a reason that is not the photo's fault."""
 
@@ -63,7 +102,7 @@ class ClassifyTimeout(ClassifyError):
 
 
 # Errors that are the input's fault: retrying them cannot help.
-FINAL_ERRORS = {cls.__name__: cls for cls in (PhotoRejected, JobExpired)}
+FINAL_ERRORS = {cls.__name__: cls for cls in (PhotoRejected, JobExpired, InvalidJob)}
 
 _LAST_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<name>\w+): (?P<message>.*)$")
 

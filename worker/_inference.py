@@ -133,8 +133,7 @@ class BatchClassifier:
                         "model_version": predictor.version,
                         "photo": digest,
                         "top_k": [
-                            {"label": label, "probability": round(float(p), 6)}
-                            for label, p in ranked[digest][:k]
+                            {"label": label, "probability": round(float(p), 6)} for label, p in ranked[digest][:k]
                         ],
                     }
                 )

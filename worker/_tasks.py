@@ -14,7 +14,7 @@ from functools import lru_cache
 from rq import get_current_job
 
 from carbot.settings import get_settings
-from worker._contract import PHOTO_KEY_PREFIX, JobExpired
+from worker._contract import JobExpired, PhotoRequest
 from worker._inference import BatchClassifier, ModelSource
 
 
@@ -25,12 +25,13 @@ def _classifier() -> BatchClassifier:
     return BatchClassifier(ModelSource(registry=settings.registry_dir, max_batch=1), decode_threads=1)
 
 
-def classify_photo(photo: str, top_k: int = 3, deadline: float | None = None) -> dict:
-    """Classify the photo stored under the Redis key `photo`; see `worker._contract` for the result."""
-    if deadline is not None and time.time() > deadline:
+def classify_photo(**kwargs: object) -> dict:
+    """Classify one photo (see `worker._contract` for the arguments and the result)."""
+    request = PhotoRequest.from_kwargs(kwargs)
+    if request.expired(time.time()):
         raise JobExpired()
-    data = get_current_job().connection.get(photo)
-    report = _classifier().classify([(photo.removeprefix(PHOTO_KEY_PREFIX), data)], [top_k])
+    photo = get_current_job().connection.get(request.photo)
+    report = _classifier().classify([(request.digest, photo)], [request.top_k])
     outcome = report.outcomes[0]
     if isinstance(outcome, Exception):
         raise outcome
