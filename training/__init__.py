@@ -1,0 +1,48 @@
+"""Training: datasets, the training recipe, evaluation, and the demo model.
+
+What is here so far:
+
+- synthetic photos (:data:`SYNTHETIC_CLASSES`, :func:`synthetic_photo`,
+  :func:`synthetic_jpeg`, :func:`make_synthetic_dataset`): classes that differ by
+  shape only, so a fresh offline machine has something real to train on;
+- :func:`build_demo_model`: trains a small classifier on them and puts it in the
+  model registry as version ``demo``.
+
+``import training`` stays light (Pillow and NumPy only): the parts that need
+Keras are imported on first use, so a process that only generates data, or a bot
+that imports a constant, never loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_jpeg, synthetic_photo
+
+if TYPE_CHECKING:
+    from training._demo import build_demo_model
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "build_demo_model",
+    "make_synthetic_dataset",
+    "synthetic_jpeg",
+    "synthetic_photo",
+]
+
+# Public name -> private module that defines it and imports Keras.
+_LAZY = {"build_demo_model": "training._demo"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
