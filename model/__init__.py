@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._artefact import Artefact, ArtefactCorrupt, read_artefact
+from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._preprocess import ImageRejected, Preprocessing, load_image
 from ._registry import ModelRegistry
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKBONES",
+    "CHECKSUM_FILE",
     "Artefact",
     "ArtefactCorrupt",
     "ImageRejected",

@@ -8,7 +8,6 @@ result dictionary or the exception that photo deserves.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model import ImageRejected, ModelRegistry, load_image
+from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image
 from worker._contract import PhotoRejected
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,13 @@ class BatchReport:
 
 
 class ModelSource:
-    """The predictor to use, reloaded between batches when the registry's active version changes.
+    """The predictor to use, reloaded between batches when the registry's active model changes.
 
-    With a fixed artefact path there is nothing to watch; with a registry, a new
-    version is loaded (and its checksum verified) before it replaces the old one,
-    so a half-written or corrupt artefact never answers a photo.
+    The active model is identified by its directory and its checksum file, so both
+    a newly activated version and a version rebuilt in place (`carbot demo-model
+    --force`) are picked up. A new model is loaded and its checksum verified before
+    it replaces the old one: a half-written or corrupt artefact never answers a
+    photo, the old model keeps serving instead.
     """
 
     def __init__(self, *, registry: Path | None = None, artefact: Path | None = None, max_batch: int = 32):
@@ -53,44 +54,46 @@ class ModelSource:
         self._artefact = artefact
         self._max_batch = max_batch
         self._predictor = None
-        self._loaded_path: Path | None = None
-        self._failed_path: Path | None = None  # a version that would not load is not retried every batch
-        self._lock = threading.Lock()
+        self._loaded: tuple[Path, int] | None = None
+        self._failed: tuple[Path, int] | None = None  # a model that would not load is not retried every batch
 
     def current(self):
         """The predictor for the next batch (a `model.Predictor`)."""
-        with self._lock:
-            wanted = self._wanted_path()
-            if wanted not in (self._loaded_path, self._failed_path):
-                self._load(wanted)
-            return self._predictor
+        wanted = self._wanted()
+        if wanted is not None and wanted not in (self._loaded, self._failed):
+            self._load(wanted)
+        if self._predictor is None:
+            raise RuntimeError("No active model: run `carbot demo-model` or `carbot promote VERSION`.")
+        return self._predictor
 
-    def _wanted_path(self) -> Path:
+    def _wanted(self) -> tuple[Path, int] | None:
+        """(directory, checksum file's mtime) of the model that should serve, or None when unknown right now."""
         if self._artefact is not None:
-            return self._artefact
-        version = self._registry.active_version()
-        if version is None:
-            if self._predictor is not None:
-                return self._loaded_path
-            raise RuntimeError(
-                f"No active model in {self._registry.root}: run `carbot demo-model` or `carbot promote VERSION`."
-            )
-        return self._registry.path_for(version)
+            path = self._artefact
+        else:
+            version = self._registry.active_version()
+            if version is None:
+                return None
+            path = self._registry.path_for(version)
+        try:
+            return path, (path / CHECKSUM_FILE).stat().st_mtime_ns
+        except FileNotFoundError:  # being replaced this very moment, or gone: keep what we have
+            return None
 
-    def _load(self, path: Path) -> None:
+    def _load(self, wanted: tuple[Path, int]) -> None:
         from model import Predictor
 
         try:
-            predictor = Predictor.from_artefact(path, max_batch=self._max_batch)
+            predictor = Predictor.from_artefact(wanted[0], max_batch=self._max_batch)
             predictor.warmup()
         except Exception:
             if self._predictor is None:
                 raise
-            log.exception("could not load model %s; still serving %s", path, self._predictor.version)
-            self._failed_path = path
+            log.exception("could not load model %s; still serving %s", wanted[0], self._predictor.version)
+            self._failed = wanted
             return
-        log.info("model %s loaded from %s", predictor.version, path)
-        self._predictor, self._loaded_path, self._failed_path = predictor, path, None
+        log.info("model %s loaded from %s", predictor.version, wanted[0])
+        self._predictor, self._loaded, self._failed = predictor, wanted, None
 
 
 class BatchClassifier:
