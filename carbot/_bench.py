@@ -1,0 +1,772 @@
+"""`carbot bench`: this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side.
+
+One run builds one model (ResNet50 at 224 px by default, random weights: the
+weights change nothing about speed), saves it as an artefact in a throw-away
+registry so every process serves exactly the same network, generates one set of
+JPEGs (a mix of 640x480 photos and 4032x3024 phone photos, quality 90), starts a
+private Redis, and then measures, one after the other, on the same photos:
+
+(a) model ceiling: the `Predictor`'s compiled forward pass on photos already
+    decoded, in batches of 32. Nothing a server does can beat it on this machine.
+(b) the original web app's way: for each photo, decode and resize, then
+    `keras_model.predict(x[None])`, one photo at a time. The decoding is the
+    project's `load_image` and the model is the same, so only the serving style
+    differs (the original app also scaled pixels by /255 itself; here the model
+    scales its own input).
+(c) plain RQ: one job per photo, a stock `rq.SimpleWorker` in its own process
+    running the plain job function `worker._tasks.classify_photo` with a resident
+    model (a compiled batch-1 forward pass per photo); photos submitted all at
+    once through the bots' `ClassifyClient`.
+(d) this system: `carbot worker` (the `BatchWorker`, batches of up to 32) in its
+    own process, the photos submitted all at once through the same client.
+(e) one photo alone: photos sent one after another through (d)'s worker; the
+    overhead is its median latency minus the model's own median time for one
+    pre-decoded photo at batch 1, measured in this process.
+
+The claim is the ratios, not the absolute numbers: a shared 2-core CPU runs
+ResNet50 at about 20 photos/s on a good minute and far slower on a bad one, and a
+GPU hundreds of times faster. Measured side by side in one run, d/a (how much of
+the model's ceiling the whole queue keeps), d/b and d/c (what batching gains over
+the usual ways to serve a Keras model) stay meaningful where an images/s figure
+does not. To keep them so, both workers are started (and warmed) before anything
+is timed, and the phases run in the order c, a, d, a, b, e: (d) sits next to
+every phase it is compared with, and the ceiling, measured just before and just
+after (d), shows how much the machine's speed drifted meanwhile (the table says
+so when it moved more than 15 %). In (e) the queued photo and the model's own
+time alternate, photo by photo.
+
+Each worker's peak memory is its VmHWM (the high-water mark of its resident
+set, read from /proc just before it is stopped): batching costs activations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from PIL import Image, ImageDraw
+
+from carbot.services import PrivateRedis
+from carbot.settings import Settings
+
+BATCH = 32  # batch size of the ceiling (a) and max_batch of the batch worker (d)
+SMALL_PHOTO = (640, 480)
+PHONE_PHOTO = (4032, 3024)
+PHONE_EVERY = 4  # one photo in four is phone-size
+JPEG_QUALITY = 90
+NUM_CLASSES = 190  # as in the original study
+VERSION = "bench"
+SINGLE_PHOTOS = 20  # photos sent one at a time in (e)
+WORKER_START_TIMEOUT_S = 300.0
+
+TARGETS = {  # name: (comparison, threshold)
+    "d/a": (">=", 0.90),
+    "d/a_drift_free": (">=", 0.90),
+    "d/b": (">=", 2.0),
+    "d/c": (">=", 1.5),
+    "single_photo_overhead_ms": ("<=", 15.0),
+}
+
+
+# -- the recipe -------------------------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    settings: Settings,
+    *,
+    photos: int = 192,
+    image_size: int = 224,
+    backbone: str = "resnet50",
+    phone_size: tuple[int, int] = PHONE_PHOTO,
+    single_photos: int = SINGLE_PHOTOS,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Measure (a) to (e) on one model and one set of photos, print a table, and return everything as a dict."""
+    if photos < 1:
+        raise ValueError("photos must be at least 1")
+    say = _Progress(verbose)
+    started_at, load_before = datetime.now(UTC), _load_average()
+    with tempfile.TemporaryDirectory(prefix="carbot-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        say(f"generating {photos} JPEGs ({_photo_mix(photos, phone_size)})")
+        jpegs = make_photos(photos, phone_size=phone_size)
+
+        say(f"building {backbone} at {image_size} px with random weights, saving it as the active artefact")
+        registry, keras_model = save_benchmark_model(tmp_dir / "models", backbone=backbone, image_size=image_size)
+
+        with PrivateRedis(tmp_dir / "redis") as server:
+            plain_queue = f"{settings.classify_queue}-plain"
+            plain_worker = _WorkerProcess.plain_rq(settings, server.url, registry, tmp_dir, queue=plain_queue)
+            batch_worker = _WorkerProcess.batch(settings, server.url, registry, tmp_dir)
+            with plain_worker, batch_worker:
+                say("loading the model here while both workers start and load it too")
+                from model import Predictor
+
+                predictor = Predictor.from_artefact(registry / VERSION, max_batch=BATCH)
+                predictor.warmup()
+                decoded = np.stack([_decode(jpeg, predictor) for jpeg in jpegs])
+                decode_ms = measure_decode(jpegs, predictor)
+                plain_worker.wait_ready(settings, jpegs, queue=plain_queue)
+                batch_worker.wait_ready(settings, jpegs)
+
+                say("(c) plain RQ: all photos at once, one job per photo, SimpleWorker")
+                plain_rq = measure_plain_rq(settings, server.url, jpegs, queue=plain_queue)
+                say(f"    {plain_rq['images_per_s']:.1f} images/s")
+                say("(a) model ceiling: compiled forward pass on pre-decoded batches of 32")
+                ceiling = measure_model_ceiling(predictor, decoded)
+                say(f"    {ceiling['images_per_s']:.1f} images/s")
+                say("(d) this system: all photos at once, carbot worker")
+                batched = measure_batch_worker(settings, server.url, jpegs, batch_worker, predictor.buckets)
+                say(f"    {batched['images_per_s']:.1f} images/s, mean batch size {batched['mean_batch_size']:.1f}")
+                say("(a) again, to see how much the machine's speed drifted")
+                ceiling_after = measure_model_ceiling(predictor, decoded)
+                say(f"    {ceiling_after['images_per_s']:.1f} images/s")
+                say("(b) the original web app: decode, then keras_model.predict(x[None]), one photo at a time")
+                one_at_a_time = measure_predict_one_at_a_time(keras_model, jpegs, predictor)
+                say(f"    {one_at_a_time['images_per_s']:.1f} images/s")
+                say(f"(e) one photo alone, {single_photos} times, each next to the model's own time for one photo")
+                single = measure_single_photo(settings, server.url, jpegs, decoded, predictor, single_photos)
+                say(f"    p50 {single['latency_ms']['p50']:.1f} ms, overhead {single['overhead_ms']:.1f} ms")
+            plain_rq["peak_rss_mb"], batched["peak_rss_mb"] = plain_worker.peak_rss_mb, batch_worker.peak_rss_mb
+
+    ceiling = _combined_ceiling(ceiling, ceiling_after)
+    batched["top1_agreement_with_a"] = _agreement(batched.pop("top1"), ceiling.pop("top1"))
+    results = {
+        "config": {
+            "photos": photos,
+            "photo_mix": _photo_mix(photos, phone_size),
+            "image_size": image_size,
+            "backbone": backbone,
+            "weights": "random",
+            "num_classes": NUM_CLASSES,
+            "max_batch": BATCH,
+            "max_wait_ms": settings.max_wait_ms,
+            "decode_threads": settings.decode_threads,
+            "single_photos": single_photos,
+            "phase_order": "c, a, d, a, b, e",
+        },
+        "machine": _machine_info(started_at, load_before),
+        "decode_ms_p50": decode_ms,
+        "methods": {
+            "a_model_ceiling": ceiling,
+            "b_predict_one_at_a_time": one_at_a_time,
+            "c_plain_rq": plain_rq,
+            "d_batch_worker": batched,
+            "e_single_photo": single,
+        },
+        "ratios": _ratios(ceiling, one_at_a_time, plain_rq, batched, single),
+        "seconds": round(time.monotonic() - say.started, 1),
+    }
+    print(format_table(results), flush=True)
+    return results
+
+
+# -- inputs: photos and the model --------------------------------------------------------------------------------
+
+
+def make_photos(count: int, *, phone_size: tuple[int, int] = PHONE_PHOTO, seed: int = 0) -> list[bytes]:
+    """`count` distinct JPEGs: 640x480, and every PHONE_EVERY-th one phone-size.
+
+    Drawing a synthetic photo is slow (a second for a phone-size one here), so a
+    few scenes are drawn and each photo is one of them shifted by a random offset
+    and maybe mirrored: every photo is different (the worker computes identical
+    photos only once), while decoding costs what a real photo of that size costs.
+    """
+    rng = np.random.default_rng(seed)
+    phone_count = count // PHONE_EVERY
+    small_scenes = [_scene(rng, SMALL_PHOTO) for _ in range(min(12, count - phone_count))]
+    phone_scenes = [_phone_scene(rng, phone_size) for _ in range(min(3, phone_count))]
+    photos = []
+    for index in range(count):
+        if index % PHONE_EVERY == PHONE_EVERY - 1:
+            scene = phone_scenes[(index // PHONE_EVERY) % len(phone_scenes)]
+        else:
+            scene = small_scenes[index % len(small_scenes)]
+        shifted = np.roll(scene, (int(rng.integers(scene.shape[0])), int(rng.integers(scene.shape[1]))), (0, 1))
+        if rng.random() < 0.5:
+            shifted = shifted[:, ::-1]
+        photos.append(_jpeg(shifted))
+    return photos
+
+
+def _scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    try:
+        from training import SYNTHETIC_CLASSES, synthetic_photo
+    except ImportError:  # a checkout without training/: random boxes will do
+        image = Image.new("RGB", size, _colour(rng))
+        draw = ImageDraw.Draw(image)
+        for _ in range(20):
+            x, y = int(rng.integers(size[0])), int(rng.integers(size[1]))
+            draw.rectangle((x, y, x + int(rng.integers(8, size[0] // 2)), y + int(rng.integers(8, size[1] // 2))),
+                           fill=_colour(rng))  # fmt: skip
+        return np.asarray(image)
+    label = SYNTHETIC_CLASSES[int(rng.integers(len(SYNTHETIC_CLASSES)))]
+    return np.asarray(synthetic_photo(label, rng, size))
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    red, green, blue = (int(value) for value in rng.integers(0, 256, 3))
+    return red, green, blue
+
+
+def _phone_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    # A quarter-size scene blown up, with sensor-like grain, so the JPEG is as large (2 MB) and as
+    # slow to decode as a phone's.
+    small = Image.fromarray(_scene(rng, (size[0] // 4, size[1] // 4)))
+    pixels = np.asarray(small.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    pixels += rng.integers(-6, 7, size=pixels.shape, dtype=np.int16)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def save_benchmark_model(registry_root: Path, *, backbone: str, image_size: int) -> tuple[Path, Any]:
+    """Build the classifier (random weights), save it as the active version of a new registry.
+
+    Returns the registry's root and the Keras model.
+    """
+    import keras
+
+    from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
+
+    keras.utils.set_random_seed(0)
+    network = build_classifier(NUM_CLASSES, backbone=backbone, image_size=image_size, weights=None)
+    registry = ModelRegistry(registry_root)
+    with registry.staging(VERSION) as directory:
+        save_artefact(
+            network,
+            directory,
+            version=VERSION,
+            labels=[f"CAR MODEL {index:03d}" for index in range(NUM_CLASSES)],
+            backbone=backbone,
+            preprocessing=Preprocessing(image_size=image_size),
+        )
+    registry.activate(VERSION)
+    return registry_root, network
+
+
+# -- (a), (b): in this process ------------------------------------------------------------------------------------
+
+
+def measure_decode(jpegs: Sequence[bytes], predictor: Any) -> dict[str, float]:
+    """Median time of `load_image` per photo size: the part of a photo's cost that is not the model."""
+    by_size: dict[str, list[float]] = {}
+    for jpeg in jpegs:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            size = f"{image.width}x{image.height}"
+        by_size.setdefault(size, []).append(_timed_ms(lambda jpeg=jpeg: _decode(jpeg, predictor)))
+    return {size: round(float(np.median(times)), 2) for size, times in by_size.items()}
+
+
+def measure_model_ceiling(predictor: Any, decoded: np.ndarray) -> dict[str, Any]:
+    """(a) The compiled forward pass on pre-decoded batches of BATCH: the most this machine can do."""
+    predictor.predict_topk(decoded[:BATCH], k=3)  # warm: the same shapes as below
+    top1: list[str] = []
+    with _Stopwatch() as watch:
+        for start in range(0, len(decoded), BATCH):
+            top1 += [ranked[0][0] for ranked in predictor.predict_topk(decoded[start : start + BATCH], k=3)]
+    return {
+        "what": f"Predictor.predict_topk on pre-decoded uint8 batches of {BATCH} (compiled forward pass)",
+        "images_per_s": _rate(len(decoded), watch.seconds),
+        "photos": len(decoded),
+        "seconds": round(watch.seconds, 4),
+        "top1": top1,
+    }
+
+
+def measure_predict_one_at_a_time(keras_model: Any, jpegs: Sequence[bytes], predictor: Any) -> dict[str, Any]:
+    """(b) The original web app: per photo, decode and resize, then `model.predict` on a batch of one."""
+    keras_model.predict(_decode(jpegs[0], predictor).astype("float32")[None], verbose=0)  # the app's first request
+    latencies = []
+    with _Stopwatch() as watch:
+        for jpeg in jpegs:
+            started = time.perf_counter()
+            x = _decode(jpeg, predictor).astype("float32")
+            keras_model.predict(x[None], verbose=0)
+            latencies.append((time.perf_counter() - started) * 1000)
+    return {
+        "what": "per photo: load_image, then keras_model.predict(x[None]), one at a time, in one process",
+        "images_per_s": _rate(len(jpegs), watch.seconds),
+        "seconds": round(watch.seconds, 3),
+        "latency_ms": _percentiles(latencies),
+    }
+
+
+# -- (c), (d), (e): through Redis to a worker process -------------------------------------------------------------
+
+
+def measure_plain_rq(settings: Settings, url: str, jpegs: Sequence[bytes], *, queue: str) -> dict[str, Any]:
+    """(c) A stock RQ SimpleWorker running `worker._tasks.classify_photo`, one job (one forward pass) per photo."""
+    run = _classify_concurrently(settings, url, jpegs, queue=queue)
+    return {
+        "what": "rq.SimpleWorker subprocess running worker._tasks.classify_photo: resident model, "
+        "one job and one compiled batch-1 forward pass per photo; all photos submitted at once through ClassifyClient",
+        "images_per_s": _rate(len(jpegs), run.seconds),
+        "seconds": round(run.seconds, 3),
+        "latency_ms": _percentiles(run.latencies_ms),
+    }
+
+
+def measure_batch_worker(
+    settings: Settings, url: str, jpegs: Sequence[bytes], worker: _WorkerProcess, buckets: Sequence[int]
+) -> dict[str, Any]:
+    """(d) `carbot worker`, all photos submitted at once; batch sizes from its counters, its time from its log.
+
+    The log's per-batch decode and forward times also split (d)'s wall time into forward passes
+    (on photos, and on the padding up to a bucket size), decoding, and the rest (Redis, RQ's
+    bookkeeping, waiting), and give the model's speed inside the worker at that very moment:
+    d/a against it is free of the machine's drift.
+    """
+    connection = redis.Redis.from_url(url)
+    stats_before, log_offset = _stats(connection), worker.log_size()
+    run = _classify_concurrently(settings, url, jpegs)
+    stats_after, log = _stats(connection), worker.log_since(log_offset)
+    batches = stats_after.get("batches", 0) - stats_before.get("batches", 0)
+    photos = stats_after.get("photos", 0) - stats_before.get("photos", 0)
+    sizes, decode_s, forward_s = _batch_log(log)
+    padded = sum(next(bucket for bucket in buckets if bucket >= size) for size in sizes)
+    padding_s = forward_s * (padded - sum(sizes)) / max(1, padded)
+    images_per_s = _rate(len(jpegs), run.seconds)
+    return {
+        "what": f"carbot worker (BatchWorker) subprocess, max_batch {BATCH}, max_wait_ms {settings.max_wait_ms:g}; "
+        "all photos submitted at once through ClassifyClient",
+        "images_per_s": images_per_s,
+        "seconds": round(run.seconds, 3),
+        "latency_ms": _percentiles(run.latencies_ms),
+        "batches": batches,
+        "mean_batch_size": round(photos / batches, 2) if batches else 0.0,
+        "batch_sizes": sizes,
+        "wall_s": {
+            "forward": round(forward_s - padding_s, 2),
+            "forward_on_padding": round(padding_s, 2),
+            "decode": round(decode_s, 2),
+            "rest": round(run.seconds - forward_s - decode_s, 2),
+        },
+        "worker_forward_images_per_s": _rate(padded, forward_s),
+        "d_over_worker_forward": round(images_per_s / _rate(padded, forward_s), 3) if forward_s else None,
+        "top1": [prediction.top_k[0].label for prediction in run.predictions],
+    }
+
+
+def measure_single_photo(
+    settings: Settings, url: str, jpegs: Sequence[bytes], decoded: np.ndarray, predictor: Any, repeats: int
+) -> dict[str, Any]:
+    """(e) Photos sent one at a time through (d)'s worker, each right after the model's own time for one photo.
+
+    The model's time is the compiled forward pass at batch 1 on the same photo pre-decoded, in this
+    process; measuring the two alternately keeps the machine's drift out of their difference. One
+    client serves all the photos, as in a bot, so its connections are open before the first is timed.
+    """
+    small = _small_indices(len(jpegs))
+    model_ms: list[float] = []
+    run = _ClientRun()
+
+    async def alternate() -> None:
+        async with _client(settings, url) as client:
+            await _classify_all(client, jpegs[:1])  # opens the client's connections
+            for repeat in range(repeats):
+                index = small[repeat % len(small)]
+                model_ms.append(_timed_ms(lambda image=decoded[index][None]: predictor.predict_topk(image, k=3)))
+                alone = await _classify_all(client, [jpegs[index]])
+                run.latencies_ms += alone.latencies_ms
+                run.predictions += alone.predictions
+
+    asyncio.run(alternate())
+    model, latency = _percentiles(model_ms), _percentiles(run.latencies_ms)
+    return {
+        "what": f"{repeats} photos of {SMALL_PHOTO[0]}x{SMALL_PHOTO[1]} one after another through (d)'s client and "
+        "worker; overhead = p50 latency - p50 of the compiled batch-1 forward pass on the decoded photo",
+        "latency_ms": latency,
+        "model_batch1_ms": model,
+        "overhead_ms": round(latency["p50"] - model["p50"], 1),
+        # The worker's own view of each photo: how long it was queued, decoded and computed.
+        "worker_queue_ms": _percentiles([p.timings.get("queue_ms", 0.0) for p in run.predictions]),
+        "worker_decode_ms": _percentiles([p.timings.get("decode_ms", 0.0) for p in run.predictions]),
+        "worker_forward_ms": _percentiles([p.timings.get("inference_ms", 0.0) for p in run.predictions]),
+    }
+
+
+@dataclass
+class _ClientRun:
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    predictions: list[Any] = field(default_factory=list)
+
+
+def _client(settings: Settings, url: str, *, queue: str | None = None, timeout_s: float = 600.0) -> Any:
+    """The bots' `ClassifyClient`, with room for every photo of the benchmark and a generous deadline."""
+    from worker import ClassifyClient
+
+    return ClassifyClient.from_settings(
+        settings.model_copy(
+            update={
+                "classify_queue": queue or settings.classify_queue,
+                "queue_limit": max(settings.queue_limit, 10_000),
+                "request_timeout_s": timeout_s,
+            }
+        ),
+        url,
+    )
+
+
+async def _classify_all(client: Any, jpegs: Sequence[bytes]) -> _ClientRun:
+    """Submit every photo at once and await all results, each timed from submit to result; raises if one fails."""
+
+    async def one(jpeg: bytes) -> tuple[Any, float]:
+        started = time.perf_counter()
+        prediction = await client.classify(jpeg, top_k=3)
+        return prediction, (time.perf_counter() - started) * 1000
+
+    with _Stopwatch() as watch:
+        outcomes = await asyncio.gather(*(one(jpeg) for jpeg in jpegs))
+    return _ClientRun(watch.seconds, [ms for _, ms in outcomes], [prediction for prediction, _ in outcomes])
+
+
+def _classify_concurrently(
+    settings: Settings, url: str, jpegs: Sequence[bytes], *, queue: str | None = None, timeout_s: float = 600.0
+) -> _ClientRun:
+    """`_classify_all` from synchronous code, with a client of its own."""
+
+    async def run() -> _ClientRun:
+        async with _client(settings, url, queue=queue, timeout_s=timeout_s) as client:
+            return await _classify_all(client, jpegs)
+
+    return asyncio.run(run())
+
+
+class _WorkerProcess:
+    """A worker child process on the benchmark's Redis, its log in a file; stopped with SIGTERM on exit."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path, name: str) -> None:
+        self.command, self.env, self.log_path, self.name = command, env, log_path, name
+        self.peak_rss_mb: float | None = None
+
+    @classmethod
+    def plain_rq(cls, settings: Settings, url: str, registry: Path, tmp_dir: Path, *, queue: str) -> _WorkerProcess:
+        """(c)'s worker: RQ's own SimpleWorker, with nothing of ours but the job function it imports."""
+        name = f"bench-plain-{os.getpid()}"
+        command = [sys.executable, "-c", _PLAIN_RQ_WORKER, url, queue, name]
+        return cls(command, _worker_env(settings, url, registry, tmp_dir), tmp_dir / "plain-rq.log", name)
+
+    @classmethod
+    def batch(cls, settings: Settings, url: str, registry: Path, tmp_dir: Path) -> _WorkerProcess:
+        """(d)'s worker: `carbot worker`, exactly as it runs in production."""
+        name = f"bench-batch-{os.getpid()}"
+        command = [sys.executable, "-m", "carbot", "worker", "--name", name,
+                   "--max-batch", str(BATCH), "--max-wait-ms", str(settings.max_wait_ms)]  # fmt: skip
+        return cls(command, _worker_env(settings, url, registry, tmp_dir), tmp_dir / "batch-worker.log", name)
+
+    def __enter__(self) -> _WorkerProcess:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, settings: Settings, jpegs: Sequence[bytes], *, queue: str | None = None) -> None:
+        """Wait until the worker has registered, then warm it: a full batch of distinct photos, then one alone."""
+        connection = redis.Redis.from_url(self.env["REDIS_URL"])
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while not connection.exists(f"rq:worker:{self.name}"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} did not start; its log:\n{self.log_since(0)[-3000:]}")
+            time.sleep(0.1)
+        url = self.env["REDIS_URL"]
+        _classify_concurrently(settings, url, jpegs[:BATCH], queue=queue, timeout_s=WORKER_START_TIMEOUT_S)
+        _classify_concurrently(settings, url, jpegs[:1], queue=queue)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.peak_rss_mb = _peak_rss_mb(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)  # RQ's warm shutdown
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# The plain RQ worker of (c).
+_PLAIN_RQ_WORKER = """
+import sys
+import redis
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+url, queue, name = sys.argv[1:4]
+SimpleWorker([queue], connection=redis.Redis.from_url(url), serializer=JSONSerializer, name=name).work(
+    logging_level="WARNING"
+)
+"""
+
+
+def _worker_env(settings: Settings, url: str, registry: Path, tmp_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": url,
+        "CARBOT_MODEL_REGISTRY": str(registry),
+        "CARBOT_DATA_DIR": str(tmp_dir / "data"),
+        "CARBOT_CLASSIFY_QUEUE": settings.classify_queue,
+        "CARBOT_DECODE_THREADS": str(settings.decode_threads),
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """A live process's peak resident memory so far: Linux's VmHWM, else (psutil) its current RSS.
+
+    Not `ru_maxrss` from wait4: on Linux a child's starts at the RSS of the parent it was forked
+    from, so every worker would report this process's size.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except Exception:
+        return None
+
+
+def _stats(connection: redis.Redis) -> dict[str, int]:
+    from worker import STATS_KEY
+
+    return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
+
+
+_BATCH_LINE = re.compile(r"batch size=(?P<size>\d+) .*decode_ms=(?P<decode>[\d.]+) inference_ms=(?P<forward>[\d.]+)")
+
+
+def _batch_log(log: str) -> tuple[list[int], float, float]:
+    """The batch sizes, and the seconds spent decoding and in forward passes, from the worker's per-batch lines."""
+    batches = [match.groupdict() for match in _BATCH_LINE.finditer(log)]
+    sizes = [int(batch["size"]) for batch in batches]
+    decode_s = sum(float(batch["decode"]) for batch in batches) / 1000
+    forward_s = sum(float(batch["forward"]) for batch in batches) / 1000
+    return sizes, decode_s, forward_s
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+
+
+def _combined_ceiling(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """(a) measured just before and just after (d): their pooled rate, and how far the machine drifted."""
+    seconds = before["seconds"] + after["seconds"]
+    return {
+        **before,
+        "images_per_s": _rate(before["photos"] + after["photos"], seconds),
+        "photos": before["photos"] + after["photos"],
+        "seconds": round(seconds, 4),
+        "images_per_s_before_d": before["images_per_s"],
+        "images_per_s_after_d": after["images_per_s"],
+        "drift": round(after["images_per_s"] / before["images_per_s"] - 1, 3),
+    }
+
+
+def _ratios(ceiling: dict, one_at_a_time: dict, plain_rq: dict, batched: dict, single: dict) -> dict[str, dict]:
+    d = batched["images_per_s"]
+    values = {
+        "d/a": d / ceiling["images_per_s"],
+        # (d) against the model's speed inside the worker during (d) itself: immune to the machine's drift.
+        "d/a_drift_free": batched["d_over_worker_forward"] or 0.0,
+        "d/b": d / one_at_a_time["images_per_s"],
+        "d/c": d / plain_rq["images_per_s"],
+        "single_photo_overhead_ms": single["overhead_ms"],
+    }
+    ratios = {}
+    for name, value in values.items():
+        comparison, target = TARGETS[name]
+        passed = value >= target if comparison == ">=" else value <= target
+        ratios[name] = {"value": round(value, 3), "target": f"{comparison} {target:g}", "pass": bool(passed)}
+    return ratios
+
+
+_CLAIMS = {
+    "d/a": "d/a  share of the model's ceiling kept",
+    "d/a_drift_free": "  ... against (d)'s own forward passes",
+    "d/b": "d/b  vs the original web app",
+    "d/c": "d/c  vs plain RQ",
+    "single_photo_overhead_ms": "single-photo overhead, ms",
+}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a text table for a person."""
+    config, machine, methods, ratios = results["config"], results["machine"], results["methods"], results["ratios"]
+    a, b, c = methods["a_model_ceiling"], methods["b_predict_one_at_a_time"], methods["c_plain_rq"]
+    d, e = methods["d_batch_worker"], methods["e_single_photo"]
+    latency = d["latency_ms"]
+    lines = [
+        "",
+        f"carbot bench: {config['backbone']} at {config['image_size']} px, random weights, "
+        f"{config['photos']} photos ({config['photo_mix']}), JPEG quality {JPEG_QUALITY}",
+        f"machine: {machine['cpu_count']} CPUs, {machine['platform']}, Python {machine['python']}, "
+        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, {machine['date']}",
+        f"load average {machine['load_average_before']} before, {machine['load_average_after']} after; "
+        "decode (load_image) p50: " + ", ".join(f"{size} {ms:.1f} ms" for size, ms in results["decode_ms_p50"].items()),
+        "",
+        f"{'method':<66}{'images/s':>9}{'peak RSS':>12}",
+        f"{'(a) model ceiling: compiled forward, pre-decoded batches of 32':<66}{a['images_per_s']:>9.1f}"
+        f"   ({a['images_per_s_before_d']:.1f} before d, {a['images_per_s_after_d']:.1f} after)",
+        f"{'(b) original web app: decode + model.predict, one at a time':<66}{b['images_per_s']:>9.1f}",
+        f"{'(c) plain RQ: SimpleWorker + classify_photo, one job per photo':<66}{c['images_per_s']:>9.1f}"
+        f"{_mb(c['peak_rss_mb']):>12}",
+        f"{'(d) this system: carbot worker, batches of up to 32':<66}{d['images_per_s']:>9.1f}"
+        f"{_mb(d['peak_rss_mb']):>12}",
+        "",
+        f"{'claim':<44}{'value':>8}  {'target':<9}",
+    ]
+    for name, label in _CLAIMS.items():
+        ratio = ratios[name]
+        lines.append(f"{label:<44}{ratio['value']:>8.2f}  {ratio['target']:<9} {'PASS' if ratio['pass'] else 'MISS'}")
+    lines += [
+        "",
+        f"(d) latency, submit to result: p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, "
+        f"p99 {latency['p99']:.0f} ms; mean batch size {d['mean_batch_size']:.1f} ({d['batches']} batches: "
+        f"{' '.join(map(str, d['batch_sizes']))})",
+        _wall_line(d),
+        f"(e) one photo alone: p50 {e['latency_ms']['p50']:.1f} ms = model at batch 1 "
+        f"{e['model_batch1_ms']['p50']:.1f} ms + overhead {e['overhead_ms']:.1f} ms; the worker's own p50s: "
+        f"queued {e['worker_queue_ms']['p50']:.1f} ms, decode {e['worker_decode_ms']['p50']:.1f} ms, "
+        f"forward {e['worker_forward_ms']['p50']:.1f} ms",
+    ]
+    if abs(a["drift"]) > 0.15:
+        lines.append(
+            f"note: the model ceiling moved {a['drift']:+.0%} between just before and just after (d): "
+            "the machine was busy, so the ratios are rough this time"
+        )
+    lines.append(f"total {results['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _wall_line(d: dict[str, Any]) -> str:
+    wall, total = d["wall_s"], max(d["seconds"], 1e-9)
+    return (
+        f"(d) where its {d['seconds']:.1f} s went: forward passes {wall['forward'] / total:.0%} "
+        f"(+ {wall['forward_on_padding'] / total:.0%} on padding), decoding {wall['decode'] / total:.0%}, "
+        f"the rest (client, Redis, RQ's bookkeeping, waiting) {wall['rest'] / total:.0%}; the model ran at "
+        f"{d['worker_forward_images_per_s']:.1f} images/s inside the worker meanwhile; "
+        f"top-1 equal to (a)'s for {d['top1_agreement_with_a']:.0%} of photos"
+    )
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} MB"
+
+
+def _machine_info(started_at: datetime, load_before: list[float]) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": started_at.isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+    }
+
+
+# -- small helpers -------------------------------------------------------------------------------------------------
+
+
+class _Stopwatch:
+    """`with _Stopwatch() as watch: ...` then `watch.seconds`."""
+
+    def __enter__(self) -> _Stopwatch:
+        self.seconds = 0.0
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+
+
+class _Progress:
+    """Prints what the benchmark is doing, with the time since it started."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if self.verbose:
+            print(f"[bench {time.monotonic() - self.started:6.1f}s] {message}", flush=True)
+
+
+def _timed_ms(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return (time.perf_counter() - started) * 1000
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / max(seconds, 1e-6), 2)
+
+
+def _percentiles(values_ms: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(values_ms, dtype=float)
+    return {
+        "p50": round(float(np.percentile(values, 50)), 1),
+        "p95": round(float(np.percentile(values, 95)), 1),
+        "p99": round(float(np.percentile(values, 99)), 1),
+        "mean": round(float(values.mean()), 1),
+        "max": round(float(values.max()), 1),
+    }
+
+
+def _decode(jpeg: bytes, predictor: Any) -> np.ndarray:
+    from model import load_image
+
+    return load_image(jpeg, predictor.preprocessing)
+
+
+def _small_indices(count: int) -> list[int]:
+    return [index for index in range(count) if index % PHONE_EVERY != PHONE_EVERY - 1] or [0]
+
+
+def _photo_mix(count: int, phone_size: tuple[int, int]) -> str:
+    phones = count // PHONE_EVERY
+    return f"{count - phones} at {SMALL_PHOTO[0]}x{SMALL_PHOTO[1]}, {phones} at {phone_size[0]}x{phone_size[1]}"
+
+
+def _agreement(labels: Sequence[str], reference: Sequence[str]) -> float:
+    return round(sum(x == y for x, y in zip(labels, reference)) / max(1, len(reference)), 3)
+
+
+def _load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else []
