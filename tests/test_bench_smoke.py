@@ -1,0 +1,58 @@
+"""`carbot bench` end to end at a tiny size: a tiny backbone at 32 px, a handful of photos, real workers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from carbot._bench import run_benchmark
+from carbot.settings import Settings
+
+
+def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
+    results = run_benchmark(
+        Settings(data_dir=tmp_path / "data"),
+        photos=8,
+        image_size=32,
+        backbone="tiny",
+        phone_size=(800, 600),
+        single_photos=4,
+        verbose=False,
+    )
+
+    assert json.loads(json.dumps(results)) == results  # what `--json` saves
+    methods = results["methods"]
+    assert set(methods) == {
+        "a_model_ceiling",
+        "b_predict_one_at_a_time",
+        "c_plain_rq",
+        "d_batch_worker",
+        "e_single_photo",
+    }
+    for name in ("a_model_ceiling", "b_predict_one_at_a_time", "c_plain_rq", "d_batch_worker"):
+        rate = methods[name]["images_per_s"]
+        assert 0 < rate < 1e6 and math.isfinite(rate), name
+
+    d = methods["d_batch_worker"]
+    assert d["latency_ms"]["p50"] <= d["latency_ms"]["p95"] <= d["latency_ms"]["p99"] <= d["latency_ms"]["max"]
+    assert 1 <= d["mean_batch_size"] <= 32
+    assert sum(d["batch_sizes"]) == 8
+    assert set(d["wall_s"]) == {"forward", "forward_on_padding", "decode", "rest"}
+    assert d["worker_forward_images_per_s"] > 0
+    assert d["top1_agreement_with_a"] > 0.5  # the worker serves the same model and preprocessing as (a)
+    for name in ("c_plain_rq", "d_batch_worker"):
+        assert 50 < methods[name]["peak_rss_mb"] < 20_000, name
+
+    e = methods["e_single_photo"]
+    assert 0 < e["model_batch1_ms"]["p50"] < e["latency_ms"]["p50"] < 10_000
+    assert e["overhead_ms"] == round(e["latency_ms"]["p50"] - e["model_batch1_ms"]["p50"], 1)
+
+    ratios = results["ratios"]
+    assert set(ratios) == {"d/a", "d/a_drift_free", "d/b", "d/c", "single_photo_overhead_ms"}
+    for ratio in ratios.values():
+        assert math.isfinite(ratio["value"]) and isinstance(ratio["pass"], bool)
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["tensorflow"]
+
+    table = capsys.readouterr().out
+    for line in ("(a) model ceiling", "(d) this system", "d/a", "d/b", "d/c", "single-photo overhead"):
+        assert line in table
