@@ -4,14 +4,17 @@ RQ runs one job at a time (its issue #928). `BatchWorker` keeps RQ's loop,
 `work()` → `dequeue_job_and_maintain_ttl()` → `execute_job()`, and changes only
 what happens once a first job is in hand:
 
-1. `drain_batch()` takes up to `max_batch - 1` more jobs, waiting at most
-   `max_wait_ms` for them, so a lone photo is barely delayed and a burst fills
-   the batch (TF Serving's `max_batch_size` / `batch_timeout_micros`).
-2. `perform_batch()` walks every job through RQ's own lifecycle: it is started
-   (`prepare_execution`, `prepare_job_execution`: StartedJobRegistry, heartbeat),
-   then the whole batch is classified in one forward pass, then each job is
-   finished with its own result (`_finalize_success`) or its own failure
-   (`_finalize_failure`), so `rq info`, rq-dashboard, results and retries stay true.
+1. `drain_batch()` takes up to `max_batch - 1` more jobs: a lone photo goes at
+   once, and during a burst the batch waits at most `max_wait_ms` to fill
+   (TF Serving's `max_batch_size` / `batch_timeout_micros`).
+2. `perform_batch()` walks every job through RQ's lifecycle: each is started
+   as `prepare_execution` + `prepare_job_execution` would (Execution,
+   StartedJobRegistry, heartbeat, status), the whole batch is classified in one
+   forward pass, then each job is finished with its own result (what
+   `_finalize_success` writes) or its own failure (RQ's `_finalize_failure`,
+   with its retries), so `rq info`, rq-dashboard, results and retries stay true.
+   Starting and finishing share one Redis round trip per batch instead of a few
+   per job: on a GPU the per-job round trips would cost more than the model.
 
 A worker killed mid-batch leaves its jobs in the StartedJobRegistry; their
 heartbeats lapse after the job timeout and the next maintenance run of any
@@ -28,7 +31,7 @@ import time
 from datetime import UTC
 
 from rq import Queue, SimpleWorker
-from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
 from rq.job import Job
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -82,20 +85,23 @@ class BatchWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def drain_batch(self) -> list[tuple[Job, Queue]]:
-        """Take up to `max_batch - 1` more queued jobs, waiting at most `max_wait_ms` for them to arrive."""
+        """Take up to `max_batch - 1` more queued jobs.
+
+        What is queued is taken at once. If nothing is, the photo in hand is alone
+        and goes without waiting; once a burst is under way (a second job came),
+        the batch waits up to `max_wait_ms` for stragglers to fill it.
+        """
         drained: list[tuple[Job, Queue]] = []
-        deadline = time.monotonic() + self.max_wait_s
+        deadline: float | None = None
         while len(drained) < self.max_batch - 1:
-            try:
-                item = self.queue_class.dequeue_any(
-                    self._ordered_queues, None, connection=self.connection,
-                    job_class=self.job_class, serializer=self.serializer,
-                )  # fmt: skip
-            except DequeueTimeout:  # pragma: no cover - non-blocking dequeue does not time out
-                item = None
+            item = self.queue_class.dequeue_any(
+                self._ordered_queues, None, connection=self.connection,
+                job_class=self.job_class, serializer=self.serializer,
+            )  # fmt: skip
             if item is not None:
                 drained.append(item)
-            elif time.monotonic() < deadline:
+                deadline = deadline or time.monotonic() + self.max_wait_s
+            elif deadline is not None and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
             else:
                 break
@@ -105,10 +111,10 @@ class BatchWorker(SimpleWorker):
 
     def perform_batch(self, batch: list[tuple[Job, Queue]]) -> None:
         """Start every job, classify the live ones in one pass, then finish each job with its own outcome."""
+        executions = self.start_jobs(batch)
         checked_at = time.time()
         live, expired = [], 0
-        for job, queue in batch:
-            execution = self.start_job(job)
+        for (job, queue), execution in zip(batch, executions):
             try:
                 request = PhotoRequest.from_kwargs(job.kwargs)
             except InvalidJob as exc:
@@ -131,20 +137,72 @@ class BatchWorker(SimpleWorker):
                 self.fail_job(job, queue, execution, exc)
             return
 
+        finished = []
         for (job, queue, execution, _), outcome in zip(live, report.outcomes):
             if isinstance(outcome, Exception):
                 self.fail_job(job, queue, execution, outcome)
             else:
                 outcome["timings"] = self._timings(job, report)
-                self._finalize_success(job, queue, execution, outcome)
+                finished.append((job, execution, outcome))
+        self.finish_jobs(finished)
         self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
 
-    def start_job(self, job: Job):
-        """RQ's bookkeeping before a job runs: an Execution, the StartedJobRegistry, status `started`."""
-        execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-        job.started_at = now()
-        return execution
+    def start_jobs(self, batch: list[tuple[Job, Queue]]) -> list[Execution]:
+        """RQ's `prepare_execution` + `prepare_job_execution` for every job of the batch, in one round trip.
+
+        Each job gets an Execution in the StartedJobRegistry, a heartbeat, status
+        `started` and its worker name, exactly as RQ's own methods write them;
+        only the round trips are shared (per job they would cost more than a GPU's forward pass).
+        """
+        leave_intermediate_queue = len(self.queues) == 1
+        executions = []
+        with self.connection.pipeline() as pipe:
+            for job, queue in batch:
+                ttl = self.get_heartbeat_ttl(job)
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                self.executions[execution.id] = execution
+                job.heartbeat(now(), ttl, pipeline=pipe)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                if leave_intermediate_queue:
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                executions.append(execution)
+            self.heartbeat(max(self.get_heartbeat_ttl(job) for job, _ in batch), pipeline=pipe)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
+        self.procline(f"Processing a batch of {len(batch)} since {time.time()}")
+        return executions
+
+    def finish_jobs(self, finished: list[tuple[Job, Execution, dict]]) -> None:
+        """RQ's `_finalize_success` for every finished job, in one round trip.
+
+        Writes what `handle_job_success` writes for a job without dependents,
+        repeats, callbacks or rate limits (a classify job has none): status
+        `finished`, the result in the job's result stream, the FinishedJobRegistry,
+        the job's TTL, the Execution removed and the worker's counters.
+        """
+        if not finished:
+            return
+        with self.connection.pipeline() as pipe:
+            for job, execution, value in finished:
+                job.ended_at = now()
+                job._result = value
+                job.heartbeat(job.ended_at, job.success_callback_timeout, pipeline=pipe)
+                self.increment_successful_job_count(pipeline=pipe)
+                self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                result_ttl = job.get_result_ttl(self.default_result_ttl)
+                if result_ttl != 0:
+                    job._handle_success(
+                        result_ttl,
+                        pipeline=pipe,
+                        worker_name=self.name,
+                        execution_id=execution.id,
+                        execution_started_at=execution.created_at,
+                        execution_ended_at=job.ended_at,
+                    )
+                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
 
     def classify(self, requests: list[PhotoRequest]) -> BatchReport:
         """Fetch the photos in one round trip and classify them together."""
