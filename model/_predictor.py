@@ -121,14 +121,23 @@ class Predictor:
             return self._eager_forward(keras_model)
         import tensorflow as tf
 
-        @tf.function
-        def traced(images: tf.Tensor) -> tf.Tensor:
-            # Python code here runs only while TensorFlow traces, once per input shape.
-            self._trace_count += 1
-            return tf.cast(keras_model(tf.cast(images, tf.float32), training=False), tf.float32)
+        size = self.image_size
+
+        def traced_for(bucket: int) -> Callable:
+            # A function per bucket, with its exact shape: each is traced once, and TensorFlow
+            # doesn't warn about "retracing" as it does when one function sees several shapes.
+            @tf.function(input_signature=[tf.TensorSpec((bucket, size, size, 3), tf.uint8)])
+            def call(images: tf.Tensor) -> tf.Tensor:
+                # Python code here runs only while TensorFlow traces.
+                self._trace_count += 1
+                return tf.cast(keras_model(tf.cast(images, tf.float32), training=False), tf.float32)
+
+            return call
+
+        traced = {bucket: traced_for(bucket) for bucket in self._buckets}
 
         def forward(batch: np.ndarray) -> np.ndarray:
-            return traced(tf.convert_to_tensor(batch)).numpy()
+            return traced[len(batch)](tf.convert_to_tensor(batch)).numpy()
 
         return forward
 
