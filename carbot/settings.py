@@ -52,7 +52,15 @@ class Settings(BaseSettings):
     # Chat platforms (used by the bots).
     telegram_token: SecretStr | None = Field(default=None, validation_alias=_alias("TELEGRAM_TOKEN"))
     discord_token: SecretStr | None = Field(default=None, validation_alias=_alias("DISCORD_TOKEN"))
-    admin_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "telegram:123", "discord:456"
+    telegram_api_base_url: str | None = Field(default=None, validation_alias=_alias("TELEGRAM_API_BASE_URL"))
+    telegram_file_base_url: str | None = Field(default=None, validation_alias=_alias("TELEGRAM_FILE_BASE_URL"))
+    telegram_webhook_url: str | None = Field(default=None, validation_alias=_alias("TELEGRAM_WEBHOOK_URL"))
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = 8443
+    discord_guild_id: int | None = None  # sync slash commands to this guild at once (global sync takes up to an hour)
+    photo_retention_days: int = Field(default=90, ge=0)  # 0 keeps no photos
+    rate_limit_per_minute: int = Field(default=10, ge=1)
 
     @field_validator("admin_ids", mode="before")
     @classmethod

@@ -1,0 +1,366 @@
+"""What the conversation remembers: people, predictions, votes and photos, behind an asyncio facade.
+
+Every public method of `Store` is a coroutine that runs its SQL (and file)
+work in a worker thread, with its own session from a pooled engine, so a slow
+disk or database never stalls the event loop that serves every chat. Writes
+that can race (two clicks on the same button, one person's first two photos)
+rely on the schema's unique constraints: the loser of a race sees the
+`IntegrityError`, starts over, and finds the winner's row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Engine, case, delete, distinct, func, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from bots._messages import Sender
+from carbot import db
+from carbot.db import Feedback, Person, Prediction, utcnow
+from carbot.photos import PhotoStore, PhotoStoreError
+
+if TYPE_CHECKING:
+    from carbot.settings import Settings
+
+__all__ = ["PredictionRecord", "Store"]
+
+logger = logging.getLogger(__name__)
+
+VOTES = ("up", "down")
+# A transaction that lost a race is run again; the second run sees the winner's row, so two runs are enough.
+_ATTEMPTS = 3
+# Bound on the parameters of one IN (...): old SQLite builds accept 999.
+_IN_CHUNK = 500
+# vote("down") leaves an earlier correction in place; correct() replaces it.
+_KEEP = object()
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """A stored prediction as plain data, safe to hand between threads and keep after the session is gone."""
+
+    id: int
+    platform: str
+    user_id: str
+    chat_id: str
+    photo_sha256: str
+    model_version: str
+    top_k: list[dict]
+    created_at: datetime
+
+
+class Store:
+    """People, predictions, feedback and photos for the bots; every method is safe to await from the event loop."""
+
+    def __init__(self, database_url: str, photos: PhotoStore) -> None:
+        url = db.normalize_url(database_url)
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            # Every pooled connection (and the migration's) would open its own, empty database.
+            raise ValueError("an in-memory SQLite database cannot back the store; give it a file")
+        self._database_url = database_url
+        self._engine: Engine = db.make_engine(database_url)
+        self.photos = photos
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The store the settings describe: `DATABASE_URL` (or SQLite in the data folder) and `<data_dir>/photos`."""
+        from carbot.services import database_url
+
+        photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
+        return cls(database_url(settings), photos)
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (blocking; call it once at start-up, before serving)."""
+        db.migrate(self._database_url)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.dispose)
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # Predictions.
+
+    async def record_prediction(
+        self,
+        sender: Sender,
+        *,
+        message_id: str | None,
+        photo: bytes,
+        model_version: str,
+        top_k: list[dict],
+        latency_ms: float,
+    ) -> int:
+        """Keep a classified photo and the answer given; returns the prediction's id.
+
+        A photo the disk refuses is logged and skipped: the prediction is recorded anyway.
+        """
+        candidates = [_candidate(item) for item in top_k]
+        message_id = None if message_id is None else str(message_id)  # Telegram's ids are ints; the column is text
+        return await asyncio.to_thread(
+            self._record_prediction, sender, message_id, photo, model_version, candidates, float(latency_ms)
+        )
+
+    async def set_reply_message(self, prediction_id: int, reply_message_id: str) -> None:
+        """Remember which bot message holds the prediction's buttons."""
+        statement = (
+            update(Prediction).where(col(Prediction.id) == prediction_id).values(reply_message_id=str(reply_message_id))
+        )
+        await asyncio.to_thread(self._transaction, lambda session: session.exec(statement))
+
+    async def get_prediction(self, prediction_id: int) -> PredictionRecord | None:
+        return await asyncio.to_thread(self._transaction, lambda session: _prediction_record(session, prediction_id))
+
+    # Feedback.
+
+    async def vote(self, prediction_id: int, sender: Sender, vote: str) -> bool:
+        """Record the sender's 👍 ("up") or 👎 ("down"); True if that changed anything.
+
+        One row per prediction and person: a new vote replaces the old one, "up" drops
+        a correction, and a repeated click writes nothing. A prediction that no longer
+        exists (e.g. its sender was forgotten) changes nothing.
+        """
+        if vote not in VOTES:
+            raise ValueError(f"vote must be 'up' or 'down', not {vote!r}")
+        correction = None if vote == "up" else _KEEP
+        return await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, vote, correction))
+
+    async def correct(self, prediction_id: int, sender: Sender, label: str) -> None:
+        """The sender says the photo shows `label` (already checked against the model's labels): a 👎 with a label."""
+        await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, "down", label))
+
+    # People's data.
+
+    async def forget(self, sender: Sender) -> dict:
+        """Delete everything about the sender: their votes, predictions, photos nobody else sent, and them.
+
+        Returns counts: {"predictions": n, "votes": n, "photos": n}.
+        """
+        return await asyncio.to_thread(self._forget, sender)
+
+    async def stats(self) -> dict:
+        """Counts and the share of 👍 among votes, overall and per model version."""
+        return await asyncio.to_thread(self._transaction, _stats)
+
+    async def purge_photos(self) -> int:
+        """Delete photos past the retention period; returns how many."""
+        return await asyncio.to_thread(self.photos.purge_expired)
+
+    # The blocking side, run in worker threads.
+
+    def _transaction(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a transaction and commit; run it again if it lost a race on a unique constraint."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            with Session(self._engine, expire_on_commit=False) as session:
+                try:
+                    result = work(session)
+                    session.commit()
+                    return result
+                except IntegrityError:
+                    session.rollback()
+                    if attempt == _ATTEMPTS:
+                        raise
+                    logger.debug("Transaction lost a race (attempt %d); running it again", attempt)
+        raise AssertionError("unreachable")
+
+    def _record_prediction(
+        self,
+        sender: Sender,
+        message_id: str | None,
+        photo: bytes,
+        model_version: str,
+        top_k: list[dict],
+        latency_ms: float,
+    ) -> int:
+        sha = self._keep_photo(photo)
+
+        def work(session: Session) -> int:
+            person = _person(session, sender)
+            prediction = Prediction(
+                person_id=person.id,
+                platform=sender.platform,
+                chat_id=sender.chat_id,
+                message_id=message_id,
+                photo_sha256=sha,
+                model_version=model_version,
+                top_k=top_k,
+                latency_ms=latency_ms,
+            )
+            session.add(prediction)
+            session.flush()
+            return prediction.id
+
+        return self._transaction(work)
+
+    def _keep_photo(self, photo: bytes) -> str:
+        try:
+            return self.photos.put(photo)
+        except PhotoStoreError as exc:
+            # The person still gets their answer; only the retraining sample is lost.
+            logger.error("Photo not kept for retraining, the prediction is recorded without it: %s", exc)
+            return hashlib.sha256(photo).hexdigest()
+
+    def _forget(self, sender: Sender) -> dict:
+        counts, photos = self._transaction(lambda session: _delete_person(session, sender))
+        # Files go only once the rows are gone for good; a rolled-back forget keeps its photos.
+        counts["photos"] = sum(self.photos.delete(sha) for sha in photos)
+        return counts
+
+
+def _set_feedback(prediction_id: int, sender: Sender, vote: str, correction: object) -> Callable[[Session], bool]:
+    """A transaction setting the sender's feedback to `vote` and `correction`; it returns whether anything changed."""
+
+    def work(session: Session) -> bool:
+        if session.exec(select(Prediction.id).where(Prediction.id == prediction_id)).first() is None:
+            return False
+        person = _person(session, sender)
+        row = session.exec(
+            select(Feedback).where(Feedback.prediction_id == prediction_id, Feedback.person_id == person.id)
+        ).first()
+        if row is None:
+            new_correction = None if correction is _KEEP else correction
+            session.add(
+                Feedback(prediction_id=prediction_id, person_id=person.id, vote=vote, correction=new_correction)
+            )
+            session.flush()  # a concurrent click's row surfaces here, as an IntegrityError
+            return True
+        new_correction = row.correction if correction is _KEEP else correction
+        if (row.vote, row.correction) == (vote, new_correction):
+            return False
+        row.vote, row.correction, row.updated_at = vote, new_correction, utcnow()
+        return True
+
+    return work
+
+
+def _candidate(item: Mapping[str, Any] | Any) -> dict:
+    # Plain JSON whatever came in: dicts from a job result, or objects with .label/.probability (worker.Candidate).
+    if isinstance(item, Mapping):
+        return {"label": str(item["label"]), "probability": float(item["probability"])}
+    return {"label": str(item.label), "probability": float(item.probability)}
+
+
+def _language(code: str | None) -> str | None:
+    """The bots' language for a client language code; None when the client did not say."""
+    if not code:
+        return None
+    return "pt" if code.lower().startswith("pt") else "en"
+
+
+def _find_person(session: Session, sender: Sender) -> Person | None:
+    return session.exec(
+        select(Person).where(Person.platform == sender.platform, Person.platform_user_id == sender.user_id)
+    ).first()
+
+
+def _person(session: Session, sender: Sender) -> Person:
+    """The sender's row, created on first contact; the language follows the client's when it says one."""
+    person = _find_person(session, sender)
+    language = _language(sender.language_code)
+    if person is None:
+        person = Person(platform=sender.platform, platform_user_id=sender.user_id, language=language or "en")
+        session.add(person)
+        session.flush()  # the same person's concurrent first message surfaces here, as an IntegrityError
+    elif language and person.language != language:
+        person.language = language
+    return person
+
+
+def _prediction_record(session: Session, prediction_id: int) -> PredictionRecord | None:
+    row = session.exec(
+        select(Prediction, Person.platform_user_id)
+        .join(Person, col(Prediction.person_id) == col(Person.id))
+        .where(Prediction.id == prediction_id)
+    ).first()
+    if row is None:
+        return None
+    prediction, user_id = row
+    return PredictionRecord(
+        id=prediction.id,
+        platform=prediction.platform,
+        user_id=user_id,
+        chat_id=prediction.chat_id,
+        photo_sha256=prediction.photo_sha256,
+        model_version=prediction.model_version,
+        top_k=[dict(item) for item in prediction.top_k],
+        created_at=_as_utc(prediction.created_at),
+    )
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _delete_person(session: Session, sender: Sender) -> tuple[dict, set[str]]:
+    """Delete the sender's rows; returns the counts and the photos no remaining prediction refers to."""
+    person = _find_person(session, sender)
+    if person is None:
+        return {"predictions": 0, "votes": 0}, set()
+    theirs = select(Prediction.id).where(Prediction.person_id == person.id)
+    photos = set(session.exec(select(Prediction.photo_sha256).where(Prediction.person_id == person.id).distinct()))
+    votes = session.exec(delete(Feedback).where(col(Feedback.person_id) == person.id)).rowcount
+    # Other people's votes on these predictions go with them (the cascade would too; explicit is clearer).
+    session.exec(delete(Feedback).where(col(Feedback.prediction_id).in_(theirs)))
+    predictions = session.exec(delete(Prediction).where(col(Prediction.person_id) == person.id)).rowcount
+    session.exec(delete(Person).where(col(Person.id) == person.id))
+    return {"predictions": predictions, "votes": votes}, photos - _photos_in_use(session, photos)
+
+
+def _photos_in_use(session: Session, photos: Iterable[str]) -> set[str]:
+    """Those of `photos` that some prediction still refers to (the same photo, sent by someone else)."""
+    photos = sorted(photos)
+    in_use: set[str] = set()
+    for start in range(0, len(photos), _IN_CHUNK):
+        chunk = photos[start : start + _IN_CHUNK]
+        in_use.update(session.exec(select(Prediction.photo_sha256).where(col(Prediction.photo_sha256).in_(chunk))))
+    return in_use
+
+
+def _stats(session: Session) -> dict:
+    # One statement, so the per-model numbers come from one snapshot even while people keep voting.
+    rows = session.exec(
+        select(
+            Prediction.model_version,
+            func.count(distinct(Prediction.id)),
+            _count_where(col(Feedback.vote) == "up"),
+            _count_where(col(Feedback.vote) == "down"),
+            func.count(col(Feedback.correction)),
+        )
+        .outerjoin(Feedback, col(Feedback.prediction_id) == col(Prediction.id))
+        .group_by(Prediction.model_version)
+    )
+    by_model = {
+        version: {"predictions": predictions, "up": int(up), "down": int(down), "corrections": corrections}
+        for version, predictions, up, down, corrections in rows
+    }
+    totals = {
+        key: sum(model[key] for model in by_model.values()) for key in ("predictions", "up", "down", "corrections")
+    }
+    for model in by_model.values():
+        model["accuracy_by_feedback"] = _accuracy(model)
+    people = session.exec(select(func.count()).select_from(Person)).one()
+    return {"people": people, **totals, "accuracy_by_feedback": _accuracy(totals), "by_model": by_model}
+
+
+def _count_where(condition: Any) -> Any:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+def _accuracy(tally: dict) -> float | None:
+    """The share of 👍 among votes: what people say of the answers, not a measured accuracy."""
+    voted = tally["up"] + tally["down"]
+    return tally["up"] / voted if voted else None

@@ -1,0 +1,154 @@
+"""The SQL schema: every SQLModel table of the project, the engine factory and the Alembic upgrade.
+
+The tables hold who asked (`Person`), what the model answered (`Prediction`) and
+what people said about it (`Feedback`: one changeable row per prediction and
+person). The schema itself is owned by the Alembic migrations in
+`carbot/migrations`; `migrate()` brings any database, SQLite or PostgreSQL, to
+the latest revision, and a test keeps these models and the migrations in step.
+"""
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, Engine, UniqueConstraint, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlmodel import Field, SQLModel, create_engine
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+# Stable constraint and index names, so later migrations can address them by name on both databases.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Any fixed number: PostgreSQL advisory lock that serialises bots migrating the same database at start-up.
+_MIGRATION_LOCK_KEY = 0x63617262  # "carb"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _timestamp(*, index: bool = False) -> Any:
+    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False, index=index)
+
+
+class Person(SQLModel, table=True):
+    """Someone who talked to a bot, identified by their platform and that platform's user id."""
+
+    __tablename__ = "people"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=16)
+    platform_user_id: str = Field(max_length=64)
+    language: str = Field(default="en", max_length=8)
+    created_at: datetime = _timestamp()
+
+
+class Prediction(SQLModel, table=True):
+    """One classified photo: who sent it, where the answer went, and what the model said."""
+
+    __tablename__ = "predictions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    person_id: int = Field(foreign_key="people.id", ondelete="CASCADE", index=True)
+    platform: str = Field(max_length=16)
+    chat_id: str = Field(max_length=64)
+    message_id: str | None = Field(default=None, max_length=64)  # the photo's message
+    reply_message_id: str | None = Field(default=None, max_length=64)  # the bot's answer, which holds the buttons
+    photo_sha256: str = Field(max_length=64, index=True)
+    model_version: str = Field(max_length=128, index=True)
+    top_k: list[dict] = Field(default_factory=list, sa_type=JSON, nullable=False)  # [{"label", "probability"}]
+    latency_ms: float
+    created_at: datetime = _timestamp(index=True)
+
+
+class Feedback(SQLModel, table=True):
+    """A person's verdict on a prediction: 👍 or 👎, maybe with the right label. One row per pair, updated in place."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        # Also the index for "feedback of a prediction": prediction_id leads.
+        UniqueConstraint("prediction_id", "person_id"),
+        CheckConstraint("vote IN ('up', 'down')", name="vote"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    prediction_id: int = Field(foreign_key="predictions.id", ondelete="CASCADE")
+    # Indexed so that forgetting a person and the cascade from `people` do not scan the table.
+    person_id: int = Field(foreign_key="people.id", ondelete="CASCADE", index=True)
+    vote: str = Field(max_length=4)
+    correction: str | None = Field(default=None, max_length=128)
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp()
+
+
+def normalize_url(url: str) -> URL:
+    """The URL with a PostgreSQL driver made explicit: psycopg 3 is the one this project installs."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # SQLite ignores foreign keys (so ON DELETE CASCADE too) unless every connection asks for them.
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """A pooled engine for `url`, shareable across threads (the bots use it from `asyncio.to_thread`)."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        # Pool connections are handed between worker threads; the pool guarantees one user at a time.
+        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    # A database restart or an idle-connection reaper must not turn the next vote into an error.
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def alembic_config(url: str | None = None) -> Any:
+    """Alembic's configuration, built in code (the project has no alembic.ini)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # The ini-style parser treats "%" as interpolation, and passwords may contain one.
+        config.set_main_option("sqlalchemy.url", normalize_url(url).render_as_string(False).replace("%", "%%"))
+    return config
+
+
+def migrate(url: str) -> None:
+    """Upgrade the database at `url` to the latest schema; a database already there is left alone.
+
+    Safe when several bots start at once: they take turns (a PostgreSQL advisory
+    lock; on SQLite an immediate transaction) and all but the first find nothing to do.
+    """
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # pysqlite would begin lazily; taking the write lock first makes the version check and DDL atomic.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                connection.begin()
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            config = alembic_config(url)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            connection.commit()
+    finally:
+        engine.dispose()
