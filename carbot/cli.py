@@ -8,19 +8,14 @@ imports (TensorFlow) happen inside the commands that need them, so
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
-import redis
 
 from carbot import services
 from carbot.settings import Settings, get_settings
@@ -36,6 +31,8 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # "setup plugin ..." lines say nothing to a person
 
 
 @main.command()
@@ -70,8 +67,9 @@ def classify(images: tuple[Path, ...], as_json: bool, local: bool, top_k: int) -
         outcomes = _classify_locally(settings, photos, top_k)
     else:
         from worker import ClassifyClient, classify_files_sync
+        from worker._main import worker_running
 
-        with services.redis_url(settings) as url, _worker_running(settings, url):
+        with services.redis_url(settings) as url, worker_running(settings, url):
             outcomes = classify_files_sync(
                 lambda: ClassifyClient.from_settings(settings, url), photos, top_k=top_k
             )
@@ -100,15 +98,15 @@ def demo_model(force: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--photos", type=int, default=6, show_default=True, help="How many generated photos to classify."
-)
+@click.option("--photos", type=int, default=6, show_default=True, help="How many generated photos to offer.")
 def demo(photos: int) -> None:
-    """Build the demo model if needed, then classify a few generated photos through the queue."""
+    """Build the demo model if needed, generate a few photos, then open the terminal chat."""
+    from bots import run_shell
     from training import SYNTHETIC_CLASSES, synthetic_jpeg
 
     settings = get_settings()
     _ensure_demo_model(settings, force=False)
+    _quiet_logs()
     folder = settings.data_dir / "demo-photos"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -117,9 +115,73 @@ def demo(photos: int) -> None:
         path = folder / f"{index:02d}-{label.lower().replace(' ', '-')}.jpg"
         path.write_bytes(synthetic_jpeg(label, seed=1000 + index))
         paths.append(path)
-    click.echo(f"Classifying {len(paths)} generated photos from {folder} through the queue...\n")
-    ctx = click.get_current_context()
-    ctx.invoke(classify, images=tuple(paths), as_json=False, local=False, top_k=3)
+    banner = "\n".join([
+        "carbot terminal chat: type the path of a photo (e.g. one of these), /help, or /quit.",
+        *(f"  {path}" for path in paths),
+        "Buttons are numbered: type the number to press one; + and - vote on the last answer.",
+    ])  # fmt: skip
+    run_shell(settings, banner=banner)
+
+
+@main.command()
+def shell() -> None:
+    """Talk to the bot in this terminal (standard input may be a pipe)."""
+    from bots import run_shell
+
+    _quiet_logs()
+    run_shell(get_settings(), banner="carbot terminal chat: type a photo's path, /help, or /quit.")
+
+
+@main.command()
+def telegram() -> None:
+    """Run the Telegram bot (TELEGRAM_TOKEN; long polling, or a webhook when TELEGRAM_WEBHOOK_URL is set)."""
+    from bots import run_telegram
+
+    settings = get_settings()
+    if settings.telegram_token is None:
+        raise click.ClickException("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
+    run_telegram(settings)
+
+
+@main.command()
+def discord() -> None:
+    """Run the Discord bot (DISCORD_TOKEN)."""
+    from bots import run_discord
+
+    settings = get_settings()
+    if settings.discord_token is None:
+        raise click.ClickException("Set DISCORD_TOKEN to your application's bot token.")
+    run_discord(settings)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def stats(as_json: bool) -> None:
+    """Predictions, 👍, 👎, corrections and accuracy by feedback, per model version."""
+    import asyncio
+
+    from bots import Store
+
+    store = Store.from_settings(get_settings())
+    store.migrate()
+
+    async def collect() -> dict:
+        try:
+            return await store.stats()
+        finally:
+            await store.close()
+
+    numbers = asyncio.run(collect())
+    if as_json:
+        click.echo(json.dumps(numbers, indent=2))
+        return
+    accuracy = numbers["accuracy_by_feedback"]
+    click.echo(
+        f"{numbers['predictions']} predictions, {numbers['up']} 👍, {numbers['down']} 👎, "
+        f"{numbers['corrections']} corrections, accuracy by feedback {'—' if accuracy is None else f'{accuracy:.0%}'}"
+    )
+    for version, row in sorted(numbers["by_model"].items()):
+        click.echo(f"  {version}: {row['predictions']} predictions, {row['up']} 👍, {row['down']} 👎")
 
 
 @main.command()
@@ -140,6 +202,12 @@ def bench(photos: int, image_size: int, backbone: str, json_path: Path | None) -
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+
+
+def _quiet_logs() -> None:
+    # In a chat the terminal belongs to the conversation; warnings still show.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def _settings(**overrides: object) -> Settings:
@@ -163,27 +231,6 @@ def _ensure_demo_model(settings: Settings, *, force: bool) -> None:
     click.echo(
         f"Demo model ready: {artefact.path} (test accuracy {artefact.metrics.get('test_accuracy', 0):.0%})."
     )
-
-
-@contextlib.contextmanager
-def _worker_running(settings: Settings, url: str) -> Iterator[None]:
-    """Make sure a worker serves the queue: use a running one, else start one for the duration of the block."""
-    from worker._main import spawn_worker, workers_listening
-
-    if workers_listening(redis.Redis.from_url(url), settings.classify_queue):
-        yield
-        return
-    log_file = settings.data_dir / "run" / "worker.log"
-    click.echo(f"(no worker was running: started one in the background, log in {log_file})", err=True)
-    process = spawn_worker(url, log_file)
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)  # warm shutdown: the current batch finishes first
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> list:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -68,3 +71,22 @@ def spawn_worker(redis_url: str, log_file: Path, extra_env: dict[str, str] | Non
         return subprocess.Popen(
             [sys.executable, "-m", "carbot", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+@contextlib.contextmanager
+def worker_running(settings: Settings, redis_url: str) -> Iterator[None]:
+    """Make sure a worker serves the queue: use a running one, else start one for the duration of the block."""
+    if workers_listening(redis.Redis.from_url(redis_url), settings.classify_queue):
+        yield
+        return
+    log_file = settings.data_dir / "run" / "worker.log"
+    print(f"(no worker was running: started one in the background, log in {log_file})", file=sys.stderr)
+    process = spawn_worker(redis_url, log_file)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)  # warm shutdown: the current batch finishes first
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

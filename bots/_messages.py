@@ -1,0 +1,58 @@
+"""What the conversation and the platform adapters exchange: who wrote, and what to answer.
+
+The conversation (`bots._conversation`) never sees a Telegram `Update` or a
+Discord `Interaction`; an adapter turns those into a `Sender` and calls the
+conversation, then renders the `Reply` it gets back with its platform's widgets
+(inline keyboards, Discord buttons, numbered choices in the terminal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Telegram allows 64 bytes of callback data; every button's data fits in that.
+MAX_BUTTON_DATA = 64
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A person on a platform. `user_id` and `chat_id` are the platform's ids, as strings."""
+
+    platform: str  # "telegram" | "discord" | "terminal"
+    user_id: str
+    chat_id: str
+    language_code: str | None = None  # the client's language, e.g. "pt-BR"; English when unknown
+    is_admin: bool = False  # set by the adapter from the admin-ids setting (terminal: always)
+
+
+@dataclass(frozen=True)
+class Button:
+    text: str
+    data: str  # opaque to the adapter; handed back to `Conversation.button` when pressed
+    choice: bool = False  # one of a list of alternatives: a select menu where the platform has one
+
+
+def is_admin(admin_ids: list[str], platform: str, user_id: str) -> bool:
+    """Whether the admin-ids setting names this person ("telegram:123"; a bare id counts on every platform)."""
+    return f"{platform}:{user_id}" in admin_ids or str(user_id) in admin_ids
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A message to send (or, for a button press, the new text of the message that holds the buttons)."""
+
+    text: str
+    buttons: tuple[tuple[Button, ...], ...] = ()  # rows of buttons
+    prediction_id: int | None = None  # set when this reply is a classification: adapters record their message id
+    photo_path: str | None = None  # an image to attach (e.g. a report picture), rarely used
+    expects_text: bool = False  # the next plain text from this person answers this reply (a typed correction)
+
+
+@dataclass(frozen=True)
+class ButtonAnswer:
+    """What a button press produces: a short notice for the presser and, maybe, a new version of the message."""
+
+    notice: str  # Telegram's answerCallbackQuery text / Discord's ephemeral message
+    edit: Reply | None = None  # replaces the message that holds the buttons
+    follow_up: Reply | None = None  # a new message (e.g. "type the model's name")
+    extra: dict = field(default_factory=dict)

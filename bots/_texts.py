@@ -1,0 +1,125 @@
+"""Everything the bots say, in English and Brazilian Portuguese.
+
+One dictionary per language, one key per sentence. The language is chosen from
+the person's client language (`pt*` → Portuguese), English by default.
+"""
+
+from __future__ import annotations
+
+from bots._messages import Sender
+
+TEXTS: dict[str, dict[str, str]] = {
+    "en": {
+        "welcome": (
+            "🚗 Send me a photo of a car and I'll tell you the three most likely models "
+            "(I know {models} of them), with how sure I am.\n\n"
+            "Then tell me with 👍 or 👎 whether I was right: a 👎 lets you pick the right model, "
+            "and your answers teach the next version of me.\n\n"
+            "In a group, send a photo with the caption /top3, or reply /top3 to a photo. "
+            "/top3 alone looks at the last photo I saw in the chat.\n\n"
+            "What I keep: your photos (for {retention} days, to learn from), my answers and your votes. "
+            "/forget deletes all of it."
+        ),
+        "header_sure": "🚗 I think this is:",
+        "header_unsure": "🤔 I'm not sure, but my best guesses are:",
+        "footer": "model {version} · was I right?",
+        "rate_limited": "⏳ That's a lot of photos! I answer up to {per_minute} a minute per person; try again shortly.",
+        "photo_rejected": "🖼️ I can't use this picture: {reason}",
+        "busy": "🚦 I'm very busy right now; please try again in a minute.",
+        "timeout": "⌛ That took too long, sorry; please try again in a minute.",
+        "failed": "⚠️ Something went wrong on my side; please try again later.",
+        "no_photo_yet": "📷 I haven't seen a photo in this chat yet: send one, or reply /top3 to a photo.",
+        "thanks_up": "👍 Thanks!",
+        "thanks_down": "👎 Thanks! Which model was it?",
+        "vote_unchanged": "Already recorded, thanks.",
+        "stale": "This button is no longer valid.",
+        "which_model": "Which model was it?",
+        "another_model": "Another model…",
+        "type_model": "✏️ Type the make and model (for example {example}).",
+        "did_you_mean": "Did you mean one of these?",
+        "none_of_these": "✏️ None of these",
+        "no_match": "🤷 I don't know a model called “{typed}”. I know {models} models; try make and model, e.g. {example}.",
+        "corrected": "✅ Thanks! Recorded as {label}.",
+        "forgotten": "🗑️ Done: I deleted {predictions} answers, {votes} votes and {photos} photos of yours.",
+        "not_admin": "Sorry, that command is for the bot's admins.",
+        "stats": (
+            "📊 {predictions} answers to {people} people · 👍 {up} · 👎 {down} · {corrections} corrections"
+            " · accuracy by feedback {accuracy}"
+        ),
+        "stats_model": "  {version}: {predictions} answers · 👍 {up} · 👎 {down} · accuracy {accuracy}",
+        "model_info": "🧠 Active model {version} ({backbone}, {size} px, {labels} models), created {created}.{metrics}",
+        "no_model": "No model is active yet.",
+        "retrain_soon": "🛠️ Retraining from your feedback isn't available in this version yet.",
+        "hint_sticker": "Nice sticker! 😄 Send me a photo of a car and I'll name the model.",
+        "hint_video": "I can only look at photos, not videos: send a still photo of the car.",
+        "hint_voice": "I can't listen, sorry 🙉 Send me a photo of a car.",
+        "hint_animation": "I can only look at still photos: send a photo of the car.",
+        "hint_document": "That file isn't a picture I can read: send a JPEG, PNG or WebP photo of a car.",
+        "hint_text": "Send me a photo of a car and I'll tell you the model. /help explains more.",
+        "hint_other": "Send me a photo of a car and I'll tell you the model.",
+        "button_up": "👍",
+        "button_down": "👎",
+    },
+    "pt": {
+        "welcome": (
+            "🚗 Mande uma foto de um carro e eu digo os três modelos mais prováveis "
+            "(conheço {models}), com o quanto tenho certeza.\n\n"
+            "Depois me diga com 👍 ou 👎 se acertei: com 👎 você escolhe o modelo certo, "
+            "e suas respostas ensinam a próxima versão.\n\n"
+            "Em grupos, mande a foto com a legenda /top3 ou responda /top3 a uma foto. "
+            "/top3 sozinho usa a última foto que vi no chat.\n\n"
+            "O que eu guardo: suas fotos (por {retention} dias, para aprender), minhas respostas e seus votos. "
+            "/forget apaga tudo isso."
+        ),
+        "header_sure": "🚗 Acho que é:",
+        "header_unsure": "🤔 Não tenho certeza, mas meus palpites são:",
+        "footer": "modelo {version} · acertei?",
+        "rate_limited": "⏳ Quantas fotos! Respondo até {per_minute} por minuto por pessoa; tente de novo daqui a pouco.",
+        "photo_rejected": "🖼️ Não consigo usar esta imagem: {reason}",
+        "busy": "🚦 Estou muito ocupado agora; tente de novo em um minuto.",
+        "timeout": "⌛ Demorou demais, desculpe; tente de novo em um minuto.",
+        "failed": "⚠️ Algo deu errado do meu lado; tente mais tarde.",
+        "no_photo_yet": "📷 Ainda não vi nenhuma foto neste chat: mande uma ou responda /top3 a uma foto.",
+        "thanks_up": "👍 Obrigado!",
+        "thanks_down": "👎 Obrigado! Qual era o modelo?",
+        "vote_unchanged": "Já registrado, obrigado.",
+        "stale": "Este botão não vale mais.",
+        "which_model": "Qual era o modelo?",
+        "another_model": "Outro modelo…",
+        "type_model": "✏️ Digite a marca e o modelo (por exemplo {example}).",
+        "did_you_mean": "Você quis dizer um destes?",
+        "none_of_these": "✏️ Nenhum destes",
+        "no_match": "🤷 Não conheço um modelo chamado “{typed}”. Conheço {models}; tente marca e modelo, ex.: {example}.",
+        "corrected": "✅ Obrigado! Registrado como {label}.",
+        "forgotten": "🗑️ Pronto: apaguei {predictions} respostas, {votes} votos e {photos} fotos suas.",
+        "not_admin": "Desculpe, esse comando é para os administradores do bot.",
+        "stats": (
+            "📊 {predictions} respostas para {people} pessoas · 👍 {up} · 👎 {down} · {corrections} correções"
+            " · acerto pelos votos {accuracy}"
+        ),
+        "stats_model": "  {version}: {predictions} respostas · 👍 {up} · 👎 {down} · acerto {accuracy}",
+        "model_info": "🧠 Modelo ativo {version} ({backbone}, {size} px, {labels} modelos), criado em {created}.{metrics}",
+        "no_model": "Nenhum modelo está ativo ainda.",
+        "retrain_soon": "🛠️ O retreino a partir dos votos ainda não está disponível nesta versão.",
+        "hint_sticker": "Belo sticker! 😄 Mande uma foto de um carro e eu digo o modelo.",
+        "hint_video": "Só consigo ver fotos, não vídeos: mande uma foto do carro.",
+        "hint_voice": "Não consigo ouvir, desculpe 🙉 Mande uma foto de um carro.",
+        "hint_animation": "Só consigo ver fotos paradas: mande uma foto do carro.",
+        "hint_document": "Esse arquivo não é uma imagem que eu consiga ler: mande uma foto JPEG, PNG ou WebP.",
+        "hint_text": "Mande uma foto de um carro e eu digo o modelo. /help explica mais.",
+        "hint_other": "Mande uma foto de um carro e eu digo o modelo.",
+        "button_up": "👍",
+        "button_down": "👎",
+    },
+}
+
+
+def language_of(sender: Sender) -> str:
+    """The language to answer `sender` in: Portuguese for `pt*` clients, English otherwise."""
+    code = (sender.language_code or "").lower()
+    return "pt" if code.startswith("pt") else "en"
+
+
+def text(key: str, language: str, **values: object) -> str:
+    """The sentence `key` in `language`, with `values` filled in."""
+    return TEXTS.get(language, TEXTS["en"])[key].format(**values)

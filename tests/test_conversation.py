@@ -1,0 +1,187 @@
+"""The platform-agnostic conversation end to end: photo → Redis → worker → reply → vote → SQL row.
+
+Real Redis, a real worker process with a real (tiny) model, a real Store on
+SQLite, and on PostgreSQL when CARBOT_TEST_DATABASE_URL points to one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy
+
+from bots import Conversation, Sender, Store
+from carbot.photos import PhotoStore
+from carbot.settings import Settings
+from tests.conftest import TEST_LABELS, jpeg_bytes
+from worker import ClassifyClient
+
+ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
+BRUNO = Sender(platform="telegram", user_id="2", chat_id="100", language_code="pt-BR")
+ADMIN = Sender(platform="telegram", user_id="42", chat_id="100", is_admin=True)
+
+
+def database_urls() -> list:
+    urls = [pytest.param("sqlite", id="sqlite")]
+    urls.append(pytest.param("postgresql", id="postgresql", marks=pytest.mark.skipif(
+        not os.environ.get("CARBOT_TEST_DATABASE_URL"), reason="CARBOT_TEST_DATABASE_URL is not set")))  # fmt: skip
+    return urls
+
+
+@pytest.fixture(params=database_urls())
+def database_url(request, tmp_path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'carbot.db'}"
+        return
+    # A database of its own on the shared server, dropped afterwards.
+    server = sqlalchemy.make_url(os.environ["CARBOT_TEST_DATABASE_URL"]).set(drivername="postgresql+psycopg")
+    name = f"carbot_conv_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+async def conversation(redis_url, start_worker, model_registry, tmp_path, database_url):
+    start_worker()
+    settings = Settings(model_registry=model_registry, data_dir=tmp_path, rate_limit_per_minute=5)
+    store = Store(database_url, PhotoStore(tmp_path / "photos", 90))
+    store.migrate()
+    connection = aioredis.Redis.from_url(redis_url)
+    async with ClassifyClient(redis_url, timeout_s=30) as client:
+        yield Conversation(classifier=client, store=store, redis=connection, settings=settings)
+    await connection.aclose()
+    await store.close()
+
+
+def labels_in(text: str) -> list[str]:
+    return [label for label in TEST_LABELS if label in text]
+
+
+async def test_photo_is_answered_with_top3_and_vote_buttons(conversation):
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(1))
+
+    assert len(labels_in(reply.text)) == 3
+    assert "tiny-test" in reply.text and "%" in reply.text
+    assert [b.text for row in reply.buttons for b in row] == ["👍", "👎"]
+    assert reply.prediction_id is not None
+    stats = await conversation.store.stats()
+    assert stats["predictions"] == 1 and stats["by_model"]["tiny-test"]["predictions"] == 1
+
+
+async def test_votes_are_one_per_person_changeable_and_repeat_clicks_are_harmless(conversation):
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(2))
+    up, down = (b.data for b in reply.buttons[0])
+
+    assert (await conversation.button(ALICE, up)).notice == "👍 Thanks!"
+    assert (await conversation.button(ALICE, up)).notice == "Already recorded, thanks."
+    await conversation.button(BRUNO, up)
+    stats = await conversation.store.stats()
+    assert (stats["up"], stats["down"]) == (2, 0)
+
+    answer = await conversation.button(ALICE, down)  # Alice changes her mind
+    stats = await conversation.store.stats()
+    assert (stats["up"], stats["down"]) == (1, 1)
+    # 👎 offers the other two candidates and "another model…"
+    offered = [b for row in answer.follow_up.buttons for b in row]
+    assert [b.text for b in offered[:2]] == labels_in(reply.text)[1:] or len(offered) == 3
+    assert offered[-1].text == "Another model…"
+    assert all(b.choice for b in offered[:-1])
+
+
+async def test_a_correction_is_recorded_from_a_candidate_button(conversation):
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(3))
+    answer = await conversation.button(ALICE, reply.buttons[0][1].data)
+    candidate = answer.follow_up.buttons[0][0]
+
+    picked = await conversation.button(ALICE, candidate.data)
+    assert candidate.text in picked.notice and picked.edit is not None
+    stats = await conversation.store.stats()
+    assert stats["corrections"] == 1 and stats["down"] == 1
+
+
+async def test_typed_corrections_are_matched_tolerantly(conversation):
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(4))
+    await conversation.button(ALICE, reply.buttons[0][1].data)
+    another = await conversation.button(ALICE, f"c:{reply.prediction_id}:x")
+    assert another.follow_up.expects_text
+
+    unknown = await conversation.text(ALICE, "tesla cybertruck")
+    assert "cybertruck" in unknown.text and unknown.expects_text
+    suggestion = await conversation.text(ALICE, "chevrolet onyx")
+    assert suggestion.buttons[0][0].text == "CHEVROLET ONIX"
+    done = await conversation.text(ALICE, "  fíat   argo ")
+    assert "FIAT ARGO" in done.text
+    record = await conversation.store.get_prediction(reply.prediction_id)
+    assert record is not None
+    assert (await conversation.store.stats())["corrections"] == 1
+    # Once answered, plain text is just text again.
+    assert "photo" in (await conversation.text(ALICE, "fiat argo")).text
+
+
+@pytest.mark.parametrize("data", ["v:999999:u", "garbage", "", "c:1:9999", "v:1:x", "x:1:u", "v:1:u; DROP TABLE"])
+async def test_forged_or_stale_buttons_get_a_notice_and_change_nothing(conversation, data):
+    answer = await conversation.button(ALICE, data)
+    assert answer.notice == "This button is no longer valid."
+    assert answer.edit is None and answer.follow_up is None
+    stats = await conversation.store.stats()
+    assert stats["up"] == stats["down"] == 0
+
+
+async def test_bad_photo_gets_a_friendly_message(conversation):
+    reply = await conversation.photo(ALICE, "m1", b"GIF89a but not really")
+    assert reply.text.startswith("🖼️ I can't use this picture:")
+    assert not reply.buttons
+    assert (await conversation.store.stats())["predictions"] == 0
+
+
+async def test_rate_limit_per_person(conversation):
+    for seed in range(5):
+        assert (await conversation.photo(ALICE, f"m{seed}", jpeg_bytes(10 + seed))).buttons
+    limited = await conversation.photo(ALICE, "m6", jpeg_bytes(20))
+    assert "5 a minute" in limited.text
+    assert (await conversation.photo(BRUNO, "m7", jpeg_bytes(21))).buttons  # others are not affected
+
+
+async def test_replies_in_brazilian_portuguese(conversation):
+    reply = await conversation.photo(BRUNO, "m1", jpeg_bytes(5))
+    assert "acertei?" in reply.text
+    assert "Mande uma foto" in (await conversation.command(BRUNO, "help")).text
+
+
+async def test_top3_alone_uses_the_last_photo_of_the_chat(conversation):
+    assert "haven't seen a photo" in (await conversation.top3(ALICE, None, None)).text
+    await conversation.remember_photo(ALICE, jpeg_bytes(6))
+    assert len(labels_in((await conversation.top3(ADMIN, None, None)).text)) == 3
+
+
+async def test_help_admin_commands_and_forget(conversation):
+    help_text = (await conversation.command(ALICE, "start")).text
+    assert "I know 5 of them" in help_text and "90 days" in help_text and "/forget" in help_text
+
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(7))
+    await conversation.button(ALICE, reply.buttons[0][0].data)
+    assert (await conversation.command(ALICE, "stats")).text == "Sorry, that command is for the bot's admins."
+    stats_text = (await conversation.command(ADMIN, "stats")).text
+    assert "1 answers" in stats_text and "👍 1" in stats_text and "tiny-test" in stats_text
+    assert "tiny-test" in (await conversation.command(ADMIN, "model")).text
+    assert "isn't available" in (await conversation.command(ADMIN, "retrain")).text
+
+    forgotten = await conversation.command(ALICE, "forget")
+    assert "1 answers, 1 votes and 1 photos" in forgotten.text
+    stats = await conversation.store.stats()
+    assert stats["predictions"] == 0 and stats["up"] == 0
+
+
+async def test_non_photo_messages_get_hints(conversation):
+    for kind in ("sticker", "video", "voice", "animation", "document", "text", "other", "unknown-kind"):
+        assert conversation.hint(ALICE, kind).text
+    assert "video" in conversation.hint(ALICE, "video").text
