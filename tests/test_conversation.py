@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 import sqlalchemy
 
 from bots import Conversation, Sender, Store
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
-from tests.conftest import TEST_LABELS, jpeg_bytes
+from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from worker import ClassifyClient
 
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
@@ -49,9 +50,18 @@ def database_url(request, tmp_path) -> AsyncIterator[str]:
     admin.dispose()
 
 
+@pytest.fixture(scope="module")
+def shared_worker(redis_server, model_registry, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """One worker for the whole module: it keeps serving while each test empties Redis."""
+    folder = tmp_path_factory.mktemp("conversation-worker")
+    worker = WorkerProcess(worker_env(redis_server.url, model_registry, folder), folder / "worker.log", "talker")
+    worker.wait_until_listening(redis.Redis.from_url(redis_server.url))
+    yield worker
+    worker.stop()
+
+
 @pytest.fixture
-async def conversation(redis_url, start_worker, model_registry, tmp_path, database_url):
-    start_worker()
+async def conversation(shared_worker, redis_url, model_registry, tmp_path, database_url):
     settings = Settings(model_registry=model_registry, data_dir=tmp_path, rate_limit_per_minute=5)
     store = Store(database_url, PhotoStore(tmp_path / "photos", 90))
     store.migrate()
