@@ -157,8 +157,9 @@ class Conversation:
         if candidates:
             return self._choices(record.id, candidates, labels, "did_you_mean", "none_of_these", lang)
         example = labels[0] if labels else ""
+        retry = ((Button(text("another_model", lang), f"c:{record.id}:x"),),)  # where typing needs a button first
         return Reply(text("no_match", lang, typed=message.strip()[:60], models=len(labels), example=example),
-                     expects_text=True)  # fmt: skip
+                     buttons=retry, expects_text=True)  # fmt: skip
 
     # -- commands -------------------------------------------------------------------------------------------
 

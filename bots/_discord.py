@@ -1,0 +1,475 @@
+"""The Discord adapter: discord.py events in, `Conversation` calls out, embeds and components back.
+
+What a person can do:
+
+- send an image in a DM, or with a mention of the bot in a channel: each image is answered;
+- `/top3 [photo]` (the last photo seen in the channel when none is attached), or the message
+  context menu "Identify car" on any message that carries an image;
+- press 👍/👎 under an answer, pick the right model in a select menu, or type it in a modal;
+- `/help`, `/forget`, and for admins `/stats`, `/model`, `/retrain` (hidden from members
+  without the Administrator permission; the conversation refuses anyone not in the admin ids).
+
+Buttons and select menus are `DynamicItem`s: their state lives in the `custom_id`
+(`carbot:<button data>`, `carbot-select:<key>` whose options' values are the button data),
+so they keep working on old messages after the bot restarts. Everything the bot says
+comes from the conversation; this module only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import discord
+from discord import MessageType, app_commands
+
+from bots._conversation import Conversation
+from bots._messages import Button, Reply, Sender, is_admin
+from carbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+
+# Discord's limits.
+MAX_CONTENT = 2000
+MAX_EMBED_TITLE = 256
+MAX_EMBED_DESCRIPTION = 4096
+MAX_EMBED_FOOTER = 2048
+MAX_BUTTON_LABEL = 80
+MAX_OPTION_LABEL = 100
+MAX_CUSTOM_ID = 100
+MAX_OPTIONS = 25
+MAX_BUTTONS_PER_ROW = 5
+MAX_ROWS = 5
+MAX_MODAL_TITLE = 45
+# Feedback.correction holds up to 128 characters; nobody types a longer model name.
+MAX_TYPED_MODEL = 128
+
+# Image types the classifier reads (anything else gets a hint, not a download).
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+# -- the client ----------------------------------------------------------------------------------------------
+
+
+class CarBot(discord.Client):
+    """A `discord.Client` that knows its conversation and settings, and owns the slash-command tree."""
+
+    def __init__(self, settings: Settings, conversation: Conversation) -> None:
+        # Default intents: guild and DM messages. Discord sends a message's content and attachments to a
+        # bot without the privileged message-content intent when it is a DM or mentions the bot: all we need.
+        super().__init__(intents=discord.Intents.default(), allowed_mentions=discord.AllowedMentions.none())
+        self.settings = settings
+        self.conversation = conversation
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        # Persistent components: any message's buttons and select menus are dispatched here, even after a restart.
+        self.add_dynamic_items(ConversationButton, ChoiceSelect)
+        await sync_commands(self.tree, self.settings.discord_guild_id)
+
+    async def on_ready(self) -> None:
+        log.info("Discord bot ready as %s in %d servers", self.user, len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await handle_message(self, message)
+
+
+def build_bot(settings: Settings, conversation: Conversation) -> CarBot:
+    """The Discord client with every command, context menu and event handler wired in."""
+    bot = CarBot(settings, conversation)
+    for command in (top3, help_command, forget, stats, model, retrain, identify_car):
+        bot.tree.add_command(command)
+    return bot
+
+
+async def sync_commands(tree: app_commands.CommandTree, guild_id: int | None) -> None:
+    """Publish the commands: to one server at once when `guild_id` is set, else globally (up to an hour)."""
+    if guild_id:
+        guild = discord.Object(id=guild_id)
+        tree.copy_global_to(guild=guild)
+        synced = await tree.sync(guild=guild)
+        log.info("synced %d application commands to server %s", len(synced), guild_id)
+    else:
+        synced = await tree.sync()
+        log.info("synced %d application commands globally", len(synced))
+
+
+def sender_of(bot: CarBot, user: discord.abc.User, channel_id: int | None, locale: Any = None) -> Sender:
+    """The conversation's view of a Discord user in a channel (`locale`: the interaction's, e.g. "pt-BR")."""
+    user_id = str(user.id)
+    return Sender(
+        platform=PLATFORM,
+        user_id=user_id,
+        chat_id=str(channel_id),
+        language_code=str(locale) if locale else None,
+        is_admin=is_admin(bot.settings.admin_ids, PLATFORM, user_id),
+    )
+
+
+def interaction_sender(interaction: discord.Interaction[CarBot]) -> Sender:
+    return sender_of(interaction.client, interaction.user, interaction.channel_id, interaction.locale)
+
+
+# -- messages: images in DMs and mentions --------------------------------------------------------------------
+
+
+async def handle_message(bot: CarBot, message: discord.Message) -> None:
+    """A DM, or a channel message that mentions the bot: answer each image, or give a hint."""
+    if message.author.bot or bot.user is None or message.type not in (MessageType.default, MessageType.reply):
+        return
+    mentioned = any(user.id == bot.user.id for user in message.mentions)
+    if message.guild is not None and not mentioned:
+        return
+    sender = sender_of(bot, message.author, message.channel.id)
+    images = [attachment for attachment in message.attachments if is_image(attachment)]
+    for attachment in images:
+        await answer_image(bot, message, sender, attachment)
+    if images:
+        return
+    if message.attachments or message.stickers:
+        kind = "sticker" if message.stickers and not message.attachments else hint_kind(message.attachments[0])
+        await send_reply(message, bot.conversation.hint(sender, kind))
+        return
+    typed = strip_mentions(message.content, bot.user.id)
+    reply = await bot.conversation.text(sender, typed) if typed else None
+    await send_reply(message, reply or bot.conversation.hint(sender, "text"))
+
+
+async def answer_image(bot: CarBot, message: discord.Message, sender: Sender, attachment: discord.Attachment) -> None:
+    async with message.channel.typing():
+        photo = await read_attachment(attachment)
+        if photo is None:
+            reply = bot.conversation.hint(sender, "other")
+        else:
+            reply = await bot.conversation.photo(sender, str(message.id), photo)
+    sent = await send_reply(message, reply)
+    if reply.prediction_id is not None:
+        await bot.conversation.set_reply_message(reply.prediction_id, str(sent.id))
+
+
+async def send_reply(message: discord.Message, reply: Reply) -> discord.Message:
+    return await message.reply(**render(reply), mention_author=False)
+
+
+# -- application commands ------------------------------------------------------------------------------------
+
+
+@app_commands.command(name="top3", description="Name the car in a photo: my three best guesses.")
+@app_commands.describe(photo="A photo of a car (without one, the last photo I saw in this channel)")
+async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachment | None = None) -> None:
+    conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+    if photo is not None and not is_image(photo):
+        await interaction.response.send_message(**render(conversation.hint(sender, hint_kind(photo))), ephemeral=True)
+        return
+    await interaction.response.defer(thinking=True)  # classifying may take longer than Discord's 3 seconds
+    data = await read_attachment(photo) if photo is not None else None
+    if photo is not None and data is None:
+        reply = conversation.hint(sender, "other")
+    else:
+        reply = await conversation.top3(sender, None, data)
+    await send_followup(interaction, reply)
+
+
+@app_commands.context_menu(name="Identify car")
+async def identify_car(interaction: discord.Interaction[CarBot], message: discord.Message) -> None:
+    conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+    image = next((attachment for attachment in message.attachments if is_image(attachment)), None)
+    if image is None:
+        kind = hint_kind(message.attachments[0]) if message.attachments else "sticker" if message.stickers else "text"
+        await interaction.response.send_message(**render(conversation.hint(sender, kind)), ephemeral=True)
+        return
+    await interaction.response.defer(thinking=True)
+    data = await read_attachment(image)
+    if data is None:
+        reply = conversation.hint(sender, "other")
+    else:
+        reply = await conversation.photo(sender, str(message.id), data)
+    await send_followup(interaction, reply)
+
+
+async def run_command(interaction: discord.Interaction[CarBot], name: str) -> None:
+    """A command answered by the conversation, seen only by the person who sent it."""
+    reply = await interaction.client.conversation.command(interaction_sender(interaction), name)
+    await interaction.response.send_message(**render(reply), ephemeral=True)
+
+
+@app_commands.command(name="help", description="What this bot does, and what it keeps about you.")
+async def help_command(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "help")
+
+
+@app_commands.command(name="forget", description="Delete your photos, my answers to you and your votes.")
+async def forget(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "forget")
+
+
+@app_commands.command(name="stats", description="Answers, votes and accuracy by feedback (admins).")
+@app_commands.default_permissions(administrator=True)
+async def stats(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "stats")
+
+
+@app_commands.command(name="model", description="The active model (admins).")
+@app_commands.default_permissions(administrator=True)
+async def model(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "model")
+
+
+@app_commands.command(name="retrain", description="Fine-tune the model on the corrections (admins).")
+@app_commands.default_permissions(administrator=True)
+async def retrain(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "retrain")
+
+
+async def send_followup(interaction: discord.Interaction[CarBot], reply: Reply) -> None:
+    """Answer a deferred interaction; a classification's message id is recorded for its prediction."""
+    sent = await interaction.followup.send(**render(reply), wait=True)
+    if reply.prediction_id is not None:
+        await interaction.client.conversation.set_reply_message(reply.prediction_id, str(sent.id))
+
+
+# -- persistent components: 👍/👎 buttons, correction select menus, the typed-correction modal ------------------
+
+
+# custom_ids of the persistent components (at most 100 characters; button data is at most 64 bytes).
+BUTTON_ID = re.compile(r"carbot:(?P<data>.+)", re.DOTALL)
+SELECT_ID = re.compile(r"carbot-select:(?P<key>.+)", re.DOTALL)
+
+
+class ConversationButton(discord.ui.DynamicItem[discord.ui.Button], template=BUTTON_ID):
+    """A conversation button (👍, 👎, "another model…"); its custom_id carries its data, so it outlives the process."""
+
+    def __init__(self, data: str, label: str = "") -> None:
+        button = discord.ui.Button(
+            label=clip(label, MAX_BUTTON_LABEL) or None, custom_id=f"carbot:{data}", style=discord.ButtonStyle.secondary
+        )
+        super().__init__(button)
+        self.data = data
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> ConversationButton:
+        return cls(match["data"], item.label or "")
+
+    async def callback(self, interaction: discord.Interaction[CarBot]) -> None:
+        await press(interaction, self.data)
+
+
+class ChoiceSelect(discord.ui.DynamicItem[discord.ui.Select], template=SELECT_ID):
+    """A row of `choice=True` buttons as one select menu; each option's value is a button's data."""
+
+    def __init__(self, key: str, options: Sequence[discord.SelectOption]) -> None:
+        menu = discord.ui.Select(custom_id=f"carbot-select:{key}"[:MAX_CUSTOM_ID], options=list(options))
+        super().__init__(menu)
+
+    @classmethod
+    def of(cls, buttons: Sequence[Button], number: int) -> ChoiceSelect:
+        # The key only has to be unique in its message: the menu's number and what its options' data share.
+        key = f"{number}:{os.path.commonprefix([button.data for button in buttons])}"
+        options = [discord.SelectOption(label=clip(b.text, MAX_OPTION_LABEL), value=b.data) for b in buttons]
+        return cls(key, options)
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Select, match: re.Match[str], /
+    ) -> ChoiceSelect:
+        return cls(match["key"], item.options)
+
+    async def callback(self, interaction: discord.Interaction[CarBot]) -> None:
+        await press(interaction, self.item.values[0])
+
+
+class CorrectionModal(discord.ui.Modal):
+    """Asks for the model's name; what is typed goes to `Conversation.text` like a typed message."""
+
+    def __init__(self, prompt: str, bot_name: str) -> None:
+        fits = len(prompt) <= MAX_MODAL_TITLE
+        super().__init__(title=prompt if fits else clip(bot_name, MAX_MODAL_TITLE) or "✏️", timeout=900)
+        if not fits:
+            self.add_item(discord.ui.TextDisplay(prompt))
+        self.answer = discord.ui.TextInput(max_length=MAX_TYPED_MODEL)
+        self.add_item(discord.ui.Label(text="✏️", component=self.answer))
+
+    async def on_submit(self, interaction: discord.Interaction[CarBot]) -> None:
+        conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+        reply = await conversation.text(sender, self.answer.value) or conversation.hint(sender, "text")
+        await interaction.response.send_message(**render(reply), ephemeral=True)
+
+
+async def press(interaction: discord.Interaction[CarBot], data: str) -> None:
+    """A button or menu choice: the notice for the presser alone, the message edited, a follow-up maybe."""
+    answer = await interaction.client.conversation.button(interaction_sender(interaction), data)
+    follow_up = answer.follow_up
+    if follow_up is not None and follow_up.expects_text:
+        # A modal must be the interaction's first answer; the conversation edits nothing when it asks for text.
+        name = interaction.client.user.display_name if interaction.client.user else ""
+        await interaction.response.send_modal(CorrectionModal(follow_up.text, name))
+        return
+    if answer.edit is not None:
+        await interaction.response.edit_message(**render(answer.edit, edit=True))
+        if answer.notice and answer.notice != answer.edit.text:
+            await interaction.followup.send(answer.notice, ephemeral=True)
+        if follow_up is not None:
+            await interaction.followup.send(**render(follow_up), ephemeral=True)
+    elif follow_up is not None:
+        # One message: the notice ("Thanks! Which model was it?") over the follow-up's components.
+        content = answer.notice if follow_up.text in answer.notice else f"{answer.notice}\n{follow_up.text}"
+        await interaction.response.send_message(**render(follow_up, text=content), ephemeral=True)
+    elif answer.notice:
+        await interaction.response.send_message(answer.notice, ephemeral=True)
+    else:
+        await interaction.response.defer()  # nothing to say: acknowledge the press silently
+
+
+# -- rendering -----------------------------------------------------------------------------------------------
+
+
+def render(reply: Reply, *, edit: bool = False, text: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `send`/`send_message`/`edit_message`: an embed for a classification, else text.
+
+    For an edit, what the reply does not carry is cleared (embed or content, components).
+    """
+    text = reply.text if text is None else text
+    out: dict[str, Any] = {}
+    if reply.prediction_id is not None:
+        out["embed"] = classification_embed(text)
+        if edit:
+            out["content"] = None
+    else:
+        out["content"] = clip(text, MAX_CONTENT)
+        if edit:
+            out["embed"] = None
+    view = build_view(reply.buttons)
+    if view is not None or edit:
+        out["view"] = view
+    if reply.photo_path and not edit:
+        out["file"] = discord.File(reply.photo_path)
+    return out
+
+
+def classification_embed(text: str) -> discord.Embed:
+    """The conversation's answer (a header, one line per candidate with its bar, a footer) as an embed."""
+    lines = text.splitlines()
+    if len(lines) < 3:
+        return discord.Embed(description=clip(text, MAX_EMBED_DESCRIPTION), colour=discord.Colour.blurple())
+    embed = discord.Embed(
+        title=clip(lines[0], MAX_EMBED_TITLE),
+        description=clip("\n".join(lines[1:-1]), MAX_EMBED_DESCRIPTION),
+        colour=discord.Colour.blurple(),
+    )
+    return embed.set_footer(text=clip(lines[-1], MAX_EMBED_FOOTER))
+
+
+def build_view(rows: Sequence[Sequence[Button]]) -> discord.ui.View | None:
+    """Buttons row by row; all `choice=True` buttons become one select menu (25 options each) where the first was."""
+    if not rows:
+        return None
+    view = discord.ui.View(timeout=None)
+    for row, items in enumerate(layout(rows)):
+        if row >= MAX_ROWS:
+            log.warning("a reply has more than %d rows of components; the rest are left out", MAX_ROWS)
+            break
+        for item in items:
+            item.row = row
+            view.add_item(item)
+    return view
+
+
+def layout(rows: Sequence[Sequence[Button]]) -> Iterator[list[discord.ui.Item]]:
+    choices = [button for row in rows for button in row if button.choice]
+    menus_placed = False
+    for row in rows:
+        if not menus_placed and any(button.choice for button in row):
+            menus_placed = True
+            for number, chunk in enumerate(chunks(choices, MAX_OPTIONS)):
+                yield [ChoiceSelect.of(chunk, number)]
+        plain = [button for button in row if not button.choice]
+        for chunk in chunks(plain, MAX_BUTTONS_PER_ROW):
+            yield [ConversationButton(button.data, button.text) for button in chunk]
+
+
+# -- small helpers -------------------------------------------------------------------------------------------
+
+
+def is_image(attachment: discord.Attachment) -> bool:
+    """Whether an attachment is a still image the classifier can read (by its content type, else its name)."""
+    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
+    if content_type:
+        return content_type.startswith("image/") and "svg" not in content_type
+    return attachment.filename.lower().endswith(_IMAGE_SUFFIXES)
+
+
+def hint_kind(attachment: discord.Attachment) -> str:
+    """The conversation's hint kind for an attachment that is not an image."""
+    content_type = (attachment.content_type or "").lower()
+    if attachment.is_voice_message() or content_type.startswith("audio/"):
+        return "voice"
+    if content_type.startswith("video/"):
+        return "video"
+    return "document"
+
+
+async def read_attachment(attachment: discord.Attachment) -> bytes | None:
+    try:
+        return await attachment.read()
+    except (discord.HTTPException, OSError) as exc:
+        log.warning("could not download attachment %s: %s", attachment.id, exc)
+        return None
+
+
+def strip_mentions(content: str, user_id: int) -> str:
+    return re.sub(rf"<@!?{user_id}>", " ", content or "").strip()
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -- running -------------------------------------------------------------------------------------------------
+
+
+def run_discord(settings: Settings) -> None:
+    """`carbot discord`: Redis, the classify client, the store and the conversation, then the bot until stopped."""
+    from bots._store import Store
+    from carbot import services
+    from worker._main import worker_running
+
+    if settings.discord_token is None:
+        raise ValueError("DISCORD_TOKEN is not set")
+    store = Store.from_settings(settings)
+    store.migrate()
+    with contextlib.ExitStack() as stack, contextlib.suppress(KeyboardInterrupt):
+        url = stack.enter_context(services.redis_url(settings))
+        if settings.redis_url is None:
+            # The embedded Redis belongs to this machine: make sure a worker serves it, as `carbot shell` does.
+            stack.enter_context(worker_running(settings, url))
+        asyncio.run(_serve(settings, store, url))
+
+
+async def _serve(settings: Settings, store, url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from worker import ClassifyClient
+
+    connection = aioredis.Redis.from_url(url)
+    try:
+        async with ClassifyClient.from_settings(settings, url) as classifier:
+            conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings)
+            async with build_bot(settings, conversation) as bot:
+                await bot.start(settings.discord_token.get_secret_value())
+    finally:
+        await connection.aclose()
+        await store.close()

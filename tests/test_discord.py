@@ -1,0 +1,538 @@
+"""The Discord adapter through discord.py's own event path, on the real conversation.
+
+dpytest (`discord.ext.test`) plays Discord's gateway and REST API for messages: a
+message it fakes is parsed by the client and reaches `on_message`, and what the bot
+sends lands in dpytest's queue. dpytest 0.7 knows nothing of interactions, so
+`FakeInteractions` plays that part of Discord: tests hand the client's parser raw
+INTERACTION_CREATE payloads, as the gateway would (slash commands, the context menu,
+button presses, select-menu choices, modal submissions), and the interaction callback
+and webhook endpoints are served by recording what the bot answers.
+
+Behind the bot everything is real: the conversation, Redis, a worker process with
+the tiny test model, and the store on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy
+from pydantic import SecretStr
+
+from bots import Conversation, Store
+from bots._messages import Button, Reply
+from bots._texts import TEXTS
+from carbot.photos import PhotoStore
+from carbot.settings import Settings
+from tests.conftest import TEST_LABELS, jpeg_bytes
+from worker import ClassifyClient
+
+# discord.py and dpytest are the Discord bot's own dependencies, not the core's.
+discord = pytest.importorskip("discord", minversion="2.7")
+dpytest = pytest.importorskip("discord.ext.test", minversion="0.7")
+from discord.ext.test import backend  # noqa: E402
+from discord.ext.test import factories as facts  # noqa: E402
+from discord.webhook.async_ import AsyncWebhookAdapter  # noqa: E402
+
+from bots._discord import CarBot, build_bot, render, run_discord  # noqa: E402
+
+EN, PT = TEXTS["en"], TEXTS["pt"]
+ADMIN_ID = 1  # settings.admin_ids = ["discord:1"]
+EPHEMERAL = 64  # message flag
+# Interaction types and callback types, as Discord numbers them.
+COMMAND, COMPONENT, MODAL_SUBMIT = 2, 3, 5
+MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL = 4, 5, 7, 9
+
+
+# -- Discord's interaction endpoints, played by the test -------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """Something the bot sent through the interaction endpoints."""
+
+    kind: str  # "callback" (the interaction's response) or "followup" (a webhook message)
+    type: int | None  # a callback's type: MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL
+    body: dict  # the message fields (content, embeds, components, flags), or the modal
+    message: dict | None = None  # the message Discord would have created, as a gateway payload
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(int(self.body.get("flags") or 0) & EPHEMERAL)
+
+    @property
+    def content(self) -> str:
+        return self.body.get("content") or ""
+
+    @property
+    def embeds(self) -> list[discord.Embed]:
+        return [discord.Embed.from_dict(embed) for embed in self.body.get("embeds") or []]
+
+    @property
+    def components(self) -> list[dict]:
+        """The interactive components (buttons, select menus, text inputs), flattened."""
+        return list(_walk(self.body.get("components") or []))
+
+
+@dataclass
+class FakeInteractions:
+    """INTERACTION_CREATE payloads in; the bot's callbacks and follow-ups recorded."""
+
+    answers: list[Answer] = field(default_factory=list)
+    sent: dict[int, dict] = field(default_factory=dict)  # channel messages' payloads by id (dpytest drops some fields)
+    _channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # token -> (channel, bot user)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    async def request(self, route, session, *, payload=None, multipart=None, **_: Any) -> Any:
+        """Stands in for `AsyncWebhookAdapter.request`: the HTTP call to Discord's interaction endpoints."""
+        body = payload or {}
+        if route.path.endswith("/callback"):
+            inner = body.get("data") or {}
+            answer = Answer("callback", body["type"], inner)
+            if body["type"] == MESSAGE:
+                answer.message = self._message(route.webhook_token, inner)
+            self.answers.append(answer)
+            message_id = answer.message["id"] if answer.message else None
+            return {"interaction": {"id": str(route.webhook_id), "type": 0, "response_message_id": message_id}}
+        if route.method == "POST":  # a follow-up message
+            answer = Answer("followup", None, body, self._message(route.webhook_token, body))
+            self.answers.append(answer)
+            return answer.message
+        raise AssertionError(f"the bot called {route.method} {route.path}, which this test does not serve")
+
+    def _message(self, token: str, body: dict) -> dict:
+        channel, author = self._channels[token]
+        embeds = [discord.Embed.from_dict(embed) for embed in body.get("embeds") or []]
+        data = facts.make_message_dict(channel, author, content=body.get("content"), embeds=embeds)
+        return {**data, "components": body.get("components") or [], "flags": int(body.get("flags") or 0)}
+
+    async def send(self, bot, kind: int, data: dict, *, user, channel, message=None, locale="en-US") -> list[Answer]:
+        """Deliver one interaction to the client's gateway parser; returns what the bot answered to it."""
+        token = f"token-{next(self._ids)}"
+        self._channels[token] = (channel, bot.user)
+        payload = {
+            "id": str(facts.make_id()),
+            "application_id": str(bot.user.id),
+            "type": kind,
+            "data": data,
+            "token": token,
+            "version": 1,
+            "locale": locale,
+            "attachment_size_limit": 10 * 2**20,
+            "app_permissions": "0",
+            "entitlements": [],
+            "channel_id": str(channel.id),
+            "channel": {"id": str(channel.id), "type": channel.type.value},
+        }
+        if isinstance(channel, discord.abc.GuildChannel):
+            payload["guild_id"] = str(channel.guild.id)
+            payload["member"] = {
+                "user": facts.dict_from_user(user),
+                "roles": [],
+                "joined_at": None,
+                "flags": 0,
+                "permissions": "0",
+            }
+        else:
+            payload["channel"]["recipients"] = [facts.dict_from_user(user)]
+            payload["user"] = facts.dict_from_user(user)
+        if message is not None:
+            payload["message"] = message
+        seen = len(self.answers)
+        before = asyncio.all_tasks()
+        bot._connection.parse_interaction_create(payload)
+        # The command tree, dynamic items and modals each handle the interaction in a task of their own.
+        await asyncio.wait_for(asyncio.gather(*(asyncio.all_tasks() - before)), timeout=60)
+        await dpytest.run_all_events()
+        return self.answers[seen:]
+
+    async def command(self, bot, name: str, *, user, channel, options=(), resolved=None, locale="en-US"):
+        data = {"id": str(facts.make_id()), "name": name, "type": 1, "options": list(options)}
+        if resolved:
+            data["resolved"] = resolved
+        return await self.send(bot, COMMAND, data, user=user, channel=channel, locale=locale)
+
+    async def press(self, bot, message: dict, custom_id: str, *, user, channel, values=None, locale="en-US"):
+        """Click a button (or choose `values` in a select menu) of `message`, a message payload."""
+        data = {"custom_id": custom_id, "component_type": 3 if values else 2}
+        if values:
+            data["values"] = values
+        return await self.send(bot, COMPONENT, data, user=user, channel=channel, message=message, locale=locale)
+
+    async def submit(self, bot, modal: dict, typed: str, *, user, channel, locale="en-US"):
+        """Fill the modal's text input with `typed` and submit it."""
+        components = _filled(modal["components"], typed)
+        data = {"custom_id": modal["custom_id"], "components": components}
+        return await self.send(bot, MODAL_SUBMIT, data, user=user, channel=channel, locale=locale)
+
+
+def _walk(components: list[dict]):
+    for component in components:
+        if "custom_id" in component:
+            yield component
+        yield from _walk(component.get("components") or [])
+        if "component" in component:
+            yield from _walk([component["component"]])
+
+
+def _filled(components: list[dict], typed: str) -> list[dict]:
+    out = []
+    for component in components:
+        component = dict(component)
+        if component.get("type") == 4:  # a text input
+            component["value"] = typed
+        if "components" in component:
+            component["components"] = _filled(component["components"], typed)
+        if "component" in component:
+            component["component"] = _filled([component["component"]], typed)[0]
+        out.append(component)
+    return out
+
+
+# -- fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(model_registry, tmp_path) -> Settings:
+    return Settings(model_registry=model_registry, data_dir=tmp_path, admin_ids=[f"discord:{ADMIN_ID}"])
+
+
+@pytest.fixture
+def database_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/db.sqlite"
+
+
+@pytest.fixture
+async def conversation(settings, redis_url, database_url, tmp_path):
+    store = Store(database_url, PhotoStore(tmp_path / "photos", 90))
+    store.migrate()
+    connection = aioredis.Redis.from_url(redis_url)
+    async with ClassifyClient.from_settings(settings, redis_url) as client:
+        yield Conversation(classifier=client, store=store, redis=connection, settings=settings)
+    await connection.aclose()
+    await store.close()
+
+
+@pytest.fixture
+def discord_api(monkeypatch) -> FakeInteractions:
+    """Discord's interaction endpoints, and dpytest's message endpoint made to keep components."""
+    api = FakeInteractions()
+    monkeypatch.setattr(AsyncWebhookAdapter, "request", lambda adapter, *args, **kwargs: api.request(*args, **kwargs))
+    original = backend.FakeHttp.send_message
+
+    async def send_message(http, channel_id, *, params):
+        # dpytest finds the channel in its caller's frame, so this wrapper keeps it in a local of that name.
+        channel = sys._getframe(1).f_locals["channel"]  # noqa: F841
+        data = await original(http, channel_id, params=params)
+        api.sent[data["id"]] = params.payload or {}
+        components = api.sent[data["id"]].get("components") or []
+        raw_message(channel_id, data["id"])["components"] = components
+        http.state._get_message(data["id"])._handle_components(components)
+        return data
+
+    monkeypatch.setattr(backend.FakeHttp, "send_message", send_message)
+    return api
+
+
+async def start_bot(settings: Settings, conversation: Conversation, monkeypatch) -> tuple[Any, list]:
+    """A bot configured in dpytest, with `setup_hook` run as at login; returns it and its command syncs."""
+    bot = build_bot(settings, conversation)
+    # dpytest keeps its fake members in the member cache, which needs the (privileged) members intent the bot
+    # itself does without.
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
+    dpytest.configure(bot, members=["alice", "bruno"])
+    await bot._async_setup_hook()  # what login() does first: bind the client (and dpytest's state) to the loop
+    bot._connection._command_tree = bot.tree  # dpytest replaced the connection state the tree registered with
+    synced: list = []
+
+    async def sync(*, guild=None):
+        synced.append(guild)
+        return []
+
+    monkeypatch.setattr(bot.tree, "sync", sync)
+    await bot.setup_hook()
+    return bot, synced
+
+
+@pytest.fixture
+async def bot(settings, conversation, discord_api, monkeypatch):
+    bot, _ = await start_bot(settings, conversation, monkeypatch)
+    yield bot
+    await dpytest.empty_queue()
+
+
+def raw_message(channel_id: int, message_id: int) -> dict:
+    """The gateway payload of a message dpytest holds (what an interaction on it carries)."""
+    return next(m for m in backend._cur_config.messages[channel_id] if m["id"] == message_id)
+
+
+def photo_file(tmp_path: Path, name: str = "car.jpg", seed: int = 1) -> Path:
+    path = tmp_path / name
+    path.write_bytes(jpeg_bytes(seed))
+    return path
+
+
+def attachment_payload(path: Path, content_type: str) -> dict:
+    return facts.make_attachment_dict(path.name, path.stat().st_size, str(path), str(path), content_type=content_type)
+
+
+def feedback(database_url: str) -> list[tuple]:
+    engine = sqlalchemy.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(sqlalchemy.text(
+                "SELECT f.prediction_id, p.platform, p.platform_user_id, f.vote, f.correction"
+                " FROM feedback f JOIN people p ON p.id = f.person_id ORDER BY f.id")))  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def reply_message_ids(database_url: str) -> dict[int, tuple]:
+    engine = sqlalchemy.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sqlalchemy.text("SELECT id, message_id, reply_message_id FROM predictions"))
+            return {row[0]: (row[1], row[2]) for row in rows}
+    finally:
+        engine.dispose()
+
+
+def labels_in(text: str) -> list[str]:
+    return [label for label in TEST_LABELS if label in text]
+
+
+def custom_ids(components: list[dict]) -> list[str]:
+    return [component["custom_id"] for component in components]
+
+
+def assert_classification(embed: discord.Embed, components: list[dict]) -> int:
+    """A top-3 answer with 👍/👎: returns its prediction id, read from the buttons."""
+    assert embed.title == EN["header_sure"] or embed.title == EN["header_unsure"]
+    assert len(labels_in(embed.description)) == 3 and "%" in embed.description and "▰" in embed.description
+    assert "tiny-test" in embed.footer.text
+    assert [c["label"] for c in components] == ["👍", "👎"]
+    up, down = custom_ids(components)
+    prediction_id = int(up.split(":")[2])
+    assert (up, down) == (f"carbot:v:{prediction_id}:u", f"carbot:v:{prediction_id}:d")
+    return prediction_id
+
+
+# -- tests -----------------------------------------------------------------------------------------------------
+
+
+async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_restart(
+    bot, discord_api, start_worker, settings, conversation, database_url, tmp_path, monkeypatch
+):
+    start_worker()
+    alice = dpytest.get_config().members[0]
+    dm = await alice.create_dm()
+
+    sent = await dpytest.message("", channel=dm, member=alice._user, attachments=[str(photo_file(tmp_path))])
+
+    answer = dpytest.get_message()
+    assert discord_api.sent[answer.id]["message_reference"]["message_id"] == sent.id
+    components = [c.to_dict() for row in answer.components for c in row.children]
+    prediction_id = assert_classification(answer.embeds[0], components)
+    assert reply_message_ids(database_url)[prediction_id] == (str(sent.id), str(answer.id))
+    message = raw_message(dm.id, answer.id)
+
+    # 👍: an ephemeral thank-you, and the vote in SQL.
+    [thanks] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm)
+    assert (thanks.type, thanks.content, thanks.ephemeral) == (MESSAGE, EN["thanks_up"], True)
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
+
+    # 👎: one ephemeral message asking which model, with a select menu of the other candidates.
+    [question] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:d", user=alice, channel=dm)
+    assert (question.type, question.content, question.ephemeral) == (MESSAGE, EN["thanks_down"], True)
+    menu, another = question.components
+    assert menu["type"] == 3 and menu["custom_id"].startswith("carbot-select:")
+    assert labels_in(" ".join(option["label"] for option in menu["options"])) == labels_in(
+        "\n".join(answer.embeds[0].description.splitlines()[1:])
+    )
+    assert (another["label"], another["custom_id"]) == (EN["another_model"], f"carbot:c:{prediction_id}:x")
+
+    # Choosing a model in the menu replaces the question with the thanks, and records the correction.
+    option = menu["options"][0]
+    [done] = await discord_api.press(
+        bot, question.message, menu["custom_id"], values=[option["value"]], user=alice, channel=dm
+    )
+    assert (done.type, done.content, done.components) == (
+        UPDATE_MESSAGE,
+        EN["corrected"].format(label=option["label"]),
+        [],
+    )
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", option["label"])]
+
+    # "Another model…" opens a modal; what is typed there is matched against the labels.
+    [modal] = await discord_api.press(bot, question.message, another["custom_id"], user=alice, channel=dm)
+    assert modal.type == MODAL and [c["type"] for c in modal.components] == [4]
+    [typed] = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
+    assert (typed.type, typed.content, typed.ephemeral) == (MESSAGE, EN["corrected"].format(label="FIAT ARGO"), True)
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
+
+    # A new process that never saw the message still handles its buttons (and answers in the presser's language).
+    restarted, _ = await start_bot(settings, conversation, monkeypatch)
+    [again] = await discord_api.press(
+        restarted, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm, locale="pt-BR"
+    )
+    assert (again.content, again.ephemeral) == (PT["thanks_up"], True)
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
+
+
+async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api, start_worker, database_url, tmp_path):
+    start_worker()
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+
+    # A mention with two images: each gets its own answer.
+    files = [str(photo_file(tmp_path, "a.jpg", 1)), str(photo_file(tmp_path, "b.png", 2))]
+    mention = await dpytest.message(f"<@{bot.user.id}> what is this?", channel=channel, member=alice, attachments=files)
+    for _ in files:
+        answer = dpytest.get_message()
+        assert answer.channel == channel
+        assert discord_api.sent[answer.id]["message_reference"]["message_id"] == mention.id
+        assert_classification(answer.embeds[0], [c.to_dict() for row in answer.components for c in row.children])
+
+    # /top3 with a photo: deferred (classifying may take a while), then a public answer.
+    path = photo_file(tmp_path, "c.jpg", 3)
+    attachment = attachment_payload(path, "image/jpeg")
+    options = [{"name": "photo", "type": 11, "value": attachment["id"]}]
+    resolved = {"attachments": {attachment["id"]: attachment}}
+    deferred, top3 = await discord_api.command(
+        bot, "top3", options=options, resolved=resolved, user=alice, channel=channel
+    )
+    assert deferred.type == DEFERRED_MESSAGE
+    assert top3.kind == "followup" and not top3.ephemeral
+    prediction_id = assert_classification(top3.embeds[0], top3.components)
+    assert reply_message_ids(database_url)[prediction_id] == (None, str(top3.message["id"]))
+
+    # /top3 alone: the last photo seen in this channel.
+    _, last = await discord_api.command(bot, "top3", user=alice, channel=channel)
+    assert_classification(last.embeds[0], last.components)
+
+    # The "Identify car" context menu on the mention's message: its first image.
+    target = raw_message(channel.id, mention.id)
+    data = {"id": "1", "name": "Identify car", "type": 3, "target_id": str(mention.id),
+            "resolved": {"messages": {str(mention.id): target}}}  # fmt: skip
+    deferred, identified = await discord_api.send(bot, 2, data, user=alice, channel=channel)
+    assert deferred.type == DEFERRED_MESSAGE and not identified.ephemeral
+    prediction_id = assert_classification(identified.embeds[0], identified.components)
+    assert reply_message_ids(database_url)[prediction_id] == (str(mention.id), str(identified.message["id"]))
+
+
+async def test_wrong_input_gets_a_hint(bot, discord_api, tmp_path):
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    dm = await alice.create_dm()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a car")
+
+    await dpytest.message("", channel=dm, member=alice._user, attachments=[str(notes)])
+    assert dpytest.get_message().content == EN["hint_document"]
+
+    await dpytest.message(f"<@{bot.user.id}> hello", channel=channel, member=alice)
+    assert dpytest.get_message().content == EN["hint_text"]
+
+    sticker = facts.make_message_dict(channel, alice, content=f"<@{bot.user.id}>", mentions=[bot.user])
+    sticker["sticker_items"] = [{"id": str(facts.make_id()), "name": "wave", "format_type": 1}]
+    backend.get_state().parse_message_create(sticker)
+    await dpytest.run_all_events()
+    assert dpytest.get_message().content == EN["hint_sticker"]
+
+    # In a channel, a photo without a mention is none of the bot's business.
+    await dpytest.message("my car", channel=channel, member=alice, attachments=[str(photo_file(tmp_path))])
+    assert dpytest.verify().message().nothing()
+
+    attachment = attachment_payload(notes, "text/plain")
+    [hint] = await discord_api.command(
+        bot, "top3", user=alice, channel=channel, options=[{"name": "photo", "type": 11, "value": attachment["id"]}],
+        resolved={"attachments": {attachment["id"]: attachment}},
+    )  # fmt: skip
+    assert (hint.type, hint.content, hint.ephemeral) == (MESSAGE, EN["hint_document"], True)
+
+    text_only = await dpytest.message("just words", channel=dm, member=alice._user)
+    await dpytest.empty_queue()
+    data = {"id": "1", "name": "Identify car", "type": 3, "target_id": str(text_only.id),
+            "resolved": {"messages": {str(text_only.id): raw_message(dm.id, text_only.id)}}}  # fmt: skip
+    [hint] = await discord_api.send(bot, 2, data, user=alice, channel=dm)
+    assert (hint.content, hint.ephemeral) == (EN["hint_text"], True)
+
+
+async def test_commands_and_admin_only_ones(bot, discord_api):
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+    admin_dm = await admin.create_dm()
+
+    [refused] = await discord_api.command(bot, "stats", user=alice, channel=channel)
+    assert (refused.content, refused.ephemeral) == (EN["not_admin"], True)
+    [refused] = await discord_api.command(bot, "model", user=alice, channel=channel, locale="pt-BR")
+    assert refused.content == PT["not_admin"]
+
+    [stats] = await discord_api.command(bot, "stats", user=admin, channel=admin_dm)
+    assert stats.content.startswith("📊 0 ") and stats.ephemeral
+    [model] = await discord_api.command(bot, "model", user=admin, channel=admin_dm)
+    assert "tiny-test" in model.content
+
+    [welcome] = await discord_api.command(bot, "help", user=alice, channel=channel)
+    assert "/forget" in welcome.content and welcome.ephemeral
+    [forgotten] = await discord_api.command(bot, "forget", user=alice, channel=channel)
+    assert forgotten.content == EN["forgotten"].format(predictions=0, votes=0, photos=0)
+
+    # Admin commands are hidden from members without the Administrator permission.
+    hidden = {command.name for command in bot.tree.get_commands() if command.default_permissions is not None}
+    assert hidden == {"stats", "model", "retrain"}
+    assert all(bot.tree.get_command(name).default_permissions.administrator for name in hidden)
+
+
+async def test_setup_hook_registers_persistent_items_and_syncs_to_the_guild_when_set(
+    settings, conversation, monkeypatch
+):
+    bot, synced = await start_bot(settings, conversation, monkeypatch)
+    templates = {pattern.pattern for pattern in bot._connection._view_store._dynamic_items}
+    assert templates == {r"carbot:(?P<data>.+)", r"carbot-select:(?P<key>.+)"}
+    assert synced == [None]  # global
+
+    guild_bot, synced = await start_bot(
+        settings.model_copy(update={"discord_guild_id": 1234}), conversation, monkeypatch
+    )
+    assert [guild.id for guild in synced] == [1234]
+    names = {command.name for command in guild_bot.tree.get_commands(guild=discord.Object(1234))}
+    assert {"top3", "help", "forget", "stats", "model", "retrain"} <= names
+
+
+def test_choices_become_select_menus_within_discord_limits():
+    many = tuple((Button(f"MAKE {n} " + "X" * 120, f"c:123456789:{n}", choice=True),) for n in range(30))
+    reply = Reply("Which one?", buttons=(*many, (Button("✏️ None of these", "c:123456789:x"),)))
+
+    components = render(reply)["view"].to_components()
+
+    first, second, other = components
+    assert [len(row["components"][0]["options"]) for row in (first, second)] == [25, 5]
+    assert all(len(option["label"]) <= 100 for row in (first, second) for option in row["components"][0]["options"])
+    ids = [row["components"][0]["custom_id"] for row in components]
+    assert len(set(ids)) == 3 and all(len(custom_id) <= 100 for custom_id in ids)
+    assert other["components"][0]["custom_id"] == "carbot:c:123456789:x"
+
+
+def test_run_discord_brings_up_redis_store_and_conversation(settings, redis_url, monkeypatch):
+    started = {}
+
+    async def start(bot, token, *, reconnect=True):  # instead of connecting to Discord
+        conversation = bot.conversation
+        started.update(token=token, conversation=conversation, redis=await conversation.redis.ping())
+        started["stats"] = await conversation.store.stats()
+
+    monkeypatch.setattr(CarBot, "start", start)
+    run_discord(settings.model_copy(update={"redis_url": redis_url, "discord_token": SecretStr("the-token")}))
+
+    assert started["token"] == "the-token" and isinstance(started["conversation"], Conversation)
+    assert started["redis"] is True and started["stats"]["predictions"] == 0
