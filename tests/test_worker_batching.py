@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 import zlib
 
 import redis
@@ -74,8 +75,9 @@ async def test_identical_photos_are_computed_once(redis_url, start_worker):
     photos = [same] * 8 + [jpeg_bytes(seed) for seed in (1, 2, 3, 4)]
     async with ClassifyClient(redis_url) as client:
         answers = asyncio.gather(*(client.classify(photo) for photo in photos))
-        while queue_of(redis_url).count < len(photos):  # all queued before a worker runs: one batch
-            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while queue_of(redis_url).count < len(photos) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # all queued before a worker runs: one batch
         await asyncio.get_running_loop().run_in_executor(None, start_worker)
         predictions = await answers
 
@@ -144,5 +146,8 @@ async def test_malformed_jobs_fail_alone_and_the_worker_survives(redis_url, star
 
     assert worker.process.poll() is None
     traversal, garbage = (Job.fetch(j.id, connection=connection, serializer=SERIALIZER) for j in (traversal, garbage))
+    deadline = time.monotonic() + 10  # the foreign job runs the plain RQ way, after the photos of its batch
+    while garbage.get_status() != "failed" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert traversal.get_status() == garbage.get_status() == "failed"
     assert "InvalidJob" in traversal.latest_result().exc_string

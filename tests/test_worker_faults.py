@@ -93,7 +93,8 @@ async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, bi
 async def test_full_queue_answers_busy_at_once(redis_url):
     async with ClassifyClient(redis_url, queue_limit=3) as client:
         waiting = [asyncio.create_task(client.classify(jpeg_bytes(seed), timeout_s=30)) for seed in range(3)]
-        while queue_of(redis_url).count < 3:
+        deadline = time.monotonic() + 30
+        while queue_of(redis_url).count < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         started = time.monotonic()
         with pytest.raises(QueueBusy, match="try again"):

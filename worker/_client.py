@@ -196,6 +196,7 @@ class _ResultListener:
         self._task: asyncio.Task | None = None
         self._reading = False  # an XREAD is in flight
         self._woken = False  # ...and a wake-up has already been sent for it
+        self._closed = False
 
     async def wait(self, job_id: str) -> Result:
         key = Result.get_key(job_id)
@@ -216,13 +217,16 @@ class _ResultListener:
 
     async def _listen(self) -> None:
         failures = 0
-        while self._pending:
+        while self._pending and not self._closed:
             streams = {key: pending.last_id for key, pending in self._pending.items()}
             streams[self._wake_key] = self._wake_seen
             self._reading, self._woken = True, False
             try:
                 response = await self._redis.xread(streams, block=_LISTEN_BLOCK_MS)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                # redis-py may turn our own cancellation into a TimeoutError (an OSError): that is a stop.
+                if self._closed or asyncio.current_task().cancelling():
+                    raise
                 # A blip (a busy event loop, a reconnect) is retried; a Redis that stays away fails the waiters.
                 failures += 1
                 if failures > _LISTEN_RETRIES:
@@ -262,9 +266,11 @@ class _ResultListener:
                 return
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_all(ClassifyFailed("The classifier client was closed before the answer came."))
         await self._redis.delete(self._wake_key)
         await self._redis.aclose()
 
