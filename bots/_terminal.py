@@ -147,6 +147,7 @@ def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdou
 
     store = Store.from_settings(settings)
     store.migrate()
+    store.photos.purge_expired()  # retention: photos past their days go before the chat starts
 
     async def run(url: str) -> None:
         connection = aioredis.Redis.from_url(url)

@@ -184,6 +184,18 @@ def stats(as_json: bool) -> None:
         click.echo(f"  {version}: {row['predictions']} predictions, {row['up']} 👍, {row['down']} 👎")
 
 
+@main.command("purge-photos")
+def purge_photos() -> None:
+    """Delete stored photos older than the retention setting (the bots also do this when they start)."""
+    import asyncio
+
+    from bots import Store
+
+    settings = get_settings()
+    deleted = asyncio.run(Store.from_settings(settings).purge_photos())
+    click.echo(f"deleted {deleted} photos older than {settings.photo_retention_days} days")
+
+
 @main.command()
 @click.option("--photos", type=int, default=192, show_default=True, help="Photos per measured method.")
 @click.option("--image-size", type=int, default=224, show_default=True)

@@ -195,3 +195,18 @@ async def test_non_photo_messages_get_hints(conversation):
     for kind in ("sticker", "video", "voice", "animation", "document", "text", "other", "unknown-kind"):
         assert conversation.hint(ALICE, kind).text
     assert "video" in conversation.hint(ALICE, "video").text
+
+
+async def test_timeout_and_full_queue_get_a_prompt_try_again(redis_url, model_registry, tmp_path):
+    """A queue nobody serves: the first photo times out, the next finds the queue full. Both are told why."""
+    settings = Settings(model_registry=model_registry, data_dir=tmp_path)
+    store = Store(f"sqlite:///{tmp_path / 'carbot.db'}", PhotoStore(tmp_path / "photos", 90))
+    store.migrate()
+    connection = aioredis.Redis.from_url(redis_url)
+    async with ClassifyClient(redis_url, queue="unserved", queue_limit=1, timeout_s=0.5) as client:
+        conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings)
+        assert "took too long" in (await conversation.photo(ALICE, "m1", jpeg_bytes(1))).text
+        assert "very busy" in (await conversation.photo(ALICE, "m2", jpeg_bytes(2))).text
+    assert (await store.stats())["predictions"] == 0
+    await connection.aclose()
+    await store.close()
