@@ -112,7 +112,8 @@ class Conversation:
         lang = language_of(sender)
         parsed = _parse_button(data)
         record = await self.store.get_prediction(parsed[1]) if parsed else None
-        if record is None:
+        # Buttons act on predictions of the chat they are in: a guessed id from elsewhere is stale here.
+        if record is None or (record.platform, record.chat_id) != (sender.platform, sender.chat_id):
             return ButtonAnswer(notice=text("stale", lang))
         kind, prediction_id, value = parsed
         labels = self._labels(record.model_version)
@@ -130,7 +131,7 @@ class Conversation:
         if kind == "c" and value == "x":
             await self.redis.set(self._awaiting_key(sender), prediction_id, ex=600)
             return ButtonAnswer(
-                notice=text("type_model", lang, example=labels[0] if labels else ""),
+                notice=text("another_model", lang),
                 follow_up=Reply(text("type_model", lang, example=labels[0] if labels else ""), expects_text=True),
             )
         if kind == "c" and value.isdigit() and int(value) < len(labels):

@@ -210,3 +210,12 @@ async def test_timeout_and_full_queue_get_a_prompt_try_again(redis_url, model_re
     assert (await store.stats())["predictions"] == 0
     await connection.aclose()
     await store.close()
+
+
+async def test_buttons_only_act_in_the_chat_of_their_prediction(conversation):
+    reply = await conversation.photo(ALICE, "m1", jpeg_bytes(8))
+    stranger = Sender(platform="telegram", user_id="9", chat_id="999")
+    elsewhere = Sender(platform="discord", user_id="1", chat_id="100")
+    for sender in (stranger, elsewhere):
+        assert (await conversation.button(sender, reply.buttons[0][0].data)).notice == "This button is no longer valid."
+    assert (await conversation.store.stats())["up"] == 0

@@ -1,0 +1,550 @@
+"""The Telegram bot (python-telegram-bot 22): Telegram updates in, conversation calls, Telegram messages out.
+
+Every decision is the conversation's (`bots._conversation`); this module only
+translates. Each handler is a short coroutine, and `build_application` wires
+them in one place, in the style of python-telegram-bot's examples:
+
+- a photo (or an image sent as a file) is downloaded at the smallest size that still
+  covers the model's input and classified; a caption `/top3` asks for the same;
+- `/top3` classifies the photo it replies to, or alone the chat's last photo (in groups
+  with privacy mode the bot sees only commands and replies to it, so that is the way);
+- `/start`, `/help`, `/forget`, `/stats`, `/model`, `/retrain` and unknown commands go to
+  `Conversation.command`;
+- every button press is answered (`answerCallbackQuery`), then the message with the
+  buttons is edited and a follow-up sent, as the conversation says;
+- text (a typed correction) goes to `Conversation.text`; stickers, videos, voice notes
+  and other files get a hint.
+
+`run_telegram(settings)` runs the bot with long polling, or behind a webhook when
+`TELEGRAM_WEBHOOK_URL` is set. The token is never logged: the `httpx` logger (which
+logs every URL, token included) is kept at WARNING, and errors are logged redacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from telegram import (
+    BotCommand,
+    ForceReply,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    PhotoSize,
+    ReplyParameters,
+    Update,
+)
+from telegram.constants import ChatAction, ChatType
+from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, TelegramError
+from telegram.ext import (
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bots._conversation import Conversation
+from bots._messages import Reply, Sender, is_admin
+from bots._texts import language_of, text
+from carbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The model's input size when no artefact says otherwise (ResNet50's 224 px).
+DEFAULT_IMAGE_SIZE = 224
+# The Bot API refuses to hand out files bigger than this (only a local server in --local mode has no limit).
+DOWNLOAD_LIMIT = 20 * 2**20
+# Telegram's limits on one message's text, a photo's caption and a callback notice.
+MAX_TEXT = 4096
+MAX_CAPTION = 1024
+MAX_NOTICE = 200
+# Commands that go to `Conversation.command` as they are (/top3 has its own handler).
+COMMANDS = ("start", "help", "forget", "stats", "model", "retrain")
+# Shown in Telegram's command menu (admin commands work without being advertised).
+MENU = (
+    ("top3", "The top-3 models for a photo (reply to it, or the last one)"),
+    ("help", "What this bot does and what it keeps"),
+    ("forget", "Delete your photos, answers and votes"),
+)
+_KEY = "carbot"  # where the adapter keeps its state in `application.bot_data`
+
+
+@dataclass(frozen=True)
+class TelegramBot:
+    """What the handlers share: the conversation and a few facts read once at start."""
+
+    conversation: Conversation
+    settings: Settings
+    image_size: int  # the model's input size: the smallest photo size that covers it is downloaded
+    max_download: int  # bigger files are refused before downloading
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+
+async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A photo, or an image sent as a file: classify it (albums come as one message per photo)."""
+    message = update.effective_message
+    bot = _bot(context)
+    sender = sender_of(update, bot.settings)
+    photo = await _download(message, bot, sender)
+    if isinstance(photo, Reply):
+        await send_reply(message, photo, bot.conversation)
+        return
+    await _typing(message)
+    if _command_of(message.caption, context.bot.username) == "top3":
+        reply = await bot.conversation.top3(sender, str(message.message_id), photo)
+    else:
+        reply = await bot.conversation.photo(sender, str(message.message_id), photo)
+    await send_reply(message, reply, bot.conversation)
+
+
+async def on_top3(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """`/top3`: the photo it replies to, or the chat's last photo."""
+    message = update.effective_message
+    bot = _bot(context)
+    sender = sender_of(update, bot.settings)
+    photo = None
+    replied = message.reply_to_message
+    if replied is not None and _image_of(replied) is not None:
+        photo = await _download(replied, bot, sender)
+        if isinstance(photo, Reply):
+            await send_reply(message, photo, bot.conversation)
+            return
+    await _typing(message)
+    reply = await bot.conversation.top3(sender, str(message.message_id), photo)
+    await send_reply(message, reply, bot.conversation)
+
+
+async def on_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """`/start`, `/help`, `/forget`, the admin commands, and unknown ones (the conversation answers with help)."""
+    message = update.effective_message
+    name = _command_of(message.text, context.bot.username)
+    if name is None:  # meant for another bot in the group
+        return
+    if name not in COMMANDS and message.chat.type != ChatType.PRIVATE and "@" not in message.text.split()[0]:
+        return  # an unknown "/command" in a group may well be another bot's: only answer ours there
+    _, _, args = (message.text or "").partition(" ")
+    bot = _bot(context)
+    reply = await bot.conversation.command(sender_of(update, bot.settings), name, args.strip())
+    await send_reply(message, reply, bot.conversation)
+
+
+async def on_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A button press: always answered, then the message edited and a follow-up sent as the conversation says."""
+    query = update.callback_query
+    bot = _bot(context)
+    sender = sender_of(update, bot.settings)
+    try:
+        answer = await bot.conversation.button(sender, query.data or "")
+    except Exception:
+        # The person's client shows a spinner until the query is answered: answer it even now.
+        with contextlib.suppress(TelegramError):
+            await query.answer(text("failed", language_of(sender)))
+        raise
+    await query.answer(_clip(answer.notice, MAX_NOTICE) or None)
+    message = query.message if isinstance(query.message, Message) else None
+    if answer.edit is not None:
+        try:
+            await query.edit_message_text(_clip(answer.edit.text, MAX_TEXT), reply_markup=keyboard(answer.edit))
+        except BadRequest as exc:
+            # A second press on the same button, or a message too old to edit: nothing to change.
+            log.info("could not edit message after a button press: %s", exc.message)
+    if answer.follow_up is not None:
+        if message is None:  # the message with the buttons is gone: write to the person directly
+            await context.bot.send_message(query.from_user.id, _clip(answer.follow_up.text, MAX_TEXT),
+                                           reply_markup=keyboard(answer.follow_up))  # fmt: skip
+            return
+        # Reply to the presser's own photo when the buttons answer it, so a group's ForceReply targets them.
+        original = message.reply_to_message
+        target = original if original is not None and original.from_user == query.from_user else message
+        await send_reply(target, answer.follow_up, bot.conversation, selective=target is original)
+
+
+async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Plain text: a typed correction when the conversation asked for one, else a hint."""
+    message = update.effective_message
+    if not _addressed_to_bot(message, context.bot.id, context.bot.username):
+        return
+    bot = _bot(context)
+    reply = await bot.conversation.text(sender_of(update, bot.settings), message.text)
+    if reply is not None:
+        await send_reply(message, reply, bot.conversation)
+
+
+async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Anything that is not a photo: a sticker, a video, a voice note, another kind of file..."""
+    message = update.effective_message
+    if not _addressed_to_bot(message, context.bot.id, context.bot.username):
+        return  # in a group, stickers and chatter among people are none of the bot's business
+    bot = _bot(context)
+    await send_reply(message, bot.conversation.hint(sender_of(update, bot.settings), _kind_of(message)),
+                     bot.conversation)  # fmt: skip
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Log what went wrong (without the token) and carry on; the person is told something failed."""
+    error = context.error
+    token = context.bot.token
+    if isinstance(error, Forbidden):  # the person blocked the bot, or it was removed from the group
+        log.info("telegram refused to deliver: %s", error.message)
+        return
+    if isinstance(error, NetworkError) and not isinstance(update, Update):  # polling hiccups; PTB retries
+        log.warning("telegram is unreachable for now: %s", _redact(str(error), token))
+        return
+    if isinstance(error, Conflict):
+        log.error("another instance of this bot is polling with the same token: %s", error.message)
+        return
+    detail = "".join(traceback.format_exception(error)) if error is not None else "unknown error"
+    update_id = update.update_id if isinstance(update, Update) else None
+    log.error("error while handling telegram update %s:\n%s", update_id, _redact(detail, token))
+    if isinstance(update, Update) and update.effective_message is not None and update.callback_query is None:
+        bot = context.bot_data.get(_KEY)
+        sender = sender_of(update, bot.settings) if bot is not None and update.effective_user else None
+        with contextlib.suppress(Exception):
+            await update.effective_message.reply_text(
+                text("failed", language_of(sender) if sender else "en"),
+                reply_parameters=ReplyParameters(update.effective_message.message_id, allow_sending_without_reply=True),
+            )
+
+
+# -- wiring --------------------------------------------------------------------------------------------------
+
+
+def build_application(settings: Settings, conversation: Conversation) -> Application:
+    """The python-telegram-bot application with every handler; not started."""
+    if settings.telegram_token is None:
+        raise ValueError("no Telegram token: set TELEGRAM_TOKEN")
+    quiet_http_logs()
+    builder = ApplicationBuilder().token(settings.telegram_token.get_secret_value())
+    if settings.telegram_api_base_url:
+        builder = builder.base_url(settings.telegram_api_base_url)
+    if settings.telegram_file_base_url:
+        builder = builder.base_file_url(settings.telegram_file_base_url)
+    # Photos wait seconds for the worker: one person's photo must not hold up everybody else's updates.
+    application = builder.concurrent_updates(True).build()
+
+    application.bot_data[_KEY] = TelegramBot(
+        conversation=conversation,
+        settings=settings,
+        image_size=model_image_size(settings),
+        max_download=min(conversation.classifier.max_photo_bytes, DOWNLOAD_LIMIT),
+    )
+
+    new = filters.UpdateType.MESSAGE  # edited messages and channel posts are ignored
+    application.add_handlers(
+        [
+            CommandHandler("top3", on_top3, filters=new),
+            CommandHandler(COMMANDS, on_command, filters=new),
+            MessageHandler(new & filters.COMMAND, on_command),
+            MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE) & ~filters.ANIMATION, on_photo),
+            MessageHandler(new & filters.TEXT, on_text),
+            MessageHandler(new & ~filters.StatusUpdate.ALL, on_other),
+            CallbackQueryHandler(on_button),
+        ]
+    )
+    application.add_error_handler(on_error)
+    return application
+
+
+def run_telegram(settings: Settings) -> None:
+    """Run the Telegram bot until interrupted: long polling, or a webhook when `TELEGRAM_WEBHOOK_URL` is set.
+
+    Brings up what the conversation needs: Redis (the private one when no `REDIS_URL` is set, and
+    then a background worker too if none is running), the classify client, the store (migrated).
+    """
+    import redis
+    import redis.asyncio as aioredis
+
+    from bots._store import Store
+    from carbot import services
+    from worker import ClassifyClient
+    from worker._main import worker_running, workers_listening
+
+    if settings.telegram_token is None:
+        raise SystemExit("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
+    token = settings.telegram_token.get_secret_value()
+    guard_logs(token)
+    if settings.telegram_webhook_url:
+        _check_webhook_support()
+    store = Store.from_settings(settings)
+    store.migrate()
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(services.redis_url(settings))
+        try:
+            listening = workers_listening(redis.Redis.from_url(url, socket_connect_timeout=5), settings.classify_queue)
+        except (redis.RedisError, OSError) as exc:
+            raise SystemExit(f"Redis is unreachable ({exc}): check REDIS_URL.") from None
+        if not settings.redis_url:
+            # One machine, embedded defaults: nobody else will start a worker on this private Redis.
+            stack.enter_context(worker_running(settings, url))
+        elif not listening:
+            log.warning("no worker serves the %r queue yet: photos wait until one starts", settings.classify_queue)
+        connection = aioredis.Redis.from_url(url)
+        classifier = ClassifyClient.from_settings(settings, url)
+        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings)
+        application = build_application(settings, conversation)
+
+        async def post_init(app: Application) -> None:
+            with contextlib.suppress(TelegramError):
+                await app.bot.set_my_commands([BotCommand(name, about) for name, about in MENU])
+            log.info("telegram bot @%s is up", app.bot.username)
+
+        async def post_shutdown(app: Application) -> None:
+            for close in (classifier.aclose, connection.aclose, store.close):
+                try:
+                    await close()
+                except Exception as exc:  # Redis may be gone already: nothing left to tidy up there
+                    log.warning("while shutting down: %s", exc)
+
+        application.post_init = post_init
+        application.post_shutdown = post_shutdown
+        try:
+            if settings.telegram_webhook_url:
+                application.run_webhook(
+                    listen=settings.telegram_webhook_listen,
+                    port=settings.telegram_webhook_port,
+                    url_path=urlsplit(settings.telegram_webhook_url).path.lstrip("/"),
+                    webhook_url=settings.telegram_webhook_url,
+                    secret_token=webhook_secret(token),
+                    allowed_updates=["message", "callback_query"],
+                )
+            else:
+                application.run_polling(allowed_updates=["message", "callback_query"])
+        except InvalidToken:
+            # Its message quotes the token; say what happened without it.
+            raise SystemExit("Telegram rejected TELEGRAM_TOKEN: check it with @BotFather.") from None
+
+
+# -- pieces --------------------------------------------------------------------------------------------------
+
+
+def sender_of(update: Update, settings: Settings) -> Sender:
+    """Who wrote (or pressed), as the conversation knows people."""
+    user = update.effective_user
+    chat = update.effective_chat
+    return Sender(
+        platform="telegram",
+        user_id=str(user.id),
+        chat_id=str(chat.id if chat is not None else user.id),
+        language_code=user.language_code,
+        is_admin=is_admin(settings.admin_ids, "telegram", str(user.id)),
+    )
+
+
+def pick_photo_size(sizes: Sequence[PhotoSize], image_size: int) -> PhotoSize:
+    """The smallest size whose shorter side still covers the model's input; the largest when none does."""
+    covering = [size for size in sizes if min(size.width, size.height) >= image_size]
+    if covering:
+        return min(covering, key=lambda size: size.width * size.height)
+    return max(sizes, key=lambda size: size.width * size.height)
+
+
+def keyboard(reply: Reply) -> InlineKeyboardMarkup | None:
+    """The reply's rows of buttons as an inline keyboard (Telegram has no select menu: choices are buttons too)."""
+    if not reply.buttons:
+        return None
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton(button.text, callback_data=button.data) for button in row] for row in reply.buttons]
+    )
+
+
+async def send_reply(message: Message, reply: Reply, conversation: Conversation, *, selective: bool = True) -> Message:
+    """Send `reply` as a reply to `message` (plain text, no parse mode); returns the message that holds its buttons."""
+    markup: InlineKeyboardMarkup | ForceReply | None = keyboard(reply)
+    if markup is None and reply.expects_text:
+        # The answer comes back as a reply, which the bot sees even in groups with privacy mode.
+        markup = ForceReply(selective=selective and message.chat.type != ChatType.PRIVATE)
+    quote = ReplyParameters(message.message_id, allow_sending_without_reply=True)
+    chunks = _chunks(reply.text, MAX_TEXT)
+    if reply.photo_path:
+        with open(reply.photo_path, "rb") as picture:
+            caption = chunks.pop(0) if len(chunks) == 1 and len(chunks[0]) <= MAX_CAPTION else None
+            sent = await message.reply_photo(
+                picture, caption=caption, reply_parameters=quote, reply_markup=None if chunks else markup
+            )
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        sent = await message.reply_text(chunk, reply_parameters=quote, reply_markup=markup if last else None)
+    if reply.prediction_id is not None:
+        await conversation.set_reply_message(reply.prediction_id, str(sent.message_id))
+    return sent
+
+
+def model_image_size(settings: Settings) -> int:
+    """The active model's input size, read once at start (224 when there is no readable model yet)."""
+    from model import ArtefactCorrupt, ModelRegistry
+
+    try:
+        active = ModelRegistry(settings.registry_dir).active(verify=False)
+    except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
+        log.warning("cannot read the active model (%s); downloading photos for %d px", exc, DEFAULT_IMAGE_SIZE)
+        return DEFAULT_IMAGE_SIZE
+    return active.image_size if active is not None else DEFAULT_IMAGE_SIZE
+
+
+def webhook_secret(token: str) -> str:
+    """The webhook's secret token: Telegram sends it with every update, so forged requests are refused.
+
+    Derived from the bot token (nothing more to configure), one-way, so it reveals nothing of it.
+    """
+    return hmac.new(token.encode(), b"carbot telegram webhook", hashlib.sha256).hexdigest()
+
+
+class RedactToken(logging.Filter):
+    """Replaces the bot token in log records (messages and tracebacks) with `<token>`."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.token in message:
+            record.msg, record.args = _redact(message, self.token), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _redact(record.exc_text, self.token)
+        if record.stack_info:
+            record.stack_info = _redact(record.stack_info, self.token)
+        return True
+
+
+def guard_logs(token: str) -> None:
+    """Keep the token out of this process's logs: quiet the loggers that print URLs, redact the rest.
+
+    PTB itself logs an `InvalidToken` (whose message quotes the token) with its traceback, so
+    every handler of the root logger gets a redacting filter.
+    """
+    quiet_http_logs()
+    for handler in [*logging.getLogger().handlers, logging.lastResort]:
+        if handler is not None and not any(isinstance(f, RedactToken) for f in handler.filters):
+            handler.addFilter(RedactToken(token))
+
+
+def quiet_http_logs() -> None:
+    """httpx logs every request URL at INFO, PTB's bot the API URL at DEBUG: both contain the bot token.
+
+    PTB's bot logs every call's parameters at DEBUG too (the webhook's secret among them): it stays at INFO.
+    """
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("telegram.Bot", "telegram.ext.ExtBot"):
+        bot_logger = logging.getLogger(name)
+        if bot_logger.level < logging.INFO:
+            bot_logger.setLevel(logging.INFO)
+
+
+async def _download(message: Message, bot: TelegramBot, sender: Sender) -> bytes | Reply:
+    """The bytes of the message's image, or the reply to give when it cannot be had."""
+    image = _image_of(message)
+    if isinstance(image, tuple):
+        image = pick_photo_size(image, bot.image_size)
+    if image is None:
+        return bot.conversation.hint(sender, "document")
+    if image.file_size is not None and image.file_size > bot.max_download:
+        return _too_large(sender, bot.max_download)
+    try:
+        file = await image.get_file()
+    except BadRequest as exc:
+        if "too big" in exc.message.lower():
+            return _too_large(sender, bot.max_download)
+        raise
+    return bytes(await file.download_as_bytearray())
+
+
+def _image_of(message: Message) -> tuple[PhotoSize, ...] | object | None:
+    """The message's photo sizes, or its document when that is an image."""
+    if message.photo:
+        return message.photo
+    document = message.document
+    if document is not None and (document.mime_type or "").startswith("image/"):
+        return document
+    return None
+
+
+def _too_large(sender: Sender, limit: int) -> Reply:
+    lang = language_of(sender)
+    megabytes = limit // 2**20
+    try:
+        return Reply(text("photo_too_large", lang, limit_mb=megabytes))
+    except KeyError:
+        return Reply(text("photo_rejected", lang, reason=f"the file is larger than {megabytes} MB."))
+
+
+def _kind_of(message: Message) -> str:
+    if message.sticker:
+        return "sticker"
+    if message.video or message.video_note:
+        return "video"
+    if message.voice or message.audio:
+        return "voice"
+    if message.animation:
+        return "animation"
+    if message.document:
+        return "document"
+    return "other"
+
+
+def _command_of(text_: str | None, bot_username: str | None) -> str | None:
+    """`/top3@thisbot args` -> "top3"; None when it is not a command or names another bot."""
+    if not text_ or not text_.startswith("/"):
+        return None
+    name, _, target = text_.split(maxsplit=1)[0][1:].partition("@")
+    if target and (bot_username is None or target.lower() != bot_username.lower()):
+        return None
+    return name.lower() or None
+
+
+def _addressed_to_bot(message: Message, bot_id: int, bot_username: str | None) -> bool:
+    """Private chats always; in groups only replies to the bot or mentions of it."""
+    if message.chat.type == ChatType.PRIVATE:
+        return True
+    replied = message.reply_to_message
+    if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
+        return True
+    content = message.text or message.caption or ""
+    return bool(bot_username) and f"@{bot_username.lower()}" in content.lower()
+
+
+async def _typing(message: Message) -> None:
+    with contextlib.suppress(TelegramError):
+        await message.reply_chat_action(ChatAction.TYPING)
+
+
+def _chunks(value: str, size: int) -> list[str]:
+    value = value or "…"
+    return [value[start : start + size] for start in range(0, len(value), size)]
+
+
+def _clip(value: str, size: int) -> str:
+    return value if len(value) <= size else value[: size - 1] + "…"
+
+
+def _redact(value: str, token: str) -> str:
+    return value.replace(token, "<token>") if token else value
+
+
+def _bot(context: ContextTypes.DEFAULT_TYPE) -> TelegramBot:
+    return context.bot_data[_KEY]
+
+
+def _check_webhook_support() -> None:
+    try:
+        import tornado  # noqa: F401  (python-telegram-bot's webhook server)
+    except ImportError:
+        raise SystemExit(
+            "TELEGRAM_WEBHOOK_URL is set, but the webhook server is not installed: "
+            "pip install 'python-telegram-bot[webhooks]', or unset it to use long polling."
+        ) from None
