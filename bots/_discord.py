@@ -449,8 +449,7 @@ def run_discord(settings: Settings) -> None:
 
     if settings.discord_token is None:
         raise ValueError("DISCORD_TOKEN is not set")
-    store = Store.from_settings(settings)
-    store.migrate()
+    store = Store.open_for_bot(settings)
     with contextlib.ExitStack() as stack, contextlib.suppress(KeyboardInterrupt):
         url = stack.enter_context(services.redis_url(settings))
         if settings.redis_url is None:

@@ -79,6 +79,14 @@ class Store:
         photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
         return cls(database_url(settings), photos)
 
+    @classmethod
+    def open_for_bot(cls, settings: Settings) -> Store:
+        """What every bot does at start-up (blocking): the store, its schema brought up to date, expired photos gone."""
+        store = cls.from_settings(settings)
+        store.migrate()
+        store.photos.purge_expired()
+        return store
+
     def migrate(self) -> None:
         """Bring the schema up to date (blocking; call it once at start-up, before serving)."""
         db.migrate(self._database_url)

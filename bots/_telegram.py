@@ -275,10 +275,7 @@ def run_telegram(settings: Settings) -> None:
         raise SystemExit("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
     token = settings.telegram_token.get_secret_value()
     guard_logs(token)
-    if settings.telegram_webhook_url:
-        _check_webhook_support()
-    store = Store.from_settings(settings)
-    store.migrate()
+    store = Store.open_for_bot(settings)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(services.redis_url(settings))
         try:
@@ -538,13 +535,3 @@ def _redact(value: str, token: str) -> str:
 
 def _bot(context: ContextTypes.DEFAULT_TYPE) -> TelegramBot:
     return context.bot_data[_KEY]
-
-
-def _check_webhook_support() -> None:
-    try:
-        import tornado  # noqa: F401  (python-telegram-bot's webhook server)
-    except ImportError:
-        raise SystemExit(
-            "TELEGRAM_WEBHOOK_URL is set, but the webhook server is not installed: "
-            "pip install 'python-telegram-bot[webhooks]', or unset it to use long polling."
-        ) from None

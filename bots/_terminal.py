@@ -145,9 +145,7 @@ def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdou
     from worker import ClassifyClient
     from worker._main import worker_running
 
-    store = Store.from_settings(settings)
-    store.migrate()
-    store.photos.purge_expired()  # retention: photos past their days go before the chat starts
+    store = Store.open_for_bot(settings)
 
     async def run(url: str) -> None:
         connection = aioredis.Redis.from_url(url)

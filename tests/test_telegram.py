@@ -8,7 +8,6 @@ real Redis, a real `carbot worker` process with a tiny model, and a SQLite store
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
@@ -433,15 +432,6 @@ def test_pick_photo_size() -> None:
     assert pick_photo_size(sizes, 2000).file_id == "f1280"  # nothing covers it: the largest
     portrait = [PhotoSize("a", "a", 240, 320), PhotoSize("b", "b", 200, 500)]
     assert pick_photo_size(portrait, 224).file_id == "a"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("tornado") is not None, reason="the webhook server is installed")
-def test_webhook_without_its_server_says_what_to_install(tmp_path: Path) -> None:
-    from bots._telegram import run_telegram
-
-    settings = Settings(data_dir=tmp_path, telegram_token=TOKEN, telegram_webhook_url="https://bot.example/telegram")
-    with pytest.raises(SystemExit, match=r"python-telegram-bot\[webhooks\]"):
-        run_telegram(settings)
 
 
 def test_webhook_secret_is_derived_and_hides_the_token() -> None:
