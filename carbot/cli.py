@@ -14,11 +14,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from carbot import services
 from carbot.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from model import ModelRegistry
 
 
 @click.group()
@@ -213,6 +217,93 @@ def bench(photos: int, image_size: int, backbone: str, json_path: Path | None) -
         click.echo(f"saved {json_path}")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def models(as_json: bool) -> None:
+    """List the model versions in the registry, oldest first; * marks the active one."""
+    from datetime import UTC
+
+    registry = _registry()
+    active = registry.active_version()
+    rows = []
+    for artefact in registry.versions(verify=True):  # corrupt versions are logged and left out
+        metrics = artefact.metrics
+        rows.append({
+            "version": artefact.version,
+            "created": artefact.created.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+            "backbone": artefact.backbone,
+            "image_size": artefact.image_size,
+            "labels": artefact.num_classes,
+            "test_accuracy": metrics.get("test_accuracy"),
+            "test_top3_accuracy": metrics.get("test_top3_accuracy"),
+            "active": artefact.version == active,
+        })  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"No model versions in {registry.root}: run `carbot demo-model` to train one.")
+        return
+
+    def percent(value: object) -> str:
+        return f"{value:.1%}" if isinstance(value, int | float) else "—"
+
+    click.echo(f"  {'version':<20} {'created (UTC)':<16}  {'backbone':<10} {'size':>5} {'labels':>6} "
+               f"{'top-1':>6} {'top-3':>6}")  # fmt: skip
+    for row in rows:
+        click.echo(
+            f"{'*' if row['active'] else ' '} {row['version']:<20} {row['created']:<16}  {row['backbone']:<10} "
+            f"{row['image_size']:>5} {row['labels']:>6} {percent(row['test_accuracy']):>6} "
+            f"{percent(row['test_top3_accuracy']):>6}"
+        )
+    click.echo(f"{len(rows)} version{'s' if len(rows) != 1 else ''} listed; * marks the active one.")
+
+
+@main.command()
+@click.argument("version")
+def promote(version: str) -> None:
+    """Make VERSION the active model, after verifying its checksum.
+
+    Running workers watch the registry and switch to it between batches.
+    """
+    from model import ArtefactCorrupt
+
+    registry = _registry()
+    old = registry.active_version()
+    try:
+        registry.activate(version)
+    except ValueError as exc:  # not a valid version name
+        raise click.ClickException(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise click.ClickException(
+            f"No model version {version!r} in {registry.root}; `carbot models` lists them."
+        ) from exc
+    except ArtefactCorrupt as exc:
+        raise click.ClickException(f"Version {version!r} cannot be promoted: {exc}. "
+                                   f"The active version is still {old or 'none'}.") from exc  # fmt: skip
+    click.echo(f"{version} is now active (was {old or 'none'})")
+
+
+@main.command()
+def rollback() -> None:
+    """Make the previously active model version active again.
+
+    Running workers watch the registry and switch to it between batches.
+    """
+    from model import ArtefactCorrupt
+
+    registry = _registry()
+    old = registry.active_version()
+    try:
+        version = registry.rollback()
+    except LookupError as exc:
+        raise click.ClickException("No previous model version to roll back to.") from exc
+    except (FileNotFoundError, ArtefactCorrupt) as exc:
+        raise click.ClickException(f"Cannot roll back to {registry.previous_version()!r}: {exc}. "
+                                   f"The active version is still {old or 'none'}.") from exc  # fmt: skip
+    click.echo(f"{version} is now active again (was {old or 'none'})")
+
+
 # -- helpers -------------------------------------------------------------------------------------------------
 
 
@@ -220,6 +311,12 @@ def _quiet_logs() -> None:
     # In a chat the terminal belongs to the conversation; warnings still show.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def _registry() -> ModelRegistry:
+    from model import ModelRegistry  # light: no TensorFlow
+
+    return ModelRegistry(get_settings().registry_dir)
 
 
 def _settings(**overrides: object) -> Settings:
