@@ -5,6 +5,11 @@ What is here so far:
 - synthetic photos (:data:`SYNTHETIC_CLASSES`, :func:`synthetic_photo`,
   :func:`synthetic_jpeg`, :func:`make_synthetic_dataset`): classes that differ by
   shape only, so a fresh offline machine has something real to train on;
+- datasets (:func:`scan_folder`, :func:`read_manifest`, :func:`check_samples`,
+  :func:`stratified_split`, :func:`save_split`, :func:`load_split`,
+  :func:`make_tf_dataset`): labelled photos listed, checked, split once and
+  streamed to Keras through ``model.load_image`` (TensorFlow is imported only
+  when a ``tf.data`` pipeline is made);
 - :func:`build_demo_model`: trains a small classifier on them and puts it in the
   model registry as version ``demo``.
 
@@ -17,6 +22,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from training._dataset import (
+    Sample,
+    Split,
+    SplitChanged,
+    check_samples,
+    load_split,
+    make_tf_dataset,
+    read_manifest,
+    save_split,
+    scan_folder,
+    stratified_split,
+)
 from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_jpeg, synthetic_photo
 
 if TYPE_CHECKING:
@@ -24,8 +41,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SYNTHETIC_CLASSES",
+    "Sample",
+    "Split",
+    "SplitChanged",
     "build_demo_model",
+    "check_samples",
+    "load_split",
     "make_synthetic_dataset",
+    "make_tf_dataset",
+    "read_manifest",
+    "save_split",
+    "scan_folder",
+    "stratified_split",
     "synthetic_jpeg",
     "synthetic_photo",
 ]
