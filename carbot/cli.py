@@ -188,6 +188,45 @@ def stats(as_json: bool) -> None:
         click.echo(f"  {version}: {row['predictions']} predictions, {row['up']} 👍, {row['down']} 👎")
 
 
+@main.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", default="resnet50", show_default=True, help="resnet50, resnet50v2, mobilenetv3small, tiny.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet, none, or the path of a backbone weights file (no download needed).")  # fmt: skip
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--head-epochs", type=int, default=10, show_default=True, help="Phase 1: the head on a frozen backbone.")
+@click.option("--finetune-epochs", type=int, default=20, show_default=True, help="Phase 2: upper backbone blocks.")
+@click.option("--learning-rate", type=float, default=0.01, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--version", help="The new version's name (default: v<UTC timestamp>).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints, the split and logs; the same folder resumes an interrupted run.")  # fmt: skip
+@click.option("--activate", is_flag=True, help="Make the new version active when it is saved.")
+def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: int, head_epochs: int,
+          finetune_epochs: int, learning_rate: float, seed: int, version: str | None, work_dir: Path | None,
+          activate: bool) -> None:  # fmt: skip
+    """Train a classifier on DATA (a folder per class, or a CSV manifest `path,label`) with the study's recipe."""
+    from training import TrainConfig
+    from training import train as run_training
+
+    config = TrainConfig(
+        backbone=backbone,
+        image_size=image_size,
+        weights=None if weights.lower() == "none" else weights,
+        batch_size=batch_size,
+        head_epochs=head_epochs,
+        finetune_epochs=finetune_epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    artefact = run_training(data, get_settings().registry_dir, config, version=version, work_dir=work_dir,
+                            activate=activate)  # fmt: skip
+    metrics = artefact.metrics
+    click.echo(f"saved {artefact.version} in {artefact.path}: test accuracy {metrics.get('test_accuracy', 0):.1%}, "
+               f"top-3 {metrics.get('test_top3_accuracy', 0):.1%} (report: {artefact.path / 'report.md'})")  # fmt: skip
+
+
 @main.command("purge-photos")
 def purge_photos() -> None:
     """Delete stored photos older than the retention setting (the bots also do this when they start)."""

@@ -139,3 +139,18 @@ def test_rollback_without_a_previous_version_fails_cleanly(registry):
     assert result.exit_code == 1
     assert "No previous model version" in result.output
     assert registry.active_version() == "v1"
+
+
+def test_train_saves_a_new_version_with_its_report_and_can_activate_it(registry, tmp_path):
+    from training import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "photos", per_class=6, size=(64, 48), seed=3)
+    result = run("train", str(data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "8", "--head-epochs", "1", "--finetune-epochs", "1", "--version", "trained",
+                 "--activate")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "saved trained" in result.output and "test accuracy" in result.output
+    assert registry.active_version() == "trained"
+    artefact = registry.active()
+    assert len(artefact.labels) == 6 and "test_accuracy" in artefact.metrics
+    assert (artefact.path / "report.md").is_file() and (artefact.path / "confusion_matrix.png").is_file()

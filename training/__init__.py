@@ -10,6 +10,12 @@ What is here so far:
   :func:`make_tf_dataset`): labelled photos listed, checked, split once and
   streamed to Keras through ``model.load_image`` (TensorFlow is imported only
   when a ``tf.data`` pipeline is made);
+- evaluation (:class:`Evaluation`, :func:`evaluate`, :func:`write_report`):
+  accuracy, top-3, confusion matrix, per-class precision/recall/F1 (NumPy), and
+  the report written into a model artefact (matplotlib, imported when drawing);
+- the training recipe (:class:`TrainConfig`, :func:`train`): a labelled folder or
+  CSV manifest in, a two-phase transfer-learning run (head, then fine-tuning;
+  resumable), a model version in the registry out;
 - :func:`build_demo_model`: trains a small classifier on them and puts it in the
   model registry as version ``demo``.
 
@@ -38,14 +44,19 @@ from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synth
 
 if TYPE_CHECKING:
     from training._demo import build_demo_model
+    from training._evaluation import Evaluation, evaluate, write_report
+    from training._recipe import TrainConfig, train
 
 __all__ = [
     "SYNTHETIC_CLASSES",
+    "Evaluation",
     "Sample",
     "Split",
     "SplitChanged",
+    "TrainConfig",
     "build_demo_model",
     "check_samples",
+    "evaluate",
     "load_split",
     "make_synthetic_dataset",
     "make_tf_dataset",
@@ -55,10 +66,19 @@ __all__ = [
     "stratified_split",
     "synthetic_jpeg",
     "synthetic_photo",
+    "train",
+    "write_report",
 ]
 
-# Public name -> private module that defines it and imports Keras.
-_LAZY = {"build_demo_model": "training._demo"}
+# Public name -> private module that defines it and imports Keras (or matplotlib) when used.
+_LAZY = {
+    "build_demo_model": "training._demo",
+    "Evaluation": "training._evaluation",
+    "evaluate": "training._evaluation",
+    "write_report": "training._evaluation",
+    "TrainConfig": "training._recipe",
+    "train": "training._recipe",
+}
 
 
 def __getattr__(name: str) -> Any:

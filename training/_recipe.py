@@ -1,0 +1,492 @@
+"""The training recipe: a labelled folder of photos in, a model version in the registry out.
+
+It follows the original study (and keras-io's transfer-learning example) in two phases:
+
+1. list the photos (a folder per class, or a ``path,label`` CSV manifest) and set aside
+   the ones that cannot be read, reporting them;
+2. split them per class into train / validation / test once, and keep that split in
+   ``work_dir/split.csv`` so that a rerun is evaluated on the very same test photos;
+3. stream them with ``tf.data`` (decoded by the worker's own ``model.load_image``),
+   augmenting the training batches with flips, small rotations, zooms, shifts and
+   contrast changes;
+4. weight the classes "balanced" (``n_samples / (n_classes * count)``), since real
+   car-model folders are imbalanced;
+5. phase 1, the head: the backbone frozen, SGD with momentum whose learning rate decays
+   per epoch from ``lr`` to ``lr / finetune_lr_divisors[0]``;
+6. phase 2, fine-tuning: the upper ``finetune_fraction`` of the backbone's layers
+   unfrozen (BatchNorm layers stay frozen, in inference mode, over pretrained
+   weights; a randomly initialised backbone trains them too), SGD decaying from
+   ``lr / 5`` to ``lr / 10``;
+7. evaluate on the test split, save the artefact in the registry, optionally activate it.
+
+Both phases stop early when the validation loss stops improving (keeping the best
+weights) and cut the learning rate on plateaus. After every epoch the weights and a small
+JSON state (phase, epoch, history) are written to `work_dir`, so an interrupted run
+started again with the same `work_dir` and config continues where it stopped. On a GPU
+the model runs in mixed precision and XLA-compiled; on a CPU in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from model import Artefact, ModelRegistry, Preprocessing, build_classifier, read_artefact, save_artefact
+from training._dataset import (
+    Sample,
+    Split,
+    check_samples,
+    load_split,
+    make_tf_dataset,
+    read_manifest,
+    save_split,
+    scan_folder,
+    stratified_split,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.csv"
+STATE_FILE = "state.json"
+CHECKPOINT_FILE = "checkpoint.weights.h5"
+LOG_DIR = "logs"
+
+HEAD, FINETUNE, DONE = "head", "finetune", "done"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (stored in the artefact's ``extra["config"]``)."""
+
+    backbone: str = "resnet50"
+    image_size: int = 224
+    weights: str | Path | None = "imagenet"  # "imagenet", a backbone weights file, or None (random)
+    batch_size: int = 32
+    head_epochs: int = 10
+    finetune_epochs: int = 20
+    learning_rate: float = 0.01
+    finetune_lr_divisors: tuple[float, float] = (5, 10)  # fine-tuning decays from lr/5 to lr/10
+    momentum: float = 0.9
+    dropout: float = 0.1
+    l2: float = 0.001
+    finetune_fraction: float = 0.3  # upper share of the backbone's layers unfrozen in phase 2
+    validation: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    patience: int = 5
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs < 1:
+            raise ValueError("head_epochs and finetune_epochs must be >= 0, and not both 0")
+        if not 0.0 <= self.finetune_fraction <= 1.0:
+            raise ValueError(f"finetune_fraction must be in [0, 1], not {self.finetune_fraction}")
+        if self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("batch_size must be >= 1 and learning_rate > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as plain JSON values (paths as str, tuples as lists)."""
+        d = asdict(self)
+        if isinstance(d["weights"], Path):
+            d["weights"] = str(d["weights"])
+        d["finetune_lr_divisors"] = list(d["finetune_lr_divisors"])
+        return d
+
+
+def train(
+    data: Path,
+    registry_root: Path,
+    config: TrainConfig,
+    *,
+    version: str | None = None,
+    work_dir: Path | None = None,
+    activate: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Artefact:
+    """Train a classifier on `data` (a folder per class, or a ``.csv`` manifest) and save it in the registry.
+
+    `work_dir` keeps the split, the checkpoints, the resume state and the TensorBoard logs;
+    running again with the same `work_dir` reuses the split and resumes an interrupted run.
+    Without one, ``registry_root/.train-<version>`` is used and removed after success.
+    `callbacks` are extra Keras callbacks for both phases (run after the recipe's own).
+    Returns the saved artefact.
+    """
+    started = time.monotonic()
+    data, registry_root = Path(data), Path(registry_root)
+    version = version or "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    own_work_dir = work_dir is None
+    work_dir = Path(work_dir) if work_dir is not None else registry_root / f".train-{version}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    preprocessing = Preprocessing(image_size=config.image_size)
+
+    def say(message: str) -> None:
+        log.info(message)
+        if progress:
+            print(f"[train {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    # 1. The photos, without the unreadable ones.
+    samples = read_manifest(data) if data.suffix.lower() == ".csv" else scan_folder(data)
+    samples, bad = check_samples(samples, preprocessing)
+    for sample, reason in bad:
+        log.warning("skipping unreadable photo %s: %s", sample.path, reason)
+    skipped = [{"path": str(sample.path), "label": sample.label, "reason": reason} for sample, reason in bad]
+    say(f"{len(samples)} readable photos, {len(bad)} skipped as unreadable")
+
+    # 2. The split, made once and reused.
+    split = _split(samples, work_dir / SPLIT_FILE, config)
+    labels = list(split.labels)
+    counts = {name: len(part) for name, part in split.parts().items()}
+    say(f"{len(labels)} classes; split {counts['train']} / {counts['validation']} / {counts['test']} (train/val/test)")
+    if not split.train or not split.validation or not split.test:
+        raise ValueError(f"every split part needs photos, got {counts}; add photos or change the fractions")
+
+    # 3. tf.data pipelines.
+    train_ds = make_tf_dataset(
+        split.train, labels, preprocessing, batch_size=config.batch_size, shuffle=True, seed=config.seed, cache=True
+    )
+    if config.augment:
+        train_ds = train_ds.map(_augmenter(config.seed), num_parallel_calls=tf.data.AUTOTUNE)
+    val_ds = make_tf_dataset(split.validation, labels, preprocessing, batch_size=config.batch_size, cache=True)
+    test_ds = make_tf_dataset(split.test, labels, preprocessing, batch_size=config.batch_size)
+
+    # 4. Balanced class weights.
+    class_weight = _balanced_class_weights(split.train, labels)
+
+    # 7. Mixed precision and XLA on a GPU only.
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    previous_policy = keras.mixed_precision.global_policy().name
+    if gpu:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(config.seed)
+        network = build_classifier(
+            len(labels),
+            backbone=config.backbone,
+            image_size=config.image_size,
+            weights=config.weights,
+            dropout=config.dropout,
+            l2=config.l2,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    state = _State.load(work_dir, config, split.fingerprint)
+    resumed_from = None
+    if state.phase != HEAD or state.epoch > 0:
+        resumed_from = {"phase": state.phase, "epoch": state.epoch}
+        network.load_weights(work_dir / CHECKPOINT_FILE)
+        say(f"resuming from {work_dir}: phase {state.phase!r}, {state.epoch} epoch(s) done")
+    fit_args = {
+        "train": train_ds,
+        "validation": val_ds,
+        "class_weight": class_weight,
+        "verbose": 1 if progress else 2,
+        "jit_compile": gpu,
+        "extra_callbacks": list(callbacks),
+    }
+
+    # 5. Phase 1: the head alone on the frozen backbone.
+    if state.phase == HEAD:
+        network.get_layer("backbone").trainable = False
+        head_lr = (config.learning_rate, config.learning_rate / config.finetune_lr_divisors[0])
+        say(f"phase 1: training the head for up to {config.head_epochs} epochs")
+        _fit_phase(network, config, state, HEAD, config.head_epochs, head_lr, work_dir, **fit_args)
+        state.advance(FINETUNE)
+        network.save_weights(work_dir / CHECKPOINT_FILE)
+        state.save()
+
+    # 6. Phase 2: fine-tune the upper part of the backbone.
+    if state.phase == FINETUNE:
+        # BatchNorm stays frozen over pretrained statistics; random ones (weights=None) have nothing to protect.
+        keep_bn = config.weights is not None
+        unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=keep_bn)
+        lr = config.learning_rate
+        finetune_lr = (lr / config.finetune_lr_divisors[0], lr / config.finetune_lr_divisors[1])
+        say(f"phase 2: fine-tuning {unfrozen} backbone layers for up to {config.finetune_epochs} epochs")
+        _fit_phase(network, config, state, FINETUNE, config.finetune_epochs, finetune_lr, work_dir, **fit_args)
+        state.advance(DONE)
+        network.save_weights(work_dir / CHECKPOINT_FILE)
+        state.save()
+
+    # 8. Evaluate on the test split, save, activate.
+    metrics, evaluation = _evaluate(network, test_ds, labels, len(split.test))
+    say(f"test accuracy {metrics['test_accuracy']:.3f}, top-3 {metrics['test_top3_accuracy']:.3f}")
+    registry = ModelRegistry(registry_root)
+    with registry.staging(version) as staging_dir:
+        save_artefact(
+            network,
+            staging_dir,
+            version=version,
+            labels=labels,
+            backbone=config.backbone,
+            preprocessing=preprocessing,
+            dropout=config.dropout,
+            l2=config.l2,
+            metrics=metrics,
+            data_fingerprint=split.fingerprint,
+            extra={
+                "config": config.to_json(),
+                "data": str(data),
+                "skipped": skipped,
+                "counts": {**counts, "classes": len(labels), "skipped": len(skipped)},
+                "history": state.history,
+                "resumed_from": resumed_from,
+                "mixed_precision": gpu,
+            },
+        )
+        if evaluation is not None:
+            _write_report(evaluation, staging_dir, state.history, version)
+    if activate:
+        registry.activate(version)
+    say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
+    if own_work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return read_artefact(registry.path_for(version))
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+def _split(samples: list[Sample], path: Path, config: TrainConfig) -> Split:
+    if path.exists():
+        return load_split(path)
+    split = stratified_split(samples, validation=config.validation, test=config.test, seed=config.seed)
+    save_split(split, path)
+    return split
+
+
+def _augmenter(seed: int) -> Any:
+    """A tf.data map function: random flips, rotations, zooms, shifts and contrast on float pixels."""
+    augment = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.05, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+            keras.layers.RandomTranslation(0.05, 0.05, seed=seed),
+            keras.layers.RandomContrast(0.1, seed=seed),
+        ],
+        name="augmentation",
+    )
+
+    def apply(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # The model's input is float32 0..255 pixels.
+        augmented = augment(tf.cast(images, tf.float32), training=True)
+        return tf.clip_by_value(augmented, 0.0, 255.0), targets
+
+    return apply
+
+
+def _balanced_class_weights(samples: Sequence[Sample], labels: Sequence[str]) -> dict[int, float]:
+    """``n_samples / (n_classes * count_c)`` for every class (1.0 for a class with no training photo)."""
+    count = Counter(sample.label for sample in samples)
+    n = len(samples)
+    return {i: (n / (len(labels) * count[label]) if count[label] else 1.0) for i, label in enumerate(labels)}
+
+
+# --------------------------------------------------------------------------
+# Training
+
+
+class _State:
+    """Where a run stands (phase, epochs done, history), kept in ``work_dir/state.json``."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+
+    @classmethod
+    def load(cls, work_dir: Path, config: TrainConfig, fingerprint: str) -> _State:
+        path = work_dir / STATE_FILE
+        identity = {"config": config.to_json(), "data_fingerprint": fingerprint}
+        if path.exists() and (work_dir / CHECKPOINT_FILE).exists():
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            saved = {"config": meta.get("config"), "data_fingerprint": meta.get("data_fingerprint")}
+            if saved != identity:
+                raise ValueError(
+                    f"{path} belongs to a run with another config or data; use another work_dir "
+                    f"or delete {path} to start again"
+                )
+            return cls(path, meta)
+        return cls(path, {**identity, "phase": HEAD, "epoch": 0, "history": {HEAD: {}, FINETUNE: {}}})
+
+    @property
+    def phase(self) -> str:
+        return self.meta["phase"]
+
+    @property
+    def epoch(self) -> int:
+        return self.meta["epoch"]
+
+    @property
+    def history(self) -> dict[str, dict[str, list[float]]]:
+        return self.meta["history"]
+
+    def record(self, epoch: int, logs: dict[str, Any]) -> None:
+        """Epoch `epoch` (0-based) of the current phase is done, with these logs."""
+        history = self.history[self.phase]
+        for key, value in logs.items():
+            values = history.setdefault(key, [])
+            del values[epoch:]  # a resumed epoch replaces one a crash left half-recorded
+            values.append(float(value))
+        self.meta["epoch"] = epoch + 1
+
+    def advance(self, phase: str) -> None:
+        self.meta["phase"], self.meta["epoch"] = phase, 0
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.meta, indent=1), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+class _SaveState(keras.callbacks.Callback):
+    """After each epoch (and after the checkpoint was written), record it in the state file."""
+
+    def __init__(self, state: _State) -> None:
+        super().__init__()
+        self.state = state
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.state.record(epoch, logs or {})
+        self.state.save()
+
+
+def _epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
+    """Geometric decay from `start` (epoch 0) to `end` (the last epoch)."""
+    if epochs <= 1:
+        return start
+    return start * (end / start) ** (min(epoch, epochs - 1) / (epochs - 1))
+
+
+def _fit_phase(
+    network: keras.Model,
+    config: TrainConfig,
+    state: _State,
+    phase: str,
+    epochs: int,
+    lr_range: tuple[float, float],
+    work_dir: Path,
+    *,
+    train: tf.data.Dataset,
+    validation: tf.data.Dataset,
+    class_weight: dict[int, float],
+    verbose: int,
+    jit_compile: bool,
+    extra_callbacks: list[keras.callbacks.Callback],
+) -> None:
+    """Compile `network` for this phase and fit it from ``state.epoch`` up to `epochs`."""
+    initial_epoch = state.epoch
+    if initial_epoch >= epochs:
+        return
+
+    # Decay per epoch, multiplicatively on the current rate, so ReduceLROnPlateau's cuts persist.
+    def schedule(epoch: int, lr: float) -> float:
+        if epoch == initial_epoch:
+            return lr
+        return lr * _epoch_lr(*lr_range, epochs, epoch) / _epoch_lr(*lr_range, epochs, epoch - 1)
+
+    network.compile(
+        optimizer=keras.optimizers.SGD(
+            learning_rate=_epoch_lr(*lr_range, epochs, initial_epoch), momentum=config.momentum
+        ),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy")],
+        jit_compile=jit_compile,
+    )
+    recipe_callbacks = [
+        keras.callbacks.LearningRateScheduler(schedule),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, config.patience // 2)),
+        keras.callbacks.ModelCheckpoint(str(work_dir / CHECKPOINT_FILE), save_weights_only=True),
+        _SaveState(state),  # after the checkpoint: the state never names an epoch not yet saved
+    ]
+    if _has_tensorboard():  # tf.summary needs the tensorboard package, which tensorflow-cpu may lack
+        recipe_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work_dir / LOG_DIR / phase)))
+    else:
+        log.info("tensorboard is not installed: no TensorBoard logs in %s", work_dir / LOG_DIR)
+    network.fit(
+        train,
+        validation_data=validation,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        class_weight=class_weight,
+        callbacks=recipe_callbacks + extra_callbacks,
+        shuffle=False,  # the pipeline shuffles
+        verbose=verbose,
+    )
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
+    """Make the upper `fraction` of the backbone's layers trainable (BatchNorm excepted); return how many."""
+    backbone.trainable = True
+    layers = backbone.layers
+    first = len(layers) - math.ceil(len(layers) * fraction)
+    unfrozen = 0
+    for i, layer in enumerate(layers):
+        batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        trainable = i >= first and not (batchnorm and freeze_batchnorm)
+        layer.trainable = trainable
+        unfrozen += trainable and bool(layer.weights)
+    return unfrozen
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+
+
+def _evaluate(
+    network: keras.Model, test: tf.data.Dataset, labels: Sequence[str], n_test: int
+) -> tuple[dict[str, Any], Any]:
+    """Test-split metrics, and the evaluation module's ``Evaluation`` when that module exists."""
+    try:
+        from training._evaluation import evaluate
+    except ImportError:  # the evaluation module is optional: accuracy and top-3 are computed here then
+        return {**_keras_metrics(network, test), "test_images": n_test}, None
+    evaluation = evaluate(lambda images: network.predict_on_batch(images), test.as_numpy_iterator(), list(labels))
+    metrics: dict[str, Any] = {}
+    for key, value in evaluation.metrics().items():
+        metrics[key if key.startswith("test_") else f"test_{key}"] = value
+    return metrics, evaluation
+
+
+def _keras_metrics(network: keras.Model, test: tf.data.Dataset) -> dict[str, float]:
+    probabilities, targets = [], []
+    for images, batch_targets in test:
+        probabilities.append(np.asarray(network.predict_on_batch(images), dtype=np.float32))
+        targets.append(batch_targets.numpy())
+    p, y = np.concatenate(probabilities), np.concatenate(targets)
+    top3 = np.argsort(-p, axis=1)[:, :3]
+    return {
+        "test_accuracy": float(np.mean(p.argmax(axis=1) == y)),
+        "test_top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
+    }
+
+
+def _write_report(evaluation: Any, directory: Path, history: dict[str, dict[str, list[float]]], version: str) -> None:
+    from training._evaluation import write_report
+
+    # One series per metric across both phases, like a single Keras History.
+    keys = {key for phase in (HEAD, FINETUNE) for key in history.get(phase, {})}
+    flat = {key: history.get(HEAD, {}).get(key, []) + history.get(FINETUNE, {}).get(key, []) for key in sorted(keys)}
+    write_report(evaluation, directory, history=flat, title=f"Model {version}")
