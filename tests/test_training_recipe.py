@@ -67,6 +67,7 @@ def test_recipe_trains_an_accurate_model_and_reuses_its_split(dataset: Path, tmp
     assert sum(extra["counts"][part] for part in ("train", "validation", "test")) == 6 * 150
     assert 1 <= len(extra["history"]["finetune"]["loss"]) <= 20
     assert (work_dir / "split.csv").is_file()
+    assert list((work_dir / "logs").rglob("events.out.tfevents.*"))  # TensorBoard logs of the run
 
     # A second version from the same work_dir is tested on the very same photos.
     split = load_split(work_dir / "split.csv")

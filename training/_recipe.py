@@ -414,11 +414,8 @@ def _fit_phase(
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, config.patience // 2)),
         keras.callbacks.ModelCheckpoint(str(work_dir / CHECKPOINT_FILE), save_weights_only=True),
         _SaveState(state),  # after the checkpoint: the state never names an epoch not yet saved
+        keras.callbacks.TensorBoard(log_dir=str(work_dir / LOG_DIR / phase)),
     ]
-    if _has_tensorboard():  # tf.summary needs the tensorboard package, which tensorflow-cpu may lack
-        recipe_callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work_dir / LOG_DIR / phase)))
-    else:
-        log.info("tensorboard is not installed: no TensorBoard logs in %s", work_dir / LOG_DIR)
     network.fit(
         train,
         validation_data=validation,
@@ -429,12 +426,6 @@ def _fit_phase(
         shuffle=False,  # the pipeline shuffles
         verbose=verbose,
     )
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
