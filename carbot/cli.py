@@ -227,6 +227,19 @@ def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: 
                f"top-3 {metrics.get('test_top3_accuracy', 0):.1%} (report: {artefact.path / 'report.md'})")  # fmt: skip
 
 
+@main.command("bench-training")
+@click.option("--photos", type=int, default=600, show_default=True, help="640x480 JPEGs to read per pipeline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Save results here.")
+def bench_training(photos: int, json_path: Path | None) -> None:
+    """The training input pipeline against Keras' ImageDataGenerator, and training-step throughput, side by side."""
+    from training._input_bench import format_table, run_input_benchmark
+
+    results = run_input_benchmark(photos=photos)
+    click.echo(format_table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+
+
 @main.command("purge-photos")
 def purge_photos() -> None:
     """Delete stored photos older than the retention setting (the bots also do this when they start)."""

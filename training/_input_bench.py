@@ -1,0 +1,265 @@
+"""Training input-pipeline benchmark: the study's ``ImageDataGenerator`` against this project's ``tf.data``.
+
+One run measures, side by side on the same folder of synthetic JPEGs (written by
+:func:`training.make_synthetic_dataset` at a phone-like 640x480):
+
+1. **input pipeline**, images/s over one full epoch each, after a warm-up batch:
+
+   - the original study's way, ``ImageDataGenerator().flow_from_directory(folder,
+     target_size=(S, S), batch_size=B, class_mode="categorical")``. Keras 3 dropped
+     ``ImageDataGenerator`` from its public API; it still ships as
+     ``keras.src.legacy.preprocessing.image.ImageDataGenerator``, which is what is
+     imported here (a private path: it may disappear in a later Keras);
+   - this project's :func:`training.make_tf_dataset` (``model.load_image`` in parallel
+     through ``tf.data``), uncached, and cached (``cache=True``: the epoch that fills the
+     cache, then a second epoch served from memory);
+
+   and the ratio tf.data / ImageDataGenerator, with a target of at least 3x.
+2. **training step throughput**, images/s of ``train_on_batch`` for each backbone on one
+   fixed batch (uint8 pixels converted to float32), SGD, after 2 warm-up steps: how fast
+   the model could consume images, to put the pipelines' rates in context.
+
+The machine is shared and noisy: the ratios are the claim, not the absolute rates.
+TensorFlow and Keras are imported when the benchmark runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import Preprocessing
+from training._dataset import check_samples, make_tf_dataset, scan_folder
+from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+
+PHOTO_SIZE = (640, 480)
+RATIO_TARGET = 3.0
+IDG_IMPORT = "keras.src.legacy.preprocessing.image.ImageDataGenerator"
+WARMUP_STEPS = 2
+
+
+def run_input_benchmark(
+    *,
+    photos: int = 600,
+    image_size: int = 224,
+    batch_size: int = 32,
+    steps_backbones: Sequence[str] = ("tiny", "resnet50"),
+    train_steps: int = 10,
+    work_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole benchmark once and return every figure (JSON-serialisable).
+
+    `photos` is rounded up to a multiple of the number of synthetic classes. The JPEGs
+    go to `work_dir` (kept) or to a temporary folder (removed afterwards).
+    """
+    if photos < 1 or image_size < 1 or batch_size < 1 or train_steps < 1:
+        raise ValueError("photos, image_size, batch_size and train_steps must be at least 1")
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[bench-training] {message}", file=sys.stderr, flush=True)
+
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        return _run(Path(work_dir), photos, image_size, batch_size, steps_backbones, train_steps, say)
+    with tempfile.TemporaryDirectory(prefix="carbot-input-bench-") as tmp:
+        return _run(Path(tmp), photos, image_size, batch_size, steps_backbones, train_steps, say)
+
+
+def _run(
+    work_dir: Path,
+    photos: int,
+    image_size: int,
+    batch_size: int,
+    backbones: Sequence[str],
+    train_steps: int,
+    say: Any,
+) -> dict[str, Any]:
+    classes = SYNTHETIC_CLASSES
+    per_class = math.ceil(photos / len(classes))
+    folder = work_dir / "photos"
+    say(f"writing {per_class * len(classes)} synthetic {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs to {folder}")
+    started = time.perf_counter()
+    make_synthetic_dataset(folder, per_class=per_class, size=PHOTO_SIZE, classes=classes)
+    generate_s = time.perf_counter() - started
+
+    preprocessing = Preprocessing(image_size=image_size)
+    samples, bad = check_samples(scan_folder(folder), preprocessing)
+    if bad:
+        raise RuntimeError(f"unreadable synthetic photos: {bad[:3]}")
+    labels = sorted({s.label for s in samples})
+    n = len(samples)
+
+    import keras
+    import tensorflow as tf
+
+    say(f"ImageDataGenerator.flow_from_directory: one epoch of {n} photos")
+    idg = _bench_image_data_generator(folder, image_size, batch_size, n)
+    say(f"  {idg['images_per_s']:.1f} images/s")
+
+    say("tf.data (make_tf_dataset): one epoch, uncached")
+    dataset = make_tf_dataset(samples, labels, preprocessing, batch_size=batch_size, shuffle=True)
+    tfdata = _bench_tf_dataset(dataset, n)
+    say(f"  {tfdata['images_per_s']:.1f} images/s")
+
+    say("tf.data with cache=True: the epoch that fills the cache, then a cached epoch")
+    cached_ds = make_tf_dataset(samples, labels, preprocessing, batch_size=batch_size, shuffle=True, cache=True)
+    filling = _time_epoch(cached_ds, n)  # first batch included: this epoch is the one that decodes
+    cached = _bench_tf_dataset(cached_ds, n, warm_up=False)
+    say(f"  filling {n / filling['seconds']:.1f} images/s, cached {cached['images_per_s']:.1f} images/s")
+
+    ratio = tfdata["images_per_s"] / idg["images_per_s"]
+    training: dict[str, Any] = {}
+    for backbone in backbones:
+        say(f"train_on_batch, {backbone} at {image_size} px, batch {batch_size}: {train_steps} steps")
+        training[backbone] = _bench_train_steps(backbone, len(labels), image_size, batch_size, train_steps)
+        say(f"  {training[backbone]['images_per_s']:.1f} images/s")
+
+    return {
+        "photos": n,
+        "photo_size": list(PHOTO_SIZE),
+        "classes": len(labels),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "generate_s": generate_s,
+        "input_pipeline": {
+            "image_data_generator": idg,
+            "tf_data": tfdata,
+            "tf_data_cache_fill": {"images": n, "seconds": filling["seconds"], "images_per_s": n / filling["seconds"]},
+            "tf_data_cached": cached,
+        },
+        "ratio_tf_data_over_idg": ratio,
+        "ratio_cached_over_idg": cached["images_per_s"] / idg["images_per_s"],
+        "ratio_target": RATIO_TARGET,
+        "ratio_pass": bool(ratio >= RATIO_TARGET),
+        "training_steps": training,
+        "machine": _machine_info(tf.__version__, keras.__version__),
+    }
+
+
+def _bench_image_data_generator(folder: Path, image_size: int, batch_size: int, n: int) -> dict[str, Any]:
+    """The study's pipeline: default ``ImageDataGenerator()`` (no augmentation), its default shuffle."""
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    iterator = ImageDataGenerator().flow_from_directory(
+        str(folder), target_size=(image_size, image_size), batch_size=batch_size, class_mode="categorical", seed=0
+    )
+    if iterator.samples != n:
+        raise RuntimeError(f"flow_from_directory found {iterator.samples} photos, expected {n}")
+    next(iterator)  # warm-up batch
+    images = 0
+    started = time.perf_counter()
+    while images < n:
+        x, _ = next(iterator)
+        images += len(x)
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "import": IDG_IMPORT}
+
+
+def _bench_tf_dataset(dataset: Any, n: int, *, warm_up: bool = True) -> dict[str, Any]:
+    if warm_up:
+        for _ in dataset.take(1):  # warm-up batch: traces the pipeline, starts the threads
+            pass
+    return _time_epoch(dataset, n)
+
+
+def _time_epoch(dataset: Any, n: int) -> dict[str, Any]:
+    images = 0
+    started = time.perf_counter()
+    for x, _ in dataset:
+        images += int(x.shape[0])
+    seconds = time.perf_counter() - started
+    if images != n:
+        raise RuntimeError(f"tf.data gave {images} images in an epoch, expected {n}")
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def _bench_train_steps(backbone: str, classes: int, image_size: int, batch_size: int, steps: int) -> dict[str, Any]:
+    import keras
+
+    from model import build_classifier
+
+    keras.backend.clear_session()
+    model = build_classifier(classes, backbone=backbone, image_size=image_size, weights=None)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8).astype(np.float32)
+    y = rng.integers(0, classes, size=(batch_size,), dtype=np.int32)
+    for _ in range(WARMUP_STEPS):
+        model.train_on_batch(x, y)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - started)
+    seconds = sum(times)
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "step_ms_median": float(np.median(times) * 1000),
+        "images_per_s": steps * batch_size / seconds,
+        "parameters": int(model.count_params()),
+    }
+
+
+def _machine_info(tf_version: str, keras_version: str) -> dict[str, Any]:
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": load,
+        "tensorflow": tf_version,
+        "keras": keras_version,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A small Markdown table of the results, with the tf.data / ImageDataGenerator verdict."""
+    pipe = results["input_pipeline"]
+    s, b = results["image_size"], results["batch_size"]
+    w, h = results["photo_size"]
+    machine = results["machine"]
+    lines = [
+        f"{results['photos']} photos at {w}x{h} -> {s} px, batches of {b}; "
+        f"{machine['usable_cpus']} CPUs, TensorFlow {machine['tensorflow']}, Keras {machine['keras']}",
+        "",
+        "| pipeline | images/s | epoch s |",
+        "|----------|---------:|--------:|",
+    ]
+    rows = [
+        (f"ImageDataGenerator.flow_from_directory (`{IDG_IMPORT}`)", pipe["image_data_generator"]),
+        ("tf.data `make_tf_dataset`, uncached", pipe["tf_data"]),
+        ("tf.data `make_tf_dataset`, cache=True, filling epoch", pipe["tf_data_cache_fill"]),
+        ("tf.data `make_tf_dataset`, cache=True, cached epoch", pipe["tf_data_cached"]),
+    ]
+    for name, figures in rows:
+        lines.append(f"| {name} | {figures['images_per_s']:.1f} | {figures['seconds']:.2f} |")
+    for backbone, figures in results["training_steps"].items():
+        lines.append(
+            f"| train_on_batch `{backbone}` ({figures['steps']} steps, median {figures['step_ms_median']:.0f} ms) "
+            f"| {figures['images_per_s']:.1f} | |"
+        )
+    verdict = "PASS" if results["ratio_pass"] else "MISS"
+    lines += [
+        "",
+        f"tf.data / ImageDataGenerator: {results['ratio_tf_data_over_idg']:.2f}x "
+        f"(target >= {results['ratio_target']:.0f}x): {verdict}; "
+        f"cached tf.data / ImageDataGenerator: {results['ratio_cached_over_idg']:.2f}x",
+    ]
+    return "\n".join(lines)
