@@ -16,6 +16,14 @@ from training import SYNTHETIC_CLASSES, TrainConfig, load_split, make_synthetic_
 IMAGE_SIZE = 48
 
 
+@pytest.fixture(scope="module", autouse=True)
+def deterministic_kernels():
+    """Same seed, same run: multi-threaded CPU kernels otherwise make the accuracy wander from run to run."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
 def small_config(**changes: object) -> TrainConfig:
     settings = {
         "backbone": "tiny",
