@@ -1,4 +1,4 @@
-"""The demo model: trained from nothing, saved in the registry, and right about fresh photos."""
+"""The demo model: made by the training recipe from nothing, saved in the registry, and right about fresh photos."""
 
 from __future__ import annotations
 
@@ -8,28 +8,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import ModelRegistry, Predictor, load_image
+from model import ModelRegistry, Predictor, load_image, read_artefact
 from training import SYNTHETIC_CLASSES, build_demo_model, synthetic_jpeg
 
 
 @pytest.mark.slow
-def test_demo_model_is_trained_saved_activated_and_right(tmp_path: Path) -> None:
-    registry_root = tmp_path / "models"
-    artefact = build_demo_model(registry_root, progress=False)
-
-    registry = ModelRegistry(registry_root)
+def test_demo_model_is_trained_by_the_recipe_saved_activated_and_right(demo_registry: Path) -> None:
+    registry = ModelRegistry(demo_registry)
     assert registry.active_version() == "demo"
+    artefact = read_artefact(registry.path_for("demo"))
     assert artefact.version == "demo"
-    assert artefact.path == registry.path_for("demo")
-    assert artefact.labels == SYNTHETIC_CLASSES
+    assert artefact.labels == tuple(sorted(SYNTHETIC_CLASSES))  # the recipe's order
     assert artefact.backbone == "tiny"
-    assert artefact.preprocessing.image_size == artefact.image_size
+    assert artefact.preprocessing.image_size == artefact.image_size == 48
 
     metrics = artefact.metrics
+    print("demo model metrics:", metrics)
     assert metrics["test_images"] > 0
     assert metrics["test_accuracy"] >= 0.9
     assert metrics["test_top3_accuracy"] >= metrics["test_accuracy"]
     assert re.fullmatch(r"[0-9a-f]{64}", artefact.meta["data_fingerprint"])
+
+    # Built by train(): its config, both phases' history, and the report any trained model carries.
+    extra = artefact.meta["extra"]
+    assert extra["config"]["backbone"] == "tiny" and extra["config"]["weights"] is None
+    assert extra["history"]["head"]["loss"] and extra["history"]["finetune"]["loss"]
+    assert extra["dataset"].startswith("synthetic shapes")
+    for name in ("report.md", "confusion_matrix.png", "training_curves.png", "classification_report.txt"):
+        assert (artefact.path / name).is_file(), name
+    assert "DEMO CIRCLE" in (artefact.path / "report.md").read_text()
+    assert not list(demo_registry.glob(".train-*"))  # no work dir left behind
 
     # Photos the model never saw (other seeds, the size a phone would send), read the way
     # the worker reads them, through the artefact's own preprocessing.
@@ -45,3 +53,11 @@ def test_demo_model_is_trained_saved_activated_and_right(tmp_path: Path) -> None
     right = np.mean([guesses[0][0] == label for guesses, label in zip(top3, labels, strict=True)])
     assert right >= 0.9, right
     assert all(len(guesses) == 3 for guesses in top3)
+
+
+def test_demo_model_arguments_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="per_class"):
+        build_demo_model(tmp_path, per_class=2, progress=False)
+    with pytest.raises(ValueError):  # the recipe's own check: some epochs are needed
+        build_demo_model(tmp_path, head_epochs=0, finetune_epochs=0, progress=False)
+    assert not ModelRegistry(tmp_path).exists("demo")

@@ -50,11 +50,12 @@ def small_config(**changes: object) -> TrainConfig:
         "image_size": IMAGE_SIZE,
         "weights": None,
         "batch_size": 16,
-        "head_epochs": 2,
-        "finetune_epochs": 20,
-        # The tiny backbone starts from random weights: most learning happens when it is unfrozen.
+        # The tiny backbone starts from random weights, so phase 1 trains the whole network (measured
+        # with deterministic kernels: 0.95 test accuracy; 0.1 diverges from random weights, 0.02 reaches 0.90).
+        "head_epochs": 16,
+        "finetune_epochs": 4,
         "finetune_fraction": 1.0,
-        "learning_rate": 0.2,
+        "learning_rate": 0.05,
         **changes,
     }
     return TrainConfig(**settings)  # type: ignore[arg-type]
@@ -69,10 +70,20 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class _InterruptInFinetuning(keras.callbacks.Callback):
-    """Raise KeyboardInterrupt at the end of the first fine-tuning epoch, as Ctrl-C would."""
+    """Raise KeyboardInterrupt at the end of the first fine-tuning epoch (after one head epoch), as Ctrl-C would.
+
+    Counted in epochs: with random weights the backbone trains in both phases, so whether it
+    is trainable does not tell the phases apart.
+    """
+
+    def __init__(self, head_epochs: int = 1) -> None:
+        super().__init__()
+        self.head_epochs = head_epochs
+        self.epochs_done = 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.model.get_layer("backbone").trainable and epoch == 0:
+        self.epochs_done += 1
+        if self.epochs_done == self.head_epochs + 1:
             raise KeyboardInterrupt
 
 
@@ -93,7 +104,8 @@ def test_recipe_trains_an_accurate_model_and_reuses_its_split(dataset: Path, tmp
     assert [item["path"] for item in extra["skipped"]] == [str(dataset / SYNTHETIC_CLASSES[0] / "broken.jpg")]
     assert extra["counts"]["skipped"] == 1
     assert sum(extra["counts"][part] for part in ("train", "validation", "test")) == 6 * 150
-    assert 1 <= len(extra["history"]["finetune"]["loss"]) <= 20
+    assert 1 <= len(extra["history"]["head"]["loss"]) <= 16
+    assert 1 <= len(extra["history"]["finetune"]["loss"]) <= 4
     assert (work_dir / "split.csv").is_file()
     assert list((work_dir / "logs").rglob("events.out.tfevents.*"))  # TensorBoard logs of the run
 

@@ -19,6 +19,16 @@ It follows the original study (and keras-io's transfer-learning example) in two 
    ``lr / 5`` to ``lr / 10``;
 7. evaluate on the test split, save the artefact in the registry, optionally activate it.
 
+A randomly initialised backbone (``weights=None``: the ``tiny`` test and demo network)
+has no features to protect, and a frozen random backbone gives the head next to nothing
+to learn from, so there phase 1 trains the whole network at the head's learning rate and
+phase 2 becomes an annealing phase at the lower fine-tuning rate over the upper
+``finetune_fraction`` of the backbone (see :func:`run_phases`).
+
+The pieces of :func:`train` (:func:`prepare_data`, :func:`build_network`,
+:func:`run_phases`, :func:`predict_scores`) are what the hyperparameter search
+(``training._tune``) runs for every trial, so a trial is the recipe itself.
+
 Both phases stop early when the validation loss stops improving (keeping the best
 weights) and cut the learning rate on plateaus. After every epoch the weights and a small
 JSON state (phase, epoch, history) are written to `work_dir`, so an interrupted run
@@ -34,7 +44,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +126,7 @@ def train(
     activate: bool = False,
     progress: bool = True,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> Artefact:
     """Train a classifier on `data` (a folder per class, or a ``.csv`` manifest) and save it in the registry.
 
@@ -123,20 +134,105 @@ def train(
     running again with the same `work_dir` reuses the split and resumes an interrupted run.
     Without one, ``registry_root/.train-<version>`` is used and removed after success.
     `callbacks` are extra Keras callbacks for both phases (run after the recipe's own).
+    `extra` is added to what the artefact's ``extra`` records (e.g. where the data came from).
     Returns the saved artefact.
     """
-    started = time.monotonic()
     data, registry_root = Path(data), Path(registry_root)
     version = version or "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     own_work_dir = work_dir is None
     work_dir = Path(work_dir) if work_dir is not None else registry_root / f".train-{version}"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    preprocessing = Preprocessing(image_size=config.image_size)
+    say = reporter("train", progress)
+
+    # 1-4. The photos, split once, streamed, with balanced class weights.
+    prepared = prepare_data(data, work_dir, config, say)
+    labels = prepared.labels
+    network = build_network(config, len(labels))
+
+    state = _State.load(work_dir, config, prepared.split.fingerprint)
+    resumed_from = None
+    if state.phase != HEAD or state.epoch > 0:
+        resumed_from = {"phase": state.phase, "epoch": state.epoch}
+        network.load_weights(work_dir / CHECKPOINT_FILE)
+        say(f"resuming from {work_dir}: phase {state.phase!r}, {state.epoch} epoch(s) done")
+
+    # 5-6. The two phases.
+    run_phases(network, config, state, work_dir, prepared, say=say, verbose=1 if progress else 2, callbacks=callbacks)
+
+    # 7. Evaluate on the test split, save, activate.
+    test_ds = make_tf_dataset(prepared.split.test, labels, prepared.preprocessing, batch_size=config.batch_size)
+    metrics, evaluation = _evaluate(network, test_ds, labels, len(prepared.split.test))
+    say(f"test accuracy {metrics['test_accuracy']:.3f}, top-3 {metrics['test_top3_accuracy']:.3f}")
+    registry = ModelRegistry(registry_root)
+    with registry.staging(version) as staging_dir:
+        save_artefact(
+            network,
+            staging_dir,
+            version=version,
+            labels=labels,
+            backbone=config.backbone,
+            preprocessing=prepared.preprocessing,
+            dropout=config.dropout,
+            l2=config.l2,
+            metrics=metrics,
+            data_fingerprint=prepared.split.fingerprint,
+            extra={
+                "config": config.to_json(),
+                "data": str(data),
+                "skipped": prepared.skipped,
+                "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
+                "history": state.history,
+                "resumed_from": resumed_from,
+                "mixed_precision": on_gpu(),
+                **(extra or {}),
+            },
+        )
+        if evaluation is not None:
+            _write_report(evaluation, staging_dir, state.history, version)
+    if activate:
+        registry.activate(version)
+    say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
+    if own_work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return read_artefact(registry.path_for(version))
+
+
+# --------------------------------------------------------------------------
+# The pieces train() is made of, shared with the hyperparameter search (training._tune)
+
+
+def reporter(name: str, progress: bool) -> Callable[[str], None]:
+    """A `say(message)` that logs, and with `progress` also prints with the seconds since now."""
+    started = time.monotonic()
 
     def say(message: str) -> None:
         log.info(message)
         if progress:
-            print(f"[train {time.monotonic() - started:6.1f}s] {message}", flush=True)
+            print(f"[{name} {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    return say
+
+
+@dataclass
+class PreparedData:
+    """A run's photos: checked, split once (the split saved in the work dir), and streamed."""
+
+    split: Split
+    labels: list[str]
+    preprocessing: Preprocessing
+    skipped: list[dict[str, str]]  # the unreadable photos: path, label, reason
+    counts: dict[str, int]  # photos per split part
+    train: tf.data.Dataset  # shuffled, augmented when the config says so, cached after decoding
+    validation: tf.data.Dataset  # cached after decoding
+    class_weight: dict[int, float]
+
+
+def prepare_data(data: Path, work_dir: Path, config: TrainConfig, say: Callable[[str], None]) -> PreparedData:
+    """Steps 1-4 of the recipe: list and check the photos, split them (or reuse the saved split), stream them.
+
+    The test part is left out on purpose: a search over hyperparameters must never see it.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    preprocessing = Preprocessing(image_size=config.image_size)
 
     # 1. The photos, without the unreadable ones.
     samples = read_manifest(data) if data.suffix.lower() == ".csv" else scan_folder(data)
@@ -161,20 +257,26 @@ def train(
     if config.augment:
         train_ds = train_ds.map(_augmenter(config.seed), num_parallel_calls=tf.data.AUTOTUNE)
     val_ds = make_tf_dataset(split.validation, labels, preprocessing, batch_size=config.batch_size, cache=True)
-    test_ds = make_tf_dataset(split.test, labels, preprocessing, batch_size=config.batch_size)
 
     # 4. Balanced class weights.
     class_weight = _balanced_class_weights(split.train, labels)
+    return PreparedData(split, labels, preprocessing, skipped, counts, train_ds, val_ds, class_weight)
 
-    # 7. Mixed precision and XLA on a GPU only.
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+
+def on_gpu() -> bool:
+    """Whether TensorFlow sees a GPU: mixed precision and XLA then, float32 and no XLA on a CPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def build_network(config: TrainConfig, num_classes: int) -> keras.Model:
+    """The config's classifier, its random parts seeded by ``config.seed``, in mixed precision on a GPU."""
     previous_policy = keras.mixed_precision.global_policy().name
-    if gpu:
+    if on_gpu():
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(config.seed)
-        network = build_classifier(
-            len(labels),
+        return build_classifier(
+            num_classes,
             backbone=config.backbone,
             image_size=config.image_size,
             weights=config.weights,
@@ -184,26 +286,45 @@ def train(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    state = _State.load(work_dir, config, split.fingerprint)
-    resumed_from = None
-    if state.phase != HEAD or state.epoch > 0:
-        resumed_from = {"phase": state.phase, "epoch": state.epoch}
-        network.load_weights(work_dir / CHECKPOINT_FILE)
-        say(f"resuming from {work_dir}: phase {state.phase!r}, {state.epoch} epoch(s) done")
+
+def run_phases(
+    network: keras.Model,
+    config: TrainConfig,
+    state: _State,
+    work_dir: Path,
+    prepared: PreparedData,
+    *,
+    say: Callable[[str], None],
+    verbose: int = 2,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> None:
+    """Steps 5-6: phase 1 then phase 2, from wherever `state` stands, checkpointed in `work_dir` every epoch.
+
+    With pretrained weights phase 1 trains the head alone: the backbone is frozen while the
+    new head's first, large gradients would otherwise wreck its features. A randomly
+    initialised backbone (``weights=None``) has no features to protect, and a frozen random
+    one would leave the head little to learn from, so phase 1 trains the whole network at
+    the head's learning rate; phase 2 then goes on at the lower fine-tuning rate over the
+    upper `finetune_fraction` of the backbone (all of it at 1.0), an annealing phase.
+    """
+    gpu = on_gpu()
     fit_args = {
-        "train": train_ds,
-        "validation": val_ds,
-        "class_weight": class_weight,
-        "verbose": 1 if progress else 2,
+        "train": prepared.train,
+        "validation": prepared.validation,
+        "class_weight": prepared.class_weight,
+        "verbose": verbose,
         "jit_compile": gpu,
         "extra_callbacks": list(callbacks),
     }
+    pretrained = config.weights is not None
+    lr = config.learning_rate
 
-    # 5. Phase 1: the head alone on the frozen backbone.
+    # 5. Phase 1: the head alone on the frozen backbone (the whole network on a random one).
     if state.phase == HEAD:
-        network.get_layer("backbone").trainable = False
-        head_lr = (config.learning_rate, config.learning_rate / config.finetune_lr_divisors[0])
-        say(f"phase 1: training the head for up to {config.head_epochs} epochs")
+        network.get_layer("backbone").trainable = not pretrained
+        head_lr = (lr, lr / config.finetune_lr_divisors[0])
+        what = "the head" if pretrained else "the whole network (random initial weights)"
+        say(f"phase 1: training {what} for up to {config.head_epochs} epochs")
         _fit_phase(network, config, state, HEAD, config.head_epochs, head_lr, work_dir, **fit_args)
         state.advance(FINETUNE)
         network.save_weights(work_dir / CHECKPOINT_FILE)
@@ -212,9 +333,7 @@ def train(
     # 6. Phase 2: fine-tune the upper part of the backbone.
     if state.phase == FINETUNE:
         # BatchNorm stays frozen over pretrained statistics; random ones (weights=None) have nothing to protect.
-        keep_bn = config.weights is not None
-        unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=keep_bn)
-        lr = config.learning_rate
+        unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
         finetune_lr = (lr / config.finetune_lr_divisors[0], lr / config.finetune_lr_divisors[1])
         say(f"phase 2: fine-tuning {unfrozen} backbone layers for up to {config.finetune_epochs} epochs")
         _fit_phase(network, config, state, FINETUNE, config.finetune_epochs, finetune_lr, work_dir, **fit_args)
@@ -222,40 +341,24 @@ def train(
         network.save_weights(work_dir / CHECKPOINT_FILE)
         state.save()
 
-    # 8. Evaluate on the test split, save, activate.
-    metrics, evaluation = _evaluate(network, test_ds, labels, len(split.test))
-    say(f"test accuracy {metrics['test_accuracy']:.3f}, top-3 {metrics['test_top3_accuracy']:.3f}")
-    registry = ModelRegistry(registry_root)
-    with registry.staging(version) as staging_dir:
-        save_artefact(
-            network,
-            staging_dir,
-            version=version,
-            labels=labels,
-            backbone=config.backbone,
-            preprocessing=preprocessing,
-            dropout=config.dropout,
-            l2=config.l2,
-            metrics=metrics,
-            data_fingerprint=split.fingerprint,
-            extra={
-                "config": config.to_json(),
-                "data": str(data),
-                "skipped": skipped,
-                "counts": {**counts, "classes": len(labels), "skipped": len(skipped)},
-                "history": state.history,
-                "resumed_from": resumed_from,
-                "mixed_precision": gpu,
-            },
-        )
-        if evaluation is not None:
-            _write_report(evaluation, staging_dir, state.history, version)
-    if activate:
-        registry.activate(version)
-    say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
-    if own_work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return read_artefact(registry.path_for(version))
+
+def predict_scores(network: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
+    """Accuracy, top-3 accuracy and mean cross-entropy of `network` over a dataset of (images, labels) batches.
+
+    Computed from predictions, so the network needs no compiling (a run resumed when done has none).
+    """
+    probabilities, targets = [], []
+    for images, batch_targets in dataset:
+        probabilities.append(np.asarray(network.predict_on_batch(images), dtype=np.float32))
+        targets.append(np.asarray(batch_targets))
+    p, y = np.concatenate(probabilities), np.concatenate(targets)
+    top3 = np.argsort(-p, axis=1)[:, :3]
+    picked = np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)
+    return {
+        "accuracy": float(np.mean(p.argmax(axis=1) == y)),
+        "top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
+        "loss": float(np.mean(-np.log(picked))),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -462,16 +565,8 @@ def _evaluate(
 
 
 def _keras_metrics(network: keras.Model, test: tf.data.Dataset) -> dict[str, float]:
-    probabilities, targets = [], []
-    for images, batch_targets in test:
-        probabilities.append(np.asarray(network.predict_on_batch(images), dtype=np.float32))
-        targets.append(batch_targets.numpy())
-    p, y = np.concatenate(probabilities), np.concatenate(targets)
-    top3 = np.argsort(-p, axis=1)[:, :3]
-    return {
-        "test_accuracy": float(np.mean(p.argmax(axis=1) == y)),
-        "test_top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
-    }
+    scores = predict_scores(network, test)
+    return {"test_accuracy": scores["accuracy"], "test_top3_accuracy": scores["top3_accuracy"]}
 
 
 def _write_report(evaluation: Any, directory: Path, history: dict[str, dict[str, list[float]]], version: str) -> None:
