@@ -5,32 +5,59 @@ client, awaited, formatted as the top-3 with 👍/👎 buttons, and recorded. A
 button press records a vote or a correction. Commands answer help, statistics
 and admin requests. Adapters (Telegram, Discord, terminal) only translate their
 platform's events into these calls and render the `Reply` they get back.
+Retraining is the one thing that speaks unprompted: `retrain_notices` turns a
+retrain job's event into the messages its admin should see.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 import time
+from collections.abc import Awaitable
 from functools import lru_cache
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from bots._labels import match_label
-from bots._messages import Button, ButtonAnswer, Reply, Sender
+from bots._messages import Button, ButtonAnswer, Notice, Reply, Sender
 from bots._ratelimit import RateLimiter
-from bots._store import Store
+from bots._retrain import RetrainDesk
+from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
+from carbot import _metrics as metrics
+from carbot.db import RetrainRun
+from carbot.retraining import RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
 from worker import ClassifyClient, ClassifyError, ClassifyTimeout, PhotoRejected, Prediction, QueueBusy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Below this top-1 probability the answer says the bot is not sure (and still shows the three).
 CONFIDENCE_THRESHOLD = 0.5
 # Hints for messages that carry no photo; adapters pass one of these kinds to `hint`.
 HINT_KINDS = ("sticker", "video", "voice", "animation", "document", "text", "other")
+# How long a person waits on the database (a vote, a correction, recording an answer) before being told it
+# cannot be saved right now: under Telegram's limit for answering a button press, and well under SQLite's
+# 30 s busy timeout. The write itself carries on in its thread and may still land; votes are idempotent,
+# so pressing again after "try again" is always safe.
+STORE_PATIENCE_S = 10.0
+# Redis connections one bot process opens at most; a burst of chats beyond it waits its turn. redis-py's own
+# asyncio pool stops at 100 and raises "Too many connections" past that (`carbot loadtest`, 500 people at once).
+REDIS_CONNECTIONS = 64
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """The conversation's Redis client: a bounded pool where a burst of chats waits for a free connection."""
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=20)
+    )
 
 
 class Conversation:
@@ -43,25 +70,35 @@ class Conversation:
         store: Store,
         redis: aioredis.Redis,
         settings: Settings,
+        retrain: RetrainDesk | None = None,
     ) -> None:
         self.classifier = classifier
         self.store = store
         self.redis = redis
         self.settings = settings
+        self.retrain = retrain  # None: this bot cannot queue retrains (/retrain says so)
         self.registry = ModelRegistry(settings.registry_dir)
         self.limiter = RateLimiter(redis, per_minute=settings.rate_limit_per_minute)
+        self.store_patience_s = STORE_PATIENCE_S
 
     # -- photos ---------------------------------------------------------------------------------------------
 
+    @metrics.observe_photo
     async def photo(self, sender: Sender, message_id: str | None, photo: bytes) -> Reply:
         """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error)."""
         lang = language_of(sender)
-        await self.remember_photo(sender, photo)
-        if not await self.limiter.allow(sender):
+        try:
+            await self.remember_photo(sender, photo)
+            allowed = await self.limiter.allow(sender)
+        except (RedisError, OSError):
+            # Redis is down or restarting: nothing was submitted. An apology now beats no answer at all.
+            log.warning("Redis is unreachable; the photo was not submitted")
+            return Reply(text("failed", lang))
+        if not allowed:
             return Reply(text("rate_limited", lang, per_minute=self.limiter.per_minute))
         started = time.perf_counter()
         try:
-            prediction = await self.classifier.classify(photo)
+            prediction = await metrics.observe_classify(self.classifier.classify(photo))
         except PhotoRejected as exc:
             return Reply(text("photo_rejected", lang, reason=str(exc)))
         except QueueBusy:
@@ -72,14 +109,19 @@ class Conversation:
             log.exception("classification failed")
             return Reply(text("failed", lang))
         latency_ms = (time.perf_counter() - started) * 1000
-        prediction_id = await self.store.record_prediction(
-            sender,
-            message_id=message_id,
-            photo=photo,
-            model_version=prediction.model_version,
-            top_k=[{"label": c.label, "probability": c.probability} for c in prediction.top_k],
-            latency_ms=latency_ms,
-        )
+        try:
+            prediction_id = await self._patiently(self.store.record_prediction(
+                sender,
+                message_id=message_id,
+                photo=photo,
+                model_version=prediction.model_version,
+                top_k=[{"label": c.label, "probability": c.probability} for c in prediction.top_k],
+                latency_ms=latency_ms,
+            ))  # fmt: skip
+        except StoreUnavailable:
+            # The person still gets the answer; without a stored prediction there is nothing to vote on.
+            log.warning("answer given without buttons: the prediction could not be recorded")
+            prediction_id = None
         return self._answer(prediction, prediction_id, lang)
 
     async def top3(self, sender: Sender, message_id: str | None, photo: bytes | None) -> Reply:
@@ -103,14 +145,29 @@ class Conversation:
 
     # -- buttons --------------------------------------------------------------------------------------------
 
+    @metrics.observe_button
     async def button(self, sender: Sender, data: str) -> ButtonAnswer:
         """A 👍/👎/correction button was pressed. Forged or stale data gets a polite notice, nothing else.
 
+        When the database is unavailable the person is told to press again later (a vote is never
+        reported as recorded unless it was).
+        """
+        try:
+            return await self._patiently(self._button(sender, data))
+        except StoreUnavailable:
+            return ButtonAnswer(notice=text("store_unavailable", language_of(sender)))
+
+    async def _button(self, sender: Sender, data: str) -> ButtonAnswer:
+        """`button` itself.
+
         Button data: `v:<prediction>:u` / `v:<prediction>:d` (vote), `c:<prediction>:<label index>`
-        (a correction) and `c:<prediction>:x` (another model, typed).
+        (a correction), `c:<prediction>:x` (another model, typed), and for admins `r:<run>:p` /
+        `r:<run>:x` (promote a rejected candidate anyway / discard it).
         """
         lang = language_of(sender)
         parsed = _parse_button(data)
+        if parsed is not None and parsed[0] == "r":
+            return await self._decide(sender, parsed[1], parsed[2] == "p", lang)
         record = await self.store.get_prediction(parsed[1]) if parsed else None
         # Buttons act on predictions of the chat they are in: a guessed id from elsewhere is stale here.
         if record is None or (record.platform, record.chat_id) != (sender.platform, sender.chat_id):
@@ -144,6 +201,12 @@ class Conversation:
 
     async def text(self, sender: Sender, message: str) -> Reply | None:
         """Plain text: a typed correction when this person was asked for one, else a hint."""
+        try:
+            return await self._patiently(self._text(sender, message))
+        except StoreUnavailable:
+            return Reply(text("store_unavailable", language_of(sender)))
+
+    async def _text(self, sender: Sender, message: str) -> Reply | None:
         lang = language_of(sender)
         awaiting = await self.redis.get(self._awaiting_key(sender))
         record = await self.store.get_prediction(int(awaiting)) if awaiting else None
@@ -165,7 +228,16 @@ class Conversation:
     # -- commands -------------------------------------------------------------------------------------------
 
     async def command(self, sender: Sender, name: str, args: str = "") -> Reply:
-        """`/start`, `/help`, `/forget`, `/top3`, and for admins `/stats`, `/model`, `/retrain`; others get help."""
+        """`/start`, `/help`, `/forget`, `/top3`, and for admins `/stats`, `/model`, `/retrain`, `/rollback`.
+
+        Anything else gets the welcome text (which is the help).
+        """
+        try:
+            return await self._command(sender, name, args)
+        except StoreUnavailable:  # /forget, /stats: nothing was done; say so rather than fail
+            return Reply(text("store_unavailable", language_of(sender)))
+
+    async def _command(self, sender: Sender, name: str, args: str = "") -> Reply:
         lang = language_of(sender)
         name = name.lower().lstrip("/")
         if name == "top3":
@@ -174,10 +246,12 @@ class Conversation:
             counts = await self.store.forget(sender)
             await self.redis.delete(self._awaiting_key(sender), self._last_photo_key(sender))
             return Reply(text("forgotten", lang, **counts))
-        if name in ("stats", "model", "retrain"):
+        if name in ADMIN_COMMANDS:
             if not sender.is_admin:
                 return Reply(text("not_admin", lang))
-            return await {"stats": self._stats, "model": self._model_info, "retrain": self._retrain}[name](lang)
+            if name == "retrain":
+                return await self._retrain(sender, lang)
+            return await {"stats": self._stats, "model": self._model_info, "rollback": self._rollback}[name](lang)
         active = self.registry.active(verify=False)
         return Reply(text("welcome", lang, models=len(active.labels) if active else 0,
                           retention=self.settings.photo_retention_days))  # fmt: skip
@@ -188,11 +262,21 @@ class Conversation:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _answer(self, prediction: Prediction, prediction_id: int, lang: str) -> Reply:
+    async def _patiently(self, work: Awaitable[T]) -> T:
+        """`work`, or `StoreUnavailable` once the person has waited `store_patience_s` on it."""
+        try:
+            return await asyncio.wait_for(work, self.store_patience_s)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer from the database within {self.store_patience_s:g} s") from None
+
+    def _answer(self, prediction: Prediction, prediction_id: int | None, lang: str) -> Reply:
         best = prediction.top_k[0].probability if prediction.top_k else 0.0
         lines = [text("header_sure" if best >= CONFIDENCE_THRESHOLD else "header_unsure", lang)]
         for rank, candidate in enumerate(prediction.top_k, start=1):
             lines.append(f"{rank}. {candidate.label} — {candidate.probability:.0%} {_bar(candidate.probability)}")
+        if prediction_id is None:  # not recorded: the answer, but no buttons that could not be honoured
+            lines.append(text("footer_unrecorded", lang, version=prediction.model_version))
+            return Reply("\n".join(lines))
         lines.append(text("footer", lang, version=prediction.model_version))
         buttons = ((Button(text("button_up", lang), f"v:{prediction_id}:u"),
                     Button(text("button_down", lang), f"v:{prediction_id}:d")),)  # fmt: skip
@@ -233,8 +317,86 @@ class Conversation:
                           size=active.image_size, labels=len(active.labels),
                           created=active.created.strftime("%Y-%m-%d %H:%M UTC"), metrics=metrics))  # fmt: skip
 
-    async def _retrain(self, lang: str) -> Reply:
-        return Reply(text("retrain_soon", lang))
+    # -- retraining ----------------------------------------------------------------------------------------
+
+    async def _retrain(self, sender: Sender, lang: str) -> Reply:
+        if self.retrain is None:
+            return Reply(text("retrain_unavailable", lang))
+        request = await self.retrain.request(sender, lang)
+        if not request.queued:
+            return Reply(text("retrain_running", lang, run=request.run_id)
+                         + _progress_line(request.progress or {}, lang))  # fmt: skip
+        waiting = "" if request.workers else "\n" + text("retrain_no_worker", lang, queue=self.settings.train_queue)
+        return Reply(text("retrain_queued", lang, run=request.run_id) + waiting, progress_of=request.run_id)
+
+    async def _rollback(self, lang: str) -> Reply:
+        if self.retrain is None:
+            return Reply(text("retrain_unavailable", lang))
+        try:
+            now, was = await self.retrain.rollback()
+        except LookupError:
+            return Reply(text("rollback_none", lang))
+        return Reply(text("rollback_done", lang, version=now, was=was or "—"))
+
+    async def _decide(self, sender: Sender, run_id: int, promote: bool, lang: str) -> ButtonAnswer:
+        if not sender.is_admin:
+            return ButtonAnswer(notice=text("not_admin", lang))
+        run = await self.retrain.decide(run_id, sender, promote) if self.retrain is not None else None
+        if run is None:
+            return ButtonAnswer(notice=text("run_not_waiting", lang))
+        done = text("promoted_by_admin" if promote else "discarded", lang, run=run_id, version=run.candidate_version)
+        return ButtonAnswer(notice=done, edit=Reply(done))
+
+    async def set_progress_message(self, run_id: int, reference: str) -> None:
+        """Adapters call this with their reference of the message that shows a retrain's progress."""
+        if self.retrain is not None:
+            await self.retrain.set_progress_message(run_id, reference)
+
+    async def retrain_notices(self, event: RunEvent) -> list[Notice]:
+        """What the admin who asked for run `event.run_id` should see now: an edited progress message, a summary."""
+        lang = event.language if event.language in ("en", "pt") else "en"
+        progress = await self.retrain.progress_message(event.run_id) if self.retrain is not None else None
+        if event.kind in ("started", "progress"):
+            line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
+                        run=event.run_id) + _progress_line(event.data, lang)  # fmt: skip
+            return [Notice(event.chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
+        if event.kind == "failed":
+            final = Reply(text("retrain_failed", lang, run=event.run_id, error=event.data.get("error", "?")))
+            message = final
+        elif event.kind == "finished" and self.retrain is not None:
+            run = await self.retrain.get_run(event.run_id)
+            if run is None:
+                return []
+            final = Reply(text("retrain_done", lang, run=run.id, minutes=_minutes(run)))
+            message = self._summary(run, event, lang)
+        else:
+            return []
+        # The progress message ends with the outcome; a new message carries the news (edits do not notify).
+        edited = [Notice(event.chat_id, final, edit=progress)] if progress else []
+        return edited + [Notice(event.chat_id, message)]
+
+    def _summary(self, run: RetrainRun, event: RunEvent, lang: str) -> Reply:
+        reason = text(f"reason_{run.reason}", lang) if run.reason else ""
+        if run.candidate_version is None:  # nothing was trained, so there is nothing to compare or decide
+            return Reply(text("summary_nothing", lang, run=run.id, reason=reason, base=run.base_version))
+        active, candidate = run.active_metrics, run.candidate_metrics
+        lines = [
+            text("summary_promoted" if run.status == "promoted" else "summary_rejected", lang, run=run.id,
+                 candidate=run.candidate_version, base=run.base_version, reason=reason),
+            text("summary_data", lang, **{name: run.counts.get(name, 0) for name in _COUNTS}),
+            text("summary_metrics_head", lang, base=run.base_version, candidate=run.candidate_version),
+        ]  # fmt: skip
+        for part in ("overall", "base", "feedback"):
+            if active.get(f"{part}_accuracy") is not None:
+                lines.append(text(f"summary_{part}", lang, n=active.get(f"{part}_n", 0),
+                                  active=_percent(active.get(f"{part}_accuracy")),
+                                  candidate=_percent(candidate.get(f"{part}_accuracy"))))  # fmt: skip
+        buttons: tuple[tuple[Button, ...], ...] = ()
+        if run.status == "rejected":
+            buttons = ((Button(text("button_promote", lang), f"r:{run.id}:p"),
+                        Button(text("button_discard", lang), f"r:{run.id}:x")),)  # fmt: skip
+        picture = event.data.get("report_image")
+        return Reply("\n".join(lines), buttons=buttons, photo_path=picture if _readable(picture) else None)
 
     @staticmethod
     def _awaiting_key(sender: Sender) -> str:
@@ -246,14 +408,36 @@ class Conversation:
         return f"carbot:last-photo:{sender.platform}:{sender.chat_id}"
 
 
-_BUTTON = re.compile(r"^(?P<kind>[vc]):(?P<prediction>\d{1,18}):(?P<value>[udx]|\d{1,4})$")
+ADMIN_COMMANDS = ("stats", "model", "retrain", "rollback")
+_COUNTS = ("base_train", "feedback_train", "oversample", "base_holdout", "feedback_holdout", "feedback_skipped")
+# ASCII digits only, the whole string: data a client sends back is exactly what we wrote, or it is stale.
+_BUTTON = re.compile(r"(?P<kind>[vcr]):(?P<id>\d{1,18}):(?P<value>[udpx]|\d{1,4})", re.ASCII)
+# Which values each kind of button carries: a vote up/down, a label index or "x", promote/discard.
+_BUTTON_VALUES = {"v": re.compile(r"[ud]"), "c": re.compile(r"x|\d{1,4}"), "r": re.compile(r"[px]")}
 
 
 def _parse_button(data: str) -> tuple[str, int, str] | None:
-    match = _BUTTON.match(data or "")
-    if match is None or (match["kind"] == "v") != (match["value"] in ("u", "d")):
+    match = _BUTTON.fullmatch(data or "")
+    if match is None or not _BUTTON_VALUES[match["kind"]].fullmatch(match["value"]):
         return None
-    return match["kind"], int(match["prediction"]), match["value"]
+    return match["kind"], int(match["id"]), match["value"]
+
+
+def _progress_line(data: dict, lang: str) -> str:
+    """ "epoch 3/5 · loss 0.41 · accuracy 88% · about 2 min left", or nothing before the first epoch ends."""
+    if "epoch" not in data:
+        return ""
+    return "\n" + text("retrain_progress", lang, epoch=data["epoch"], epochs=data.get("epochs", "?"),
+                       loss=data.get("loss", float("nan")), accuracy=_percent(data.get("accuracy")),
+                       left=max(1, round(data.get("eta_s", 0) / 60)))  # fmt: skip
+
+
+def _minutes(run: RetrainRun) -> int:
+    return max(1, round((run.duration_s or 0) / 60))
+
+
+def _readable(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(path)
 
 
 def _bar(probability: float, width: int = 10) -> str:

@@ -6,8 +6,11 @@ What a person can do:
 - `/top3 [photo]` (the last photo seen in the channel when none is attached), or the message
   context menu "Identify car" on any message that carries an image;
 - press 👍/👎 under an answer, pick the right model in a select menu, or type it in a modal;
-- `/help`, `/forget`, and for admins `/stats`, `/model`, `/retrain` (hidden from members
-  without the Administrator permission; the conversation refuses anyone not in the admin ids).
+- `/help`, `/forget`, and for admins `/stats`, `/model`, `/retrain`, `/rollback` (hidden from
+  members without the Administrator permission; the conversation refuses anyone not in the admin ids).
+
+A retrain's progress is one channel message, edited each epoch, and its summary a new one
+(`follow_retrains` runs beside the gateway connection; `deliver_notice` shows each notice).
 
 Buttons and select menus are `DynamicItem`s: their state lives in the `custom_id`
 (`carbot:<button data>`, `carbot-select:<key>` whose options' values are the button data),
@@ -28,9 +31,13 @@ from typing import Any
 import discord
 from discord import MessageType, app_commands
 
-from bots._conversation import Conversation
-from bots._messages import Button, Reply, Sender, is_admin
+from bots._conversation import Conversation, connect_redis
+from bots._messages import Button, Notice, Reply, Sender, is_admin
+from bots._retrain import follow_retrains
+from bots._texts import language_of, text
+from carbot.retraining import RunEvent
 from carbot.settings import Settings
+from model import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ MAX_ROWS = 5
 MAX_MODAL_TITLE = 45
 # Feedback.correction holds up to 128 characters; nobody types a longer model name.
 MAX_TYPED_MODEL = 128
+# Bigger attachments are refused before downloading: the photo limit the classifier enforces anyway.
+MAX_ATTACHMENT_BYTES = Preprocessing().max_bytes
 
 # Image types the classifier reads (anything else gets a hint, not a download).
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -68,11 +77,30 @@ class CarBot(discord.Client):
         self.settings = settings
         self.conversation = conversation
         self.tree = app_commands.CommandTree(self)
+        self.retrain_follower: asyncio.Task | None = None
 
     async def setup_hook(self) -> None:
         # Persistent components: any message's buttons and select menus are dispatched here, even after a restart.
         self.add_dynamic_items(ConversationButton, ChoiceSelect)
         await sync_commands(self.tree, self.settings.discord_guild_id)
+        if self.conversation.retrain is not None:
+            following = follow_retrains(self.conversation.retrain, PLATFORM, self.on_retrain)
+            self.retrain_follower = asyncio.create_task(following)
+
+    async def close(self) -> None:
+        if self.retrain_follower is not None:
+            self.retrain_follower.cancel()
+        await super().close()
+
+    async def on_retrain(self, event: RunEvent) -> None:
+        """A retrain event from the stream: show its notices to the admin who asked."""
+        if event.platform != PLATFORM:
+            return
+        for notice in await self.conversation.retrain_notices(event):
+            try:
+                await deliver_notice(self, notice)
+            except Exception:  # one undeliverable notice (a deleted channel, say) must not hold back the next
+                log.exception("could not deliver a notice of retrain run %s", event.run_id)
 
     async def on_ready(self) -> None:
         log.info("Discord bot ready as %s in %d servers", self.user, len(self.guilds))
@@ -84,7 +112,7 @@ class CarBot(discord.Client):
 def build_bot(settings: Settings, conversation: Conversation) -> CarBot:
     """The Discord client with every command, context menu and event handler wired in."""
     bot = CarBot(settings, conversation)
-    for command in (top3, help_command, forget, stats, model, retrain, identify_car):
+    for command in (top3, help_command, forget, stats, model, retrain, rollback, identify_car):
         bot.tree.add_command(command)
     return bot
 
@@ -146,7 +174,7 @@ async def answer_image(bot: CarBot, message: discord.Message, sender: Sender, at
     async with message.channel.typing():
         photo = await read_attachment(attachment)
         if photo is None:
-            reply = bot.conversation.hint(sender, "other")
+            reply = unreadable(bot.conversation, sender, attachment)
         else:
             reply = await bot.conversation.photo(sender, str(message.id), photo)
     sent = await send_reply(message, reply)
@@ -171,7 +199,7 @@ async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachme
     await interaction.response.defer(thinking=True)  # classifying may take longer than Discord's 3 seconds
     data = await read_attachment(photo) if photo is not None else None
     if photo is not None and data is None:
-        reply = conversation.hint(sender, "other")
+        reply = unreadable(conversation, sender, photo)
     else:
         reply = await conversation.top3(sender, None, data)
     await send_followup(interaction, reply)
@@ -188,16 +216,23 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
     await interaction.response.defer(thinking=True)
     data = await read_attachment(image)
     if data is None:
-        reply = conversation.hint(sender, "other")
+        reply = unreadable(conversation, sender, image)
     else:
         reply = await conversation.photo(sender, str(message.id), data)
     await send_followup(interaction, reply)
 
 
 async def run_command(interaction: discord.Interaction[CarBot], name: str) -> None:
-    """A command answered by the conversation, seen only by the person who sent it."""
-    reply = await interaction.client.conversation.command(interaction_sender(interaction), name)
-    await interaction.response.send_message(**render(reply), ephemeral=True)
+    """A command answered by the conversation, seen only by the person who sent it.
+
+    A retrain's progress message is the exception: the bot edits it for as long as the run takes,
+    which Discord allows only on a message everyone in the channel sees.
+    """
+    conversation = interaction.client.conversation
+    reply = await conversation.command(interaction_sender(interaction), name)
+    callback = await interaction.response.send_message(**render(reply), ephemeral=reply.progress_of is None)
+    if reply.progress_of is not None and callback.message_id is not None:
+        await conversation.set_progress_message(reply.progress_of, f"{interaction.channel_id}:{callback.message_id}")
 
 
 @app_commands.command(name="help", description="What this bot does, and what it keeps about you.")
@@ -226,6 +261,28 @@ async def model(interaction: discord.Interaction[CarBot]) -> None:
 @app_commands.default_permissions(administrator=True)
 async def retrain(interaction: discord.Interaction[CarBot]) -> None:
     await run_command(interaction, "retrain")
+
+
+@app_commands.command(name="rollback", description="Return to the previous model version (admins).")
+@app_commands.default_permissions(administrator=True)
+async def rollback(interaction: discord.Interaction[CarBot]) -> None:
+    await run_command(interaction, "rollback")
+
+
+async def deliver_notice(bot: CarBot, notice: Notice) -> None:
+    """Show a retrain notice: edit the progress message it names, else send a new message to its channel."""
+    if notice.edit is not None:
+        channel_id, _, message_id = notice.edit.partition(":")
+        channel = bot.get_channel(int(channel_id)) or await bot.fetch_channel(int(channel_id))
+        try:
+            await channel.get_partial_message(int(message_id)).edit(**render(notice.reply, edit=True))
+            return
+        except discord.HTTPException as exc:
+            log.info("could not edit the retrain message, sending a new one: %s", exc)
+    channel = bot.get_channel(int(notice.chat_id)) or await bot.fetch_channel(int(notice.chat_id))
+    sent = await channel.send(**render(notice.reply))
+    if notice.reply.progress_of is not None:
+        await bot.conversation.set_progress_message(notice.reply.progress_of, f"{sent.channel.id}:{sent.id}")
 
 
 async def send_followup(interaction: discord.Interaction[CarBot], reply: Reply) -> None:
@@ -418,11 +475,22 @@ def hint_kind(attachment: discord.Attachment) -> str:
 
 
 async def read_attachment(attachment: discord.Attachment) -> bytes | None:
+    if attachment.size > MAX_ATTACHMENT_BYTES:
+        # Refused unread: Discord lets some servers send files of hundreds of MB; no photo needs that.
+        log.info("attachment %s refused unread: %d bytes", attachment.id, attachment.size)
+        return None
     try:
         return await attachment.read()
     except (discord.HTTPException, OSError) as exc:
         log.warning("could not download attachment %s: %s", attachment.id, exc)
         return None
+
+
+def unreadable(conversation: Conversation, sender: Sender, attachment: discord.Attachment) -> Reply:
+    """The answer for an attachment that could not be had: too large to download, or the download failed."""
+    if attachment.size > MAX_ATTACHMENT_BYTES:
+        return Reply(text("photo_too_large", language_of(sender), limit_mb=MAX_ATTACHMENT_BYTES // 2**20))
+    return conversation.hint(sender, "other")
 
 
 def strip_mentions(content: str, user_id: int) -> str:
@@ -455,20 +523,23 @@ def run_discord(settings: Settings) -> None:
         if settings.redis_url is None:
             # The embedded Redis belongs to this machine: make sure a worker serves it, as `carbot shell` does.
             stack.enter_context(worker_running(settings, url))
+            stack.enter_context(worker_running(settings, url, train=True))
         asyncio.run(_serve(settings, store, url))
 
 
 async def _serve(settings: Settings, store, url: str) -> None:
-    import redis.asyncio as aioredis
-
+    from bots._retrain import RetrainDesk
     from worker import ClassifyClient
 
-    connection = aioredis.Redis.from_url(url)
+    connection = connect_redis(url)
+    desk = RetrainDesk(url, settings, store.engine)
     try:
         async with ClassifyClient.from_settings(settings, url) as classifier:
-            conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings)
+            conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings,
+                                        retrain=desk)  # fmt: skip
             async with build_bot(settings, conversation) as bot:
                 await bot.start(settings.discord_token.get_secret_value())
     finally:
+        await desk.aclose()
         await connection.aclose()
         await store.close()

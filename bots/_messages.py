@@ -46,6 +46,7 @@ class Reply:
     prediction_id: int | None = None  # set when this reply is a classification: adapters record their message id
     photo_path: str | None = None  # an image to attach (e.g. a report picture), rarely used
     expects_text: bool = False  # the next plain text from this person answers this reply (a typed correction)
+    progress_of: int | None = None  # set when this reply shows a retrain run's progress: adapters record its message
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,12 @@ class ButtonAnswer:
     edit: Reply | None = None  # replaces the message that holds the buttons
     follow_up: Reply | None = None  # a new message (e.g. "type the model's name")
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A message the bot sends unprompted, to a chat: a retrain's progress (an edit) or its summary."""
+
+    chat_id: str
+    reply: Reply
+    edit: str | None = None  # the adapter's reference of a message to edit instead of sending a new one

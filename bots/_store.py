@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, case, delete, distinct, func, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
 from bots._messages import Sender
+from carbot import _metrics as metrics
 from carbot import db
 from carbot.db import Feedback, Person, Prediction, utcnow
 from carbot.photos import PhotoStore, PhotoStoreError
@@ -30,7 +31,7 @@ from carbot.photos import PhotoStore, PhotoStoreError
 if TYPE_CHECKING:
     from carbot.settings import Settings
 
-__all__ = ["PredictionRecord", "Store"]
+__all__ = ["PredictionRecord", "Store", "StoreUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ _IN_CHUNK = 500
 _KEEP = object()
 
 T = TypeVar("T")
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached or stays locked (down, restarting, past SQLite's busy timeout).
+
+    Nothing was written by the call that raised it; the conversation tells the person to try again.
+    """
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,11 @@ class Store:
         store.migrate()
         store.photos.purge_expired()
         return store
+
+    @property
+    def engine(self) -> Engine:
+        """The pooled engine, for blocking helpers run in a thread (the retrain records use it)."""
+        return self._engine
 
     def migrate(self) -> None:
         """Bring the schema up to date (blocking; call it once at start-up, before serving)."""
@@ -144,11 +157,15 @@ class Store:
         if vote not in VOTES:
             raise ValueError(f"vote must be 'up' or 'down', not {vote!r}")
         correction = None if vote == "up" else _KEEP
-        return await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, vote, correction))
+        changed = await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, vote, correction))
+        if changed:
+            metrics.vote_recorded(sender.platform, vote)
+        return changed
 
     async def correct(self, prediction_id: int, sender: Sender, label: str) -> None:
         """The sender says the photo shows `label` (already checked against the model's labels): a 👎 with a label."""
-        await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, "down", label))
+        if await asyncio.to_thread(self._transaction, _set_feedback(prediction_id, sender, "down", label)):
+            metrics.vote_recorded(sender.platform, "correction")
 
     # People's data.
 
@@ -170,13 +187,21 @@ class Store:
     # The blocking side, run in worker threads.
 
     def _transaction(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in a transaction and commit; run it again if it lost a race on a unique constraint."""
+        """Run `work` in a transaction and commit; run it again if it lost a race on a unique constraint.
+
+        A database that cannot be reached (or, for SQLite, stays locked past the busy timeout) raises
+        `StoreUnavailable`: the transaction was rolled back, so nothing of it is half-written.
+        """
         for attempt in range(1, _ATTEMPTS + 1):
             with Session(self._engine, expire_on_commit=False) as session:
                 try:
                     result = work(session)
                     session.commit()
                     return result
+                except (OperationalError, InterfaceError) as exc:
+                    # Leaving the block rolls back (and discards a connection the server dropped).
+                    logger.warning("The database is unavailable: %s", exc.orig or exc)
+                    raise StoreUnavailable("the database is unavailable right now") from exc
                 except IntegrityError:
                     session.rollback()
                     if attempt == _ATTEMPTS:

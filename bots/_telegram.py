@@ -8,12 +8,14 @@ them in one place, in the style of python-telegram-bot's examples:
   covers the model's input and classified; a caption `/top3` asks for the same;
 - `/top3` classifies the photo it replies to, or alone the chat's last photo (in groups
   with privacy mode the bot sees only commands and replies to it, so that is the way);
-- `/start`, `/help`, `/forget`, `/stats`, `/model`, `/retrain` and unknown commands go to
-  `Conversation.command`;
+- `/start`, `/help`, `/forget`, `/stats`, `/model`, `/retrain`, `/rollback` and unknown
+  commands go to `Conversation.command`;
 - every button press is answered (`answerCallbackQuery`), then the message with the
   buttons is edited and a follow-up sent, as the conversation says;
 - text (a typed correction) goes to `Conversation.text`; stickers, videos, voice notes
-  and other files get a hint.
+  and other files get a hint;
+- a retrain's events (`follow_retrains`, beside polling) edit the admin's progress message
+  and send the summary (`deliver_notice`).
 
 `run_telegram(settings)` runs the bot with long polling, or behind a webhook when
 `TELEGRAM_WEBHOOK_URL` is set. The token is never logged: the `httpx` logger (which
@@ -22,7 +24,9 @@ logs every URL, token included) is kept at WARNING, and errors are logged redact
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from telegram import (
+    Bot,
     BotCommand,
     ForceReply,
     InlineKeyboardButton,
@@ -53,9 +58,11 @@ from telegram.ext import (
     filters,
 )
 
-from bots._conversation import Conversation
-from bots._messages import Reply, Sender, is_admin
+from bots._conversation import Conversation, connect_redis
+from bots._messages import Notice, Reply, Sender, is_admin
+from bots._retrain import RetrainDesk, follow_retrains
 from bots._texts import language_of, text
+from carbot.retraining import RunEvent
 from carbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,7 @@ MAX_TEXT = 4096
 MAX_CAPTION = 1024
 MAX_NOTICE = 200
 # Commands that go to `Conversation.command` as they are (/top3 has its own handler).
-COMMANDS = ("start", "help", "forget", "stats", "model", "retrain")
+COMMANDS = ("start", "help", "forget", "stats", "model", "retrain", "rollback")
 # Shown in Telegram's command menu (admin commands work without being advertised).
 MENU = (
     ("top3", "The top-3 models for a photo (reply to it, or the last one)"),
@@ -264,7 +271,6 @@ def run_telegram(settings: Settings) -> None:
     then a background worker too if none is running), the classify client, the store (migrated).
     """
     import redis
-    import redis.asyncio as aioredis
 
     from bots._store import Store
     from carbot import services
@@ -285,20 +291,29 @@ def run_telegram(settings: Settings) -> None:
         if not settings.redis_url:
             # One machine, embedded defaults: nobody else will start a worker on this private Redis.
             stack.enter_context(worker_running(settings, url))
+            stack.enter_context(worker_running(settings, url, train=True))
         elif not listening:
             log.warning("no worker serves the %r queue yet: photos wait until one starts", settings.classify_queue)
-        connection = aioredis.Redis.from_url(url)
+        connection = connect_redis(url)
         classifier = ClassifyClient.from_settings(settings, url)
-        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings)
+        desk = RetrainDesk(url, settings, store.engine)
+        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings,
+                                    retrain=desk)  # fmt: skip
         application = build_application(settings, conversation)
+        background: list[asyncio.Task] = []
 
         async def post_init(app: Application) -> None:
             with contextlib.suppress(TelegramError):
                 await app.bot.set_my_commands([BotCommand(name, about) for name, about in MENU])
+
+            deliver = functools.partial(deliver_event, app.bot, conversation)
+            background.append(asyncio.create_task(follow_retrains(desk, "telegram", deliver)))
             log.info("telegram bot @%s is up", app.bot.username)
 
         async def post_shutdown(app: Application) -> None:
-            for close in (classifier.aclose, connection.aclose, store.close):
+            for task in background:
+                task.cancel()
+            for close in (classifier.aclose, desk.aclose, connection.aclose, store.close):
                 try:
                     await close()
                 except Exception as exc:  # Redis may be gone already: nothing left to tidy up there
@@ -375,7 +390,41 @@ async def send_reply(message: Message, reply: Reply, conversation: Conversation,
         sent = await message.reply_text(chunk, reply_parameters=quote, reply_markup=markup if last else None)
     if reply.prediction_id is not None:
         await conversation.set_reply_message(reply.prediction_id, str(sent.message_id))
+    if reply.progress_of is not None:
+        await conversation.set_progress_message(reply.progress_of, f"{sent.chat_id}:{sent.message_id}")
     return sent
+
+
+async def deliver_event(bot: Bot, conversation: Conversation, event: RunEvent) -> None:
+    """A retrain event from the stream: show its notices to the admin who asked, if they asked here."""
+    if event.platform != "telegram":
+        return
+    for notice in await conversation.retrain_notices(event):
+        try:
+            await deliver_notice(bot, conversation, notice)
+        except TelegramError as exc:  # one undeliverable notice (a blocked bot...) must not hold back the next
+            log.warning("could not deliver a notice of retrain run %s: %s", event.run_id, exc)
+
+
+async def deliver_notice(bot: Bot, conversation: Conversation, notice: Notice) -> None:
+    """Show a retrain notice: edit the progress message it names, else send a new message to its chat."""
+    reply = notice.reply
+    if notice.edit is not None:
+        chat_id, _, message_id = notice.edit.partition(":")
+        try:
+            await bot.edit_message_text(_clip(reply.text, MAX_TEXT), chat_id=chat_id, message_id=int(message_id),
+                                        reply_markup=keyboard(reply))  # fmt: skip
+            return
+        except BadRequest as exc:
+            if "not modified" in exc.message:
+                return
+            log.info("could not edit the retrain message, sending a new one: %s", exc.message)
+    if reply.photo_path:
+        with open(reply.photo_path, "rb") as picture:
+            await bot.send_photo(notice.chat_id, picture)
+    sent = await bot.send_message(notice.chat_id, _clip(reply.text, MAX_TEXT), reply_markup=keyboard(reply))
+    if reply.progress_of is not None:
+        await conversation.set_progress_message(reply.progress_of, f"{sent.chat_id}:{sent.message_id}")
 
 
 def model_image_size(settings: Settings) -> int:

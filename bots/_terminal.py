@@ -3,7 +3,8 @@
 Type an image path and get the same answer a Telegram user gets. Buttons are
 numbered: type the number to press one (`+` and `-` press 👍 and 👎 of the last
 answer). Commands work as on the platforms, and the local user is an admin.
-Standard input may be a pipe, so a script can hold a conversation.
+Standard input may be a pipe, so a script can hold a conversation. A retrain's
+progress and summary are printed as they come, between the lines typed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bots._conversation import Conversation
+from bots._conversation import Conversation, connect_redis
 from bots._messages import Button, ButtonAnswer, Reply, Sender
+from bots._retrain import follow_retrains
+from carbot.retraining import RunEvent
 
 PROMPT = "you> "
 QUIT = ("/quit", "/exit")
@@ -83,10 +86,19 @@ class TerminalChat:
         if answer.follow_up is not None:
             await self._show(answer.follow_up)
 
+    async def notice(self, event: RunEvent) -> None:
+        """A retrain event: its notices, printed (the terminal keeps no progress message to edit)."""
+        if event.platform != self.sender.platform:
+            return
+        for notice in await self.conversation.retrain_notices(event):
+            await self._show(notice.reply)
+
     async def _show(self, reply: Reply | None) -> None:
         if reply is None:
             return
         self._say(reply.text)
+        if reply.photo_path:
+            self._say(f"(picture: {reply.photo_path})")
         buttons = list(_flatten(reply.buttons))
         if buttons:
             self.buttons = buttons
@@ -113,15 +125,22 @@ async def chat(conversation: Conversation, lines: TextIO, output: TextIO, *, ban
     terminal = TerminalChat(conversation, sender, output)
     if banner:
         terminal._say(banner)
+    following = None
+    if conversation.retrain is not None:
+        following = asyncio.create_task(follow_retrains(conversation.retrain, "terminal", terminal.notice))
     interactive = lines.isatty()
     loop = asyncio.get_running_loop()
-    while True:
-        if interactive:
-            print(PROMPT, end="", file=output, flush=True)
-        line = await loop.run_in_executor(None, lines.readline)
-        if not line or line.strip() in QUIT:
-            break
-        await terminal.handle(line)
+    try:
+        while True:
+            if interactive:
+                print(PROMPT, end="", file=output, flush=True)
+            line = await loop.run_in_executor(None, lines.readline)
+            if not line or line.strip() in QUIT:
+                break
+            await terminal.handle(line)
+    finally:
+        if following is not None:
+            following.cancel()
 
 
 def _flatten(rows: tuple[tuple[Button, ...], ...]):
@@ -138,8 +157,8 @@ def _looks_like_path(line: str) -> bool:
 
 def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdout, banner: str = "") -> None:
     """`carbot shell`: the conversation on the embedded defaults (private Redis, SQLite, a background worker)."""
-    import redis.asyncio as aioredis
 
+    from bots._retrain import RetrainDesk
     from bots._store import Store
     from carbot import services
     from worker import ClassifyClient
@@ -148,14 +167,21 @@ def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdou
     store = Store.open_for_bot(settings)
 
     async def run(url: str) -> None:
-        connection = aioredis.Redis.from_url(url)
+        connection = connect_redis(url)
+        desk = RetrainDesk(url, settings, store.engine)
         async with ClassifyClient.from_settings(settings, url) as client:
-            conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings)
+            conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings,
+                                        retrain=desk)  # fmt: skip
             try:
                 await chat(conversation, lines, output, banner=banner)
             finally:
+                await desk.aclose()
                 await connection.aclose()
                 await store.close()
 
-    with services.redis_url(settings) as url, worker_running(settings, url):
+    with (
+        services.redis_url(settings) as url,
+        worker_running(settings, url),
+        worker_running(settings, url, train=True),
+    ):
         asyncio.run(run(url))

@@ -58,9 +58,7 @@ def collect_status(settings: Settings, redis_url: str | None) -> dict:
 
 def format_status(report: dict) -> str:
     """The status as a few lines for a person."""
-    lines = [
-        f"model     active version: {report['model']['active_version'] or 'none'} ({report['model']['registry']})"
-    ]
+    lines = [f"model     active version: {report['model']['active_version'] or 'none'} ({report['model']['registry']})"]
     queue = report.get("queue")
     if queue is None:
         lines.append("queue     no Redis running (set REDIS_URL, or start `carbot worker`)")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from carbot import services
+from carbot import _health, _logging, _metrics, services
 from carbot.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -31,9 +31,8 @@ def main(verbose: bool) -> None:
     """Name the car model in a photo: chat bots on a batched inference queue."""
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) says nothing a person acts on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    _logging.configure(
+        level=logging.DEBUG if verbose else logging.INFO, json_format=get_settings().log_format == "json"
     )
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # "setup plugin ..." lines say nothing to a person
@@ -52,14 +51,70 @@ def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | No
     from worker._main import run_worker
 
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms)
-    with services.redis_url(settings) as url:
+    with services.redis_url(settings) as url, _health.serving(settings, _metrics.WORKER, _health.worker_checks(url)):
         run_worker(settings, url, artefact=artefact, burst=burst, name=name)
 
 
+@main.command("train-worker")
+@click.option("--burst", is_flag=True, help="Quit when the train queue is empty.")
+@click.option("--name", help="Worker name shown by `rq info` (default: random).")
+def train_worker(burst: bool, name: str | None) -> None:
+    """Serve the train queue: each `/retrain` runs in a fresh child process (run it on a GPU host)."""
+    from carbot.db import migrate
+    from training._retrain_job import run_train_worker
+
+    settings = get_settings()
+    migrate(services.database_url(settings))  # a run's row must be readable even if no bot has started yet
+    checks = _health.queue_and_database_checks(settings)
+    with services.redis_url(settings) as url, _health.serving(settings, _metrics.PLAIN, checks):
+        run_train_worker(settings, url, burst=burst, name=name)
+
+
 @main.command()
-@click.argument(
-    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="How many of the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def runs(limit: int, as_json: bool) -> None:
+    """Retrain runs, newest first: who asked, data counts, both models' accuracy, decision, duration, error."""
+    from carbot.db import make_engine, migrate
+    from carbot.retraining import list_runs
+
+    url = services.database_url(get_settings())
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        found = list_runs(engine, limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps([run.model_dump(mode="json") for run in found], indent=2))
+        return
+    if not found:
+        click.echo("No retrain runs yet: an admin starts one with /retrain.")
+        return
+    click.echo(f"{'run':>4}  {'requested (UTC)':16}  {'by':22} {'status':17} {'active→candidate':23} "
+               f"{'overall':>13} {'feedback':>13} {'trained':>8} {'time':>6}")  # fmt: skip
+    for run in found:
+        click.echo(_run_line(run))
+        if run.error:
+            click.echo(f"      error: {run.error}")
+
+
+def _run_line(run) -> str:
+    """One row of `carbot runs`: accuracies as active→candidate on the shared hold-out."""
+
+    def pair(part: str) -> str:
+        before, after = run.active_metrics.get(f"{part}_accuracy"), run.candidate_metrics.get(f"{part}_accuracy")
+        return "—" if before is None or after is None else f"{before:.0%}→{after:.0%}"
+
+    versions = f"{run.base_version or '?'}→{run.candidate_version or '—'}"
+    trained = run.counts.get("base_train", 0) + run.counts.get("feedback_train", 0)
+    took = "—" if run.duration_s is None else f"{run.duration_s / 60:.1f}m"
+    return (f"{run.id:>4}  {run.requested_at:%Y-%m-%d %H:%M}  {run.requested_by[:22]:22} {run.status:17} "
+            f"{versions[:23]:23} {pair('overall'):>13} {pair('feedback'):>13} {trained:>8} {took:>6}")  # fmt: skip
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--local", is_flag=True, help="Run the model in this process instead of through the queue.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True)
@@ -74,9 +129,7 @@ def classify(images: tuple[Path, ...], as_json: bool, local: bool, top_k: int) -
         from worker._main import worker_running
 
         with services.redis_url(settings) as url, worker_running(settings, url):
-            outcomes = classify_files_sync(
-                lambda: ClassifyClient.from_settings(settings, url), photos, top_k=top_k
-            )
+            outcomes = classify_files_sync(lambda: ClassifyClient.from_settings(settings, url), photos, top_k=top_k)
     _print_outcomes(images, outcomes, as_json)
     if any(isinstance(outcome, Exception) for outcome in outcomes):
         sys.exit(1)
@@ -144,7 +197,8 @@ def telegram() -> None:
     settings = get_settings()
     if settings.telegram_token is None:
         raise click.ClickException("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
-    run_telegram(settings)
+    with _health.serving(settings, _metrics.BOTS, _health.queue_and_database_checks(settings)):
+        run_telegram(settings)
 
 
 @main.command()
@@ -155,7 +209,20 @@ def discord() -> None:
     settings = get_settings()
     if settings.discord_token is None:
         raise click.ClickException("Set DISCORD_TOKEN to your application's bot token.")
-    run_discord(settings)
+    with _health.serving(settings, _metrics.BOTS, _health.queue_and_database_checks(settings)):
+        run_discord(settings)
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema up to date (DATABASE_URL, or SQLite in the data folder), then exit."""
+    from sqlalchemy.engine import make_url
+
+    from carbot.db import migrate as upgrade
+
+    url = services.database_url(get_settings())
+    upgrade(url)
+    click.echo(f"database schema up to date: {make_url(url).render_as_string(hide_password=True)}")
 
 
 @main.command()
@@ -227,6 +294,59 @@ def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: 
                f"top-3 {metrics.get('test_top3_accuracy', 0):.1%} (report: {artefact.path / 'report.md'})")  # fmt: skip
 
 
+@main.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="Most trials to run.")
+@click.option("--learning-rates", default="0.001,0.003,0.01,0.03", show_default=True, help="Values to try.")
+@click.option("--dropouts", default="0,0.1,0.3,0.5", show_default=True, help="Values to try.")
+@click.option("--finetune-fractions", default="0.1,0.3,0.5", show_default=True,
+              help="Values to try: the upper share of the backbone unfrozen in phase 2.")  # fmt: skip
+@click.option("--backbone", default="resnet50", show_default=True, help="resnet50, resnet50v2, mobilenetv3small, tiny.")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a backbone weights file.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--head-epochs", type=int, default=10, show_default=True, help="Phase 1 of every trial.")
+@click.option("--finetune-epochs", type=int, default=20, show_default=True, help="Phase 2 of every trial.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The split, the trials and the result; the same folder continues a search "
+                   "(default: <data dir>/tune/<DATA's name>).")  # fmt: skip
+@click.option("--train-best", is_flag=True, help="Then train a model version with the best values.")
+@click.option("--version", help="With --train-best: the new version's name (default: v<UTC timestamp>).")
+@click.option("--activate", is_flag=True, help="With --train-best: make the new version active.")
+def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_fractions: str, backbone: str,
+         weights: str, image_size: int, batch_size: int, head_epochs: int, finetune_epochs: int, seed: int,
+         work_dir: Path | None, train_best: bool, version: str | None, activate: bool) -> None:  # fmt: skip
+    """Search learning rate, dropout and fine-tuned depth for DATA (KerasTuner: pip install 'carbot[tune]').
+
+    Every trial is `carbot train`'s recipe, scored on the validation split; the test split is left for the end.
+    """
+    from training import TrainConfig
+    from training._tune import MissingExtra, SearchSpace, format_values, keras_tuner, parse_values
+    from training._tune import train_best as run_final
+    from training._tune import tune as run_search
+
+    try:
+        keras_tuner()
+        space = SearchSpace(learning_rate=parse_values(learning_rates), dropout=parse_values(dropouts),
+                            finetune_fraction=parse_values(finetune_fractions))  # fmt: skip
+        config = TrainConfig(backbone=backbone, image_size=image_size,
+                             weights=None if weights.lower() == "none" else weights, batch_size=batch_size,
+                             head_epochs=head_epochs, finetune_epochs=finetune_epochs, seed=seed)  # fmt: skip
+    except (MissingExtra, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = get_settings()
+    work_dir = work_dir or settings.data_dir / "tune" / data.stem
+    result = run_search(data, work_dir, config, space, max_trials=trials)
+    click.echo(f"best hyperparameters (val_accuracy {result.score:.1%}, {len(result.trials)} trials): "
+               f"{format_values(result.best)}\nsaved in {result.path}")  # fmt: skip
+    if train_best:
+        artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+        accuracy = artefact.metrics.get("test_accuracy", 0)
+        click.echo(f"saved {artefact.version} in {artefact.path}: test accuracy {accuracy:.1%} "
+                   f"(report: {artefact.path / 'report.md'})")  # fmt: skip
+
+
 @main.command("bench-training")
 @click.option("--photos", type=int, default=600, show_default=True, help="640x480 JPEGs to read per pipeline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Save results here.")
@@ -267,6 +387,76 @@ def bench(photos: int, image_size: int, backbone: str, json_path: Path | None) -
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")
+
+
+@main.command()
+@click.option("--users", type=click.IntRange(1), default=500, show_default=True, help="Chat users at once.")
+@click.option("--photos-per-user", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="`carbot worker` processes.")
+@click.option("--queue-limit", type=click.IntRange(1), help="Queued photos beyond which people hear busy.")
+@click.option("--timeout-s", type=float, help="A request's deadline (default: setting).")
+@click.option("--ramp-s", type=float, default=2.0, show_default=True, help="Users arrive spread over this long.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--database-url", help="Record answers here (a scratch database) instead of a fresh SQLite file.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
+def loadtest(users: int, photos_per_user: int, workers: int, queue_limit: int | None, timeout_s: float | None,
+             ramp_s: float, seed: int, database_url: str | None, json_path: Path | None) -> None:  # fmt: skip
+    """Many chat users at once through the conversation, a private Redis and worker processes.
+
+    Prints throughput, latency percentiles, batch sizes, busy replies, errors and lost photos.
+    """
+    from carbot._loadtest import LoadConfig, run_loadtest, save_json
+
+    config = LoadConfig(users=users, photos_per_user=photos_per_user, workers=workers, queue_limit=queue_limit,
+                        request_timeout_s=timeout_s, ramp_s=ramp_s, seed=seed)  # fmt: skip
+    results = run_loadtest(_settings(), config, database_url=database_url)
+    if json_path:
+        save_json(results, json_path)
+        click.echo(f"saved {json_path}")
+    if results["lost"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--scenario", "scenarios", multiple=True, help="worker-sigkill, redis-restart, db-outage, disk-full, "
+              "corrupt-model (repeatable; default: all).")  # fmt: skip
+@click.option("--users", type=click.IntRange(1), default=100, show_default=True, help="Chat users per scenario.")
+@click.option("--photos-per-user", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--db-outage-s", type=float, default=20.0, show_default=True, help="How long the database is locked.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
+def faults(scenarios: tuple[str, ...], users: int, photos_per_user: int, db_outage_s: float,
+           json_path: Path | None) -> None:  # fmt: skip
+    """The load test with one part broken on purpose; each scenario reports submitted/answered/errors/lost."""
+    from carbot._faults import SCENARIOS, FaultConfig, run_faults, save_json
+
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        raise click.BadParameter(f"unknown {sorted(unknown)}; known: {', '.join(SCENARIOS)}", param_hint="--scenario")
+    config = FaultConfig(users=users, photos_per_user=photos_per_user, db_outage_s=db_outage_s)
+    results = run_faults(_settings(), scenarios or SCENARIOS, config)
+    if json_path:
+        save_json(results, json_path)
+        click.echo(f"saved {json_path}")
+    reports = results["scenarios"].values()
+    if any(not all(report["checks"].values()) for report in reports if "checks" in report):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--seconds", type=float, default=300, show_default=True, help="How long to fuzz.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Save failing inputs here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
+def fuzz(seconds: float, seed: int, save_dir: Path | None, json_path: Path | None) -> None:
+    """Feed mutated pictures to the photo decoder: no crash, no hang, bounded memory per photo."""
+    from carbot._fuzz import run_fuzz
+
+    results = run_fuzz(seconds, seed=seed, save_dir=save_dir)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"saved {json_path}")
+    if results["failures"]:
+        sys.exit(1)
 
 
 @main.command()
@@ -389,9 +579,7 @@ def _ensure_demo_model(settings: Settings, *, force: bool) -> None:
     from training import build_demo_model
 
     artefact = build_demo_model(settings.registry_dir, activate=force or registry.active_version() is None)
-    click.echo(
-        f"Demo model ready: {artefact.path} (test accuracy {artefact.metrics.get('test_accuracy', 0):.0%})."
-    )
+    click.echo(f"Demo model ready: {artefact.path} (test accuracy {artefact.metrics.get('test_accuracy', 0):.0%}).")
 
 
 def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> list:

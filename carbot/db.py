@@ -1,8 +1,8 @@
 """The SQL schema: every SQLModel table of the project, the engine factory and the Alembic upgrade.
 
-The tables hold who asked (`Person`), what the model answered (`Prediction`) and
+The tables hold who asked (`Person`), what the model answered (`Prediction`),
 what people said about it (`Feedback`: one changeable row per prediction and
-person). The schema itself is owned by the Alembic migrations in
+person) and each admin-requested retrain (`RetrainRun`). The schema itself is owned by the Alembic migrations in
 `carbot/migrations`; `migrate()` brings any database, SQLite or PostgreSQL, to
 the latest revision, and a test keeps these models and the migrations in step.
 """
@@ -87,6 +87,37 @@ class Feedback(SQLModel, table=True):
     correction: str | None = Field(default=None, max_length=128)
     created_at: datetime = _timestamp()
     updated_at: datetime = _timestamp()
+
+
+# The life of a retrain run: queued -> running -> promoted | rejected | failed; an admin may then promote a
+# rejected candidate anyway (promoted_by_admin) or discard it (discarded).
+RUN_STATUSES = ("queued", "running", "promoted", "rejected", "failed", "promoted_by_admin", "discarded")
+
+
+class RetrainRun(SQLModel, table=True):
+    """One `/retrain`: who asked, on what data, how both models scored, what was decided, and how long it took."""
+
+    __tablename__ = "retrain_runs"
+    __table_args__ = (CheckConstraint(f"status IN {RUN_STATUSES}", name="status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    # "platform:user id" and the chat to answer in; plain text, not a foreign key: the record outlives /forget.
+    requested_by: str = Field(max_length=96)
+    chat_id: str = Field(max_length=64)
+    language: str = Field(default="en", max_length=8)
+    status: str = Field(default="queued", max_length=24, index=True)
+    base_version: str | None = Field(default=None, max_length=128)
+    candidate_version: str | None = Field(default=None, max_length=128)
+    counts: dict = Field(default_factory=dict, sa_type=JSON, nullable=False)  # photos used, per source and part
+    active_metrics: dict = Field(default_factory=dict, sa_type=JSON, nullable=False)
+    candidate_metrics: dict = Field(default_factory=dict, sa_type=JSON, nullable=False)
+    reason: str | None = Field(default=None, max_length=32)  # the gate's verdict, e.g. "better", "worse_overall"
+    error: str | None = Field(default=None, max_length=2000)
+    decided_by: str | None = Field(default=None, max_length=96)  # the admin who overrode the gate
+    requested_at: datetime = _timestamp(index=True)
+    started_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    finished_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    duration_s: float | None = None
 
 
 def normalize_url(url: str) -> URL:

@@ -68,10 +68,16 @@ def _answers(url: str) -> bool:
 
 
 class PrivateRedis:
-    """A `redis-server` process owned by this program, on a Unix socket, with nothing persisted."""
+    """A `redis-server` process owned by this program, on a Unix socket.
 
-    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0) -> None:
+    Nothing is persisted unless `persistent`: then every write goes to an append-only file in
+    `run_dir`, fsynced before Redis answers (`appendfsync always`), so a server stopped or killed
+    and started again on the same folder still holds every queued job and photo it acknowledged.
+    """
+
+    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False) -> None:
         self.run_dir = run_dir
+        self.persistent = persistent
         self.socket = _socket_path(run_dir)
         self.url = f"unix://{self.socket}"
         self._startup_timeout_s = startup_timeout_s
@@ -86,7 +92,8 @@ class PrivateRedis:
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "always",
             "--dir", str(self.run_dir),
             "--logfile", str(self.run_dir / "redis.log"),
         ]  # fmt: skip
@@ -99,9 +106,12 @@ class PrivateRedis:
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, crash: bool = False) -> None:
+        """Stop the server (SIGTERM); `crash` kills it with SIGKILL instead, as a power cut would."""
         if self._process is None:
             return
+        if crash:
+            self._process.kill()
         self._process.terminate()
         try:
             self._process.wait(timeout=5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,9 +22,7 @@ def _alias(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CARBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="CARBOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     # Where things live.
     redis_url: str | None = Field(default=None, validation_alias=_alias("REDIS_URL"))
@@ -49,6 +47,14 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(default=600, ge=1)
     maintenance_interval_s: int = Field(default=5, ge=1)
 
+    # Retraining (`/retrain`): a job on its own queue, served by `carbot train-worker`.
+    train_queue: str = "train"
+    base_dataset: Path | None = None  # labelled photos (folder per class or CSV manifest) trained alongside feedback
+    retrain_epochs: int = Field(default=5, ge=1)
+    # The recipe's base rate (fine-tuning runs at 1/5 to 1/10 of it); unset: the one the active model was trained with.
+    retrain_learning_rate: float | None = Field(default=None, gt=0)
+    retrain_timeout_s: int = Field(default=6 * 3600, ge=60)  # a longer run is stopped and marked failed
+
     # Chat platforms (used by the bots).
     telegram_token: SecretStr | None = Field(default=None, validation_alias=_alias("TELEGRAM_TOKEN"))
     discord_token: SecretStr | None = Field(default=None, validation_alias=_alias("DISCORD_TOKEN"))
@@ -61,6 +67,11 @@ class Settings(BaseSettings):
     discord_guild_id: int | None = None  # sync slash commands to this guild at once (global sync takes up to an hour)
     photo_retention_days: int = Field(default=90, ge=0)  # 0 keeps no photos
     rate_limit_per_minute: int = Field(default=10, ge=1)
+
+    # Operations: what a process tells its operator. The port serves /metrics, /healthz and /readyz.
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, for a log collector
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # unset: no endpoint
+    metrics_listen: str = "0.0.0.0"
 
     @field_validator("admin_ids", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ or one on PATH) on a private Unix socket, TensorFlow with a tiny backbone, and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from PIL import Image
@@ -44,22 +46,42 @@ def redis_url(redis_server: PrivateRedis) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry whose active version "tiny-test" is a small, untrained but real Keras model."""
-    from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
+    from model import ModelRegistry
 
     root = tmp_path_factory.mktemp("models")
     registry = ModelRegistry(root)
-    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
-    with registry.staging("tiny-test") as directory:
-        save_artefact(
-            network,
-            directory,
-            version="tiny-test",
-            labels=TEST_LABELS,
-            backbone="tiny",
-            preprocessing=Preprocessing(image_size=TEST_IMAGE_SIZE),
-        )
+    add_version(registry, "tiny-test")
     registry.activate("tiny-test")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry whose active version "demo" is the demo model, trained once per session by `train()`.
+
+    It is built in a fresh process with deterministic kernels, so its accuracy is the same on every
+    run whatever TensorFlow state earlier tests left behind (test_training_demo, test_training_serving).
+    """
+    root = tmp_path_factory.mktemp("demo-models")
+    code = (
+        "import tensorflow as tf; tf.config.experimental.enable_op_determinism()\n"
+        "from pathlib import Path\n"
+        "from training import build_demo_model\n"
+        f"build_demo_model(Path({str(root)!r}), progress=False)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, env=env, timeout=600)
+    return root
+
+
+def add_version(registry, version: str) -> None:
+    """Save another small, untrained model with the test labels into `registry` as `version` (not activated)."""
+    from model import Preprocessing, build_classifier, save_artefact
+
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
+    with registry.staging(version) as directory:
+        save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
+                      preprocessing=Preprocessing(image_size=TEST_IMAGE_SIZE))  # fmt: skip
 
 
 def worker_env(redis_url: str, registry: Path, data_dir: Path, **settings: object) -> dict[str, str]:
@@ -78,14 +100,14 @@ def worker_env(redis_url: str, registry: Path, data_dir: Path, **settings: objec
 
 
 class WorkerProcess:
-    """A `carbot worker` child process, with its log kept for assertions."""
+    """A `carbot worker` (or `carbot train-worker`) child process, with its log kept for assertions."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, name: str, *, command: str = "worker") -> None:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "carbot", "worker", "--name", name],
+            [sys.executable, "-m", "carbot", command, "--name", name],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -107,7 +129,12 @@ class WorkerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
+            # A train worker's work horse would outlive a SIGKILLed parent and keep heartbeating on Redis.
+            children = psutil.Process(self.process.pid).children(recursive=True) if sig == signal.SIGKILL else []
             self.process.send_signal(sig)
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
         try:
             return self.process.wait(timeout=timeout)
         finally:

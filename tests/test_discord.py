@@ -489,7 +489,7 @@ async def test_commands_and_admin_only_ones(bot, discord_api):
 
     # Admin commands are hidden from members without the Administrator permission.
     hidden = {command.name for command in bot.tree.get_commands() if command.default_permissions is not None}
-    assert hidden == {"stats", "model", "retrain"}
+    assert hidden == {"stats", "model", "retrain", "rollback"}
     assert all(bot.tree.get_command(name).default_permissions.administrator for name in hidden)
 
 
@@ -506,7 +506,7 @@ async def test_setup_hook_registers_persistent_items_and_syncs_to_the_guild_when
     )
     assert [guild.id for guild in synced] == [1234]
     names = {command.name for command in guild_bot.tree.get_commands(guild=discord.Object(1234))}
-    assert {"top3", "help", "forget", "stats", "model", "retrain"} <= names
+    assert {"top3", "help", "forget", "stats", "model", "retrain", "rollback"} <= names
 
 
 def test_choices_become_select_menus_within_discord_limits():
@@ -536,3 +536,57 @@ def test_run_discord_brings_up_redis_store_and_conversation(settings, redis_url,
 
     assert started["token"] == "the-token" and isinstance(started["conversation"], Conversation)
     assert started["redis"] is True and started["stats"]["predictions"] == 0
+
+
+async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
+    settings, redis_url, database_url, tmp_path, discord_api, monkeypatch
+):
+    """The adapter's side of /retrain: the job's events (published as the train worker does) reach the admin.
+
+    dpytest cannot edit a message created by an interaction response, so the edit of the progress message
+    fails here: the summary must arrive all the same.
+    """
+    import redis
+
+    from bots._retrain import RetrainDesk
+    from carbot import retraining
+
+    store = Store(database_url, PhotoStore(tmp_path / "photos", 90))
+    store.migrate()
+    desk = RetrainDesk(redis_url, settings, store.engine)
+    connection = aioredis.Redis.from_url(redis_url)
+    async with ClassifyClient.from_settings(settings, redis_url) as client:
+        conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings, retrain=desk)
+        await desk.subscribe("discord")
+        bot, _ = await start_bot(settings, conversation, monkeypatch)  # its setup hook follows the retrain events
+        try:
+            channel = dpytest.get_config().channels[0]
+            admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+            [queued] = await discord_api.command(bot, "retrain", user=admin, channel=channel)
+            # Not ephemeral: the bot edits it for as long as the run takes.
+            assert queued.content.startswith("🛠️ Retrain #1 queued") and not queued.ephemeral
+            assert await desk.progress_message(1) == f"{channel.id}:{queued.message['id']}"
+
+            # The gate rejected the candidate: the summary is a new channel message with the two decisions.
+            engine, publisher = store.engine, redis.Redis.from_url(redis_url)
+            metrics = {"overall_accuracy": 0.8, "overall_n": 50, "feedback_accuracy": 0.5, "feedback_n": 10}
+            retraining.update_run(engine, 1, status="rejected", reason="worse_overall", base_version="tiny-test",
+                                  candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
+                                  duration_s=60.0)  # fmt: skip
+            retraining.publish(publisher, retraining.RunEvent.for_run(retraining.get_run(engine, 1), "finished"))
+            for _ in range(500):
+                summary = next((m for m in backend._cur_config.messages.get(channel.id, [])
+                                if "not promoted" in (m.get("content") or "")), None)  # fmt: skip
+                if summary is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert summary is not None, "the summary never reached the channel"
+            assert "worse overall" in summary["content"]
+            custom_ids = [c["custom_id"] for c in _walk(discord_api.sent[summary["id"]].get("components") or [])]
+            assert custom_ids == ["carbot:r:1:p", "carbot:r:1:x"]
+        finally:
+            bot.retrain_follower.cancel()
+            await dpytest.empty_queue()
+    await desk.aclose()
+    await connection.aclose()
+    await store.close()

@@ -8,6 +8,7 @@ real Redis, a real `carbot worker` process with a tiny model, and a SQLite store
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -20,12 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from sqlmodel import Session, select
 from telegram import PhotoSize
+from telegram.ext import Application
 
 from bots._conversation import Conversation
+from bots._retrain import RetrainDesk, follow_retrains
 from bots._store import Store
-from bots._telegram import build_application, pick_photo_size, webhook_secret
+from bots._telegram import build_application, deliver_event, pick_photo_size, webhook_secret
 from bots._texts import text
-from carbot import db
+from carbot import db, retraining
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes
@@ -42,6 +45,7 @@ class Harness:
     store: Store
     settings: Settings
     conversation: Conversation
+    application: Application
 
     async def reply_to(self, message: dict, method: str = "sendMessage", *, count: int = 1) -> list[ApiCall]:
         """The bot's answers to `message` (sent as replies to it)."""
@@ -114,17 +118,20 @@ async def bot(fake, store, redis_url, model_registry, tmp_path) -> AsyncIterator
         rate_limit_per_minute=1000,
     )
     connection = aioredis.Redis.from_url(redis_url)
+    desk = RetrainDesk(redis_url, settings, store.engine)
     async with ClassifyClient.from_settings(settings, redis_url) as classifier:
-        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings)
+        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings,
+                                    retrain=desk)  # fmt: skip
         application = build_application(settings, conversation)
         async with application:
             await application.start()
             await application.updater.start_polling(poll_interval=0, timeout=1)
             try:
-                yield Harness(fake, store, settings, conversation)
+                yield Harness(fake, store, settings, conversation, application)
             finally:
                 await application.updater.stop()
                 await application.stop()
+    await desk.aclose()
     await connection.aclose()
 
 
@@ -473,3 +480,52 @@ async def test_fake_server_refuses_what_telegram_refuses(fake: FakeTelegram) -> 
         message = fake.send_text(fake.private_chat(fake.user(5)), fake.user(5), "hello")
         result = (await asyncio.wait_for(poll, 2)).json()["result"]
         assert [item["message"]["message_id"] for item in result] == [message["message_id"]]
+
+
+async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_buttons(bot: Harness, redis_url) -> None:
+    """The adapter's side of /retrain: the job's events (published as the train worker does) reach the admin."""
+    import redis
+
+    fake = bot.fake
+    boss = fake.user(ADMIN, "Boss")
+    chat = fake.private_chat(boss)
+    await bot.conversation.retrain.subscribe("telegram")
+    deliver = functools.partial(deliver_event, bot.application.bot, bot.conversation)
+    following = asyncio.create_task(follow_retrains(bot.conversation.retrain, "telegram", deliver))
+    try:
+        [queued] = await bot.reply_to(fake.send_text(chat, boss, "/retrain"))
+        assert queued.params["text"].startswith("🛠️ Retrain #1 queued")
+        message_id = queued.result["message_id"]
+        while await bot.conversation.retrain.progress_message(1) is None:  # the adapter records it after sending
+            await asyncio.sleep(0.01)
+
+        publisher, engine = redis.Redis.from_url(redis_url), bot.store.engine
+        run = retraining.get_run(engine, 1)
+        for epoch in (1, 2):
+            progress = {"epoch": epoch, "epochs": 2, "loss": 0.5 / epoch, "accuracy": 0.6 + epoch / 10, "eta_s": 60}
+            retraining.publish(publisher, retraining.RunEvent.for_run(run, "progress", **progress))
+        edits = await fake.wait_for("editMessageText", lambda call: call.params["message_id"] == message_id, count=2)
+        assert "epoch 2/2" in edits[-1].params["text"] and "accuracy 80%" in edits[-1].params["text"]
+
+        # The gate rejected the candidate: the summary comes with the report picture and the two decisions.
+        metrics = {"overall_accuracy": 0.8, "overall_n": 50, "feedback_accuracy": 0.5, "feedback_n": 10}
+        retraining.update_run(engine, 1, status="rejected", reason="not_better_on_feedback", base_version="tiny-test",
+                              candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
+                              duration_s=120.0, counts={"feedback_train": 40, "feedback_holdout": 10})  # fmt: skip
+        picture = bot.settings.data_dir / "report.png"
+        picture.write_bytes(jpeg_bytes(1))
+        retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished", report_image=str(picture)))
+        [photo] = await fake.wait_for("sendPhoto")
+        [summary] = await fake.wait_for("sendMessage", lambda call: "not promoted" in call.params["text"])
+        assert str(photo.params["chat_id"]) == str(summary.params["chat_id"]) == str(boss["id"])
+        assert "not better on the held-out feedback" in summary.params["text"]
+        buttons = [b["callback_data"] for row in summary.result["reply_markup"]["inline_keyboard"] for b in row]
+        assert buttons == ["r:1:p", "r:1:x"]
+        done = fake.calls_to("editMessageText", lambda call: call.params["message_id"] == message_id)[-1]
+        assert done.params["text"] == "✅ Retrain #1 finished in 2 min."
+
+        fake.press_button(boss, summary.result, "r:1:x")
+        [answered] = await fake.wait_for("answerCallbackQuery", lambda call: "discarded" in call.params.get("text", ""))
+        assert retraining.get_run(engine, 1).status == "discarded"
+    finally:
+        following.cancel()

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import shutil
 
-from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
-from tests.conftest import TEST_IMAGE_SIZE, TEST_LABELS, jpeg_bytes
+from model import ModelRegistry
+from tests.conftest import add_version, jpeg_bytes
 from worker import ClassifyClient
-
-
-def add_version(registry: ModelRegistry, version: str) -> None:
-    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
-    with registry.staging(version) as directory:
-        save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
-                      preprocessing=Preprocessing(image_size=TEST_IMAGE_SIZE))  # fmt: skip
 
 
 async def test_new_active_version_is_served_and_a_corrupt_one_is_refused(

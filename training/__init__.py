@@ -16,8 +16,14 @@ What is here so far:
 - the training recipe (:class:`TrainConfig`, :func:`train`): a labelled folder or
   CSV manifest in, a two-phase transfer-learning run (head, then fine-tuning;
   resumable), a model version in the registry out;
-- :func:`build_demo_model`: trains a small classifier on them and puts it in the
-  model registry as version ``demo``.
+- retraining from people's feedback (:class:`FeedbackPhoto`, :func:`is_held_out`,
+  :class:`RetrainConfig`, :func:`retrain`): the active model fine-tuned on base data plus
+  feedback photos, judged against the active one on a fixed hold-out, promoted only if
+  better (``FeedbackPhoto`` and ``is_held_out`` need no TensorFlow);
+- hyperparameter search (:class:`SearchSpace`, :func:`tune`): KerasTuner trials that
+  are the recipe itself, scored on the validation split (the optional ``tune`` extra);
+- :func:`build_demo_model`: trains a small classifier on them with :func:`train` and
+  puts it in the model registry as version ``demo``.
 
 ``import training`` stays light (Pillow and NumPy only): the parts that need
 Keras are imported on first use, so a process that only generates data, or a bot
@@ -40,33 +46,44 @@ from training._dataset import (
     scan_folder,
     stratified_split,
 )
+from training._feedback import FeedbackPhoto, is_held_out
 from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_jpeg, synthetic_photo
 
 if TYPE_CHECKING:
     from training._demo import build_demo_model
     from training._evaluation import Evaluation, evaluate, write_report
     from training._recipe import TrainConfig, train
+    from training._retrain import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
+    from training._tune import SearchSpace, tune
 
 __all__ = [
     "SYNTHETIC_CLASSES",
     "Evaluation",
+    "FeedbackPhoto",
+    "RetrainConfig",
+    "RetrainOutcome",
+    "RetrainProgress",
     "Sample",
+    "SearchSpace",
     "Split",
     "SplitChanged",
     "TrainConfig",
     "build_demo_model",
     "check_samples",
     "evaluate",
+    "is_held_out",
     "load_split",
     "make_synthetic_dataset",
     "make_tf_dataset",
     "read_manifest",
+    "retrain",
     "save_split",
     "scan_folder",
     "stratified_split",
     "synthetic_jpeg",
     "synthetic_photo",
     "train",
+    "tune",
     "write_report",
 ]
 
@@ -78,6 +95,12 @@ _LAZY = {
     "write_report": "training._evaluation",
     "TrainConfig": "training._recipe",
     "train": "training._recipe",
+    "SearchSpace": "training._tune",
+    "tune": "training._tune",
+    "RetrainConfig": "training._retrain",
+    "RetrainOutcome": "training._retrain",
+    "RetrainProgress": "training._retrain",
+    "retrain": "training._retrain",
 }
 
 

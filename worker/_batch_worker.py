@@ -36,6 +36,7 @@ from rq.job import Job
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from carbot import _metrics as metrics
 from worker._contract import (
     CLASSIFY_FUNC,
     FINAL_ERRORS,
@@ -112,6 +113,7 @@ class BatchWorker(SimpleWorker):
     def perform_batch(self, batch: list[tuple[Job, Queue]]) -> None:
         """Start every job, classify the live ones in one pass, then finish each job with its own outcome."""
         executions = self.start_jobs(batch)
+        metrics.observe_queue_waits(_queue_wait_ms(job) for job, _ in batch)
         checked_at = time.time()
         live, expired = [], 0
         for (job, queue), execution in zip(batch, executions):
@@ -183,6 +185,7 @@ class BatchWorker(SimpleWorker):
         """
         if not finished:
             return
+        metrics.jobs_finished(len(finished))
         with self.connection.pipeline() as pipe:
             for job, execution, value in finished:
                 job.ended_at = now()
@@ -216,6 +219,7 @@ class BatchWorker(SimpleWorker):
         """Finish `job` as failed through RQ; an error that is the photo's fault is never retried."""
         if type(exc).__name__ in FINAL_ERRORS:
             job.retries_left = 0
+        metrics.job_failed(exc)
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
 
     def handle_exception(self, job: Job, *exc_info) -> None:
@@ -245,7 +249,8 @@ class BatchWorker(SimpleWorker):
         }
 
     def _record(self, report: BatchReport, *, expired: int, queue_wait_ms: float = 0.0) -> None:
-        """One log line per batch, and the shared counters that `carbot status` shows."""
+        """One log line per batch, the shared counters that `carbot status` shows, and this worker's metrics."""
+        metrics.observe_batch(report.size, report.decode_ms, report.inference_ms)
         if report.size:
             log.info(
                 "batch size=%d distinct=%d rejected=%d expired=%d queue_wait_ms=%.1f decode_ms=%.1f "

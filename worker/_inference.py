@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carbot import _metrics as metrics
 from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image
 from worker._contract import PhotoRejected
 
@@ -93,6 +94,7 @@ class ModelSource:
             self._failed = wanted
             return
         log.info("model %s loaded from %s", predictor.version, wanted[0])
+        metrics.model_loaded(predictor.version)
         self._predictor, self._loaded, self._failed = predictor, wanted, None
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,30 +64,46 @@ def workers_listening(connection: redis.Redis, queue_name: str) -> int:
     return Worker.count(queue=Queue(queue_name, connection=connection, serializer=SERIALIZER))
 
 
-def spawn_worker(redis_url: str, log_file: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `carbot worker` as a child process on `redis_url`, logging to `log_file`."""
+def spawn_worker(
+    redis_url: str, log_file: Path, extra_env: dict[str, str] | None = None, *, command: str = "worker"
+) -> subprocess.Popen:
+    """Start `carbot <command>` (`worker` or `train-worker`) on `redis_url` as a child process logging to `log_file`."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "REDIS_URL": redis_url, **(extra_env or {})}
     with log_file.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "carbot", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "carbot", command], env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
 
 @contextlib.contextmanager
-def worker_running(settings: Settings, redis_url: str) -> Iterator[None]:
-    """Make sure a worker serves the queue: use a running one, else start one for the duration of the block."""
-    if workers_listening(redis.Redis.from_url(redis_url), settings.classify_queue):
+def worker_running(settings: Settings, redis_url: str, *, train: bool = False) -> Iterator[None]:
+    """Make sure a worker serves the queue: use a running one, else start one for the duration of the block.
+
+    With `train`, the same for the train queue and `carbot train-worker` (a light process until a retrain runs).
+    """
+    queue, command = (settings.train_queue, "train-worker") if train else (settings.classify_queue, "worker")
+    if workers_listening(redis.Redis.from_url(redis_url), queue):
         yield
         return
-    log_file = settings.data_dir / "run" / "worker.log"
-    print(f"(no worker was running: started one in the background, log in {log_file})", file=sys.stderr)
-    process = spawn_worker(redis_url, log_file)
+    log_file = settings.data_dir / "run" / f"{command}.log"
+    print(f"(no {command} was running: started one in the background, log in {log_file})", file=sys.stderr)
+    process = spawn_worker(redis_url, log_file, command=command)
+    if train:
+        # A train worker starts in a second or two (no TensorFlow until a run): wait, so /retrain finds it.
+        _wait_for_worker(redis_url, queue, process, timeout_s=15)
     try:
         yield
     finally:
-        process.send_signal(signal.SIGTERM)  # warm shutdown: the current batch finishes first
+        process.send_signal(signal.SIGTERM)  # warm shutdown: the current batch (or retrain) finishes first
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _wait_for_worker(redis_url: str, queue: str, process: subprocess.Popen, *, timeout_s: float) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    while not workers_listening(connection, queue) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)

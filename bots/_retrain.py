@@ -1,0 +1,211 @@
+"""The bots' side of retraining: queue a run, show its progress, act on the admin's decision, follow events.
+
+`RetrainDesk` is what the conversation calls for `/retrain`, `/rollback` and the
+"promote anyway" / "discard" buttons. Its blocking parts (RQ's enqueue, SQL, the
+registry's renames) run in a thread. `follow_retrains` is the loop every bot
+process runs beside its chat: it reads the events the retrain job appends to a
+Redis stream and hands each to a `deliver` function of the platform's adapter.
+
+Each platform reads the stream through a consumer group of its own, so every
+platform sees every event once even across restarts, and two processes of one
+platform share the work instead of both answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from rq import Queue
+
+from bots._messages import Sender
+from carbot import retraining
+from carbot.db import RetrainRun
+from carbot.retraining import RunEvent
+from carbot.settings import Settings
+from model import ModelRegistry
+from worker import SERIALIZER
+from worker._main import workers_listening
+
+log = logging.getLogger(__name__)
+
+_RESULT_TTL_S = 7 * 86400
+_MESSAGE_TTL_S = 7 * 86400
+_BLOCK_MS = 5000
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """What `/retrain` led to: a new run, or the one already running (with its latest progress)."""
+
+    run_id: int
+    queued: bool  # False: a run was already in progress, nothing new was queued
+    progress: dict | None = None  # the running run's latest event data ({"epoch": ..., ...}) when not queued
+    workers: int = 0  # train workers listening right now (0: the run waits until one starts)
+
+
+class RetrainDesk:
+    """Requests, progress and decisions for one bot process."""
+
+    def __init__(self, redis_url: str, settings: Settings, engine) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.registry_dir)
+        self._engine = engine
+        self._sync = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+        # Reads block for up to _BLOCK_MS: the socket timeout (redis-py's async default is 5 s) must be longer.
+        self._async = aioredis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self._queue = Queue(settings.train_queue, connection=self._sync, serializer=SERIALIZER)
+
+    async def aclose(self) -> None:
+        await self._async.aclose()
+        await asyncio.to_thread(self._sync.close)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    async def request(self, sender: Sender, language: str) -> RetrainRequest:
+        """Queue a retrain for `sender` (an admin), unless one is running already."""
+        return await asyncio.to_thread(self._request, sender, language)
+
+    def _request(self, sender: Sender, language: str) -> RetrainRequest:
+        workers = workers_listening(self._sync, self.settings.train_queue)
+        running = retraining.running_run(self._sync, self._engine)
+        lock_ttl = self.settings.retrain_timeout_s + 600
+        if running is not None or not self._sync.set(retraining.LOCK_KEY, "pending", nx=True, ex=lock_ttl):
+            return RetrainRequest(run_id=running or -1, queued=False, progress=self._progress(), workers=workers)
+        run_id = None
+        try:
+            run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
+                                           chat_id=sender.chat_id, language=language)  # fmt: skip
+            self._sync.set(retraining.LOCK_KEY, run_id, xx=True, keepttl=True)
+            self._queue.enqueue_call(
+                retraining.TRAIN_JOB_FUNC,
+                kwargs={"run_id": run_id},
+                job_id=retraining.job_id(run_id),
+                timeout=self.settings.retrain_timeout_s,
+                result_ttl=_RESULT_TTL_S,
+                failure_ttl=_RESULT_TTL_S,
+            )
+        except BaseException as exc:
+            if run_id is None:
+                self._sync.delete(retraining.LOCK_KEY)
+            else:
+                retraining.fail_run(self._sync, self._engine, run_id, f"could not queue the job: {exc}")
+            raise
+        log.info("retrain run %s queued by %s:%s", run_id, sender.platform, sender.user_id)
+        return RetrainRequest(run_id=run_id, queued=True, workers=workers)
+
+    def _progress(self) -> dict | None:
+        data = self._sync.hget(retraining.PROGRESS_KEY, "data")
+        return json.loads(data) if data else None
+
+    # -- decisions ------------------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: int) -> RetrainRun | None:
+        return await asyncio.to_thread(retraining.get_run, self._engine, run_id)
+
+    async def decide(self, run_id: int, admin: Sender, promote: bool) -> RetrainRun | None:
+        """Promote a rejected candidate anyway, or discard it. Returns the updated run, or None if it was not waiting.
+
+        Only a run whose candidate the gate rejected is waiting for this decision; a second
+        press (or a press after another admin decided) changes nothing.
+        """
+        return await asyncio.to_thread(self._decide, run_id, f"{admin.platform}:{admin.user_id}", promote)
+
+    def _decide(self, run_id: int, admin: str, promote: bool) -> RetrainRun | None:
+        run = retraining.get_run(self._engine, run_id)
+        if run is None or run.status != "rejected" or not run.candidate_version:
+            return None
+        if promote:
+            self.registry.activate(run.candidate_version)
+            status = "promoted_by_admin"
+        else:
+            if self.registry.active_version() != run.candidate_version:
+                shutil.rmtree(self.registry.path_for(run.candidate_version), ignore_errors=True)
+            status = "discarded"
+        retraining.update_run(self._engine, run_id, status=status, decided_by=admin)
+        log.info("retrain run %s: %s by %s", run_id, status, admin)
+        return retraining.get_run(self._engine, run_id)
+
+    async def rollback(self) -> tuple[str, str | None]:
+        """Make the previously active version active again; returns (now active, was active). LookupError if none."""
+
+        def roll() -> tuple[str, str | None]:
+            was = self.registry.active_version()
+            return self.registry.rollback(), was
+
+        return await asyncio.to_thread(roll)
+
+    # -- the progress message -------------------------------------------------------------------------------
+
+    async def set_progress_message(self, run_id: int, reference: str) -> None:
+        """Remember the platform message that shows run `run_id`'s progress (adapters call this)."""
+        key = retraining.MESSAGES_KEY
+        await self._async.hset(key, str(run_id), reference)
+        await self._async.expire(key, _MESSAGE_TTL_S)
+
+    async def progress_message(self, run_id: int) -> str | None:
+        reference = await self._async.hget(retraining.MESSAGES_KEY, str(run_id))
+        return reference.decode() if reference is not None else None
+
+    # -- events ---------------------------------------------------------------------------------------------
+
+    async def subscribe(self, group: str) -> None:
+        """Make sure consumer group `group` exists: from now on, every event is kept for it until acknowledged."""
+        try:
+            await self._async.xgroup_create(retraining.EVENTS_KEY, group, id="$", mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def events(self, group: str, consumer: str | None = None):
+        """Yield every retrain event once for consumer group `group` (one per platform), acknowledging each after use.
+
+        Events appended before the group first existed are not replayed: they belong to earlier deployments.
+        """
+        consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        await self.subscribe(group)
+        pending = "0"  # first what this consumer was handed but did not acknowledge before a restart
+        while True:
+            answer = await self._async.xreadgroup(group, consumer, {retraining.EVENTS_KEY: pending}, count=16,
+                                                  block=None if pending == "0" else _BLOCK_MS)  # fmt: skip
+            entries = answer[0][1] if answer else []
+            if pending == "0" and not entries:
+                pending = ">"
+                continue
+            for entry_id, fields in entries:
+                try:
+                    event = RunEvent.from_fields(fields)
+                except (KeyError, ValueError) as exc:
+                    log.warning("skipping a malformed retrain event %s: %s", entry_id, exc)
+                else:
+                    yield event
+                await self._async.xack(retraining.EVENTS_KEY, group, entry_id)
+
+
+async def follow_retrains(
+    desk: RetrainDesk, group: str, handle: Callable[[RunEvent], Awaitable[None]], *, retry_s: float = 5.0
+) -> None:
+    """Run forever (until cancelled): hand every retrain event of the stream to `handle`.
+
+    A failing `handle` costs that one event (logged); a Redis outage pauses the loop until Redis is back.
+    """
+    while True:
+        try:
+            async for event in desk.events(group):
+                try:
+                    await handle(event)
+                except Exception:
+                    log.exception("could not deliver retrain event %s of run %s", event.kind, event.run_id)
+        except asyncio.CancelledError:
+            raise
+        except (redis.RedisError, OSError) as exc:
+            log.warning("retrain events unavailable (%s); retrying in %.0f s", exc, retry_s)
+            await asyncio.sleep(retry_s)

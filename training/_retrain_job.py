@@ -1,0 +1,194 @@
+"""The `/retrain` job, and the RQ worker that runs it (`carbot train-worker`).
+
+A run, step by step (`run_retrain`, executed in RQ's work horse, a fresh child process):
+
+1. mark the run "running" and tell its admin;
+2. collect the feedback photos from SQL (`collect_feedback`): 👍 keeps the predicted label, a
+   correction gives the corrected label, a 👎 without one is not used; one label per photo
+   hash (the most given, the latest on a tie); photos no longer in the photo store are skipped;
+3. fine-tune the active model on the base dataset and those photos, evaluate candidate and
+   active model on the same hold-out, promote the candidate only if the gate passes
+   (`training.retrain`), publishing progress each epoch;
+4. record counts, both models' metrics and the decision in the run's row, and tell the admin.
+
+Whatever goes wrong ends in `carbot.retraining.fail_run`: an exception in the job, the RQ job
+timeout, or the work horse dying (the worker's `work_horse_killed_handler`). The registry is
+only ever changed by `retrain`'s final `activate`, so a failed run leaves the active model serving.
+
+This module is imported by the train worker's parent process, which must stay light: TensorFlow
+is imported by `training.retrain` inside the work horse only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq import Queue, Worker, get_current_job
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from carbot import retraining
+from carbot.db import Feedback, Prediction, make_engine, utcnow
+from carbot.photos import PhotoStore
+from carbot.retraining import RunEvent
+from carbot.services import database_url
+from carbot.settings import Settings, get_settings
+from model import Artefact, ModelRegistry
+from training._feedback import FeedbackPhoto
+from worker import SERIALIZER
+
+log = logging.getLogger(__name__)
+
+BASE_SPLIT_FILE = "base-split.csv"
+
+
+def run_retrain(run_id: int) -> dict[str, Any]:
+    """The job queued by `/retrain`: one whole run. Returns a short summary (kept as the RQ job's result)."""
+    settings = get_settings()
+    connection = get_current_job().connection
+    engine = make_engine(database_url(settings))
+    try:
+        return _execute(settings, connection, engine, run_id)
+    except Exception as exc:
+        retraining.fail_run(connection, engine, run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        retraining.release_lock(connection, run_id)
+        engine.dispose()
+
+
+def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id: int) -> dict[str, Any]:
+    from training._retrain import RetrainProgress, retrain
+
+    run = retraining.get_run(engine, run_id)
+    if run is None:
+        raise LookupError(f"retrain run {run_id} is not in the database")
+    started = utcnow()
+    active = ModelRegistry(settings.registry_dir).active(verify=False)
+    # Recorded now, so a run that fails still says which model it started from.
+    retraining.update_run(engine, run_id, status="running", started_at=started,
+                          base_version=active.version if active is not None else None)  # fmt: skip
+    retraining.publish(connection, RunEvent.for_run(run, "started"))
+
+    photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
+    feedback, found = collect_feedback(engine, photos)
+    log.info("retrain run %s: %d feedback photos (%s)", run_id, len(feedback), found)
+
+    def on_epoch(progress: RetrainProgress) -> None:
+        retraining.publish(connection, RunEvent.for_run(
+            run, "progress", epoch=progress.epoch, epochs=progress.epochs, loss=round(progress.loss, 4),
+            accuracy=round(progress.accuracy, 4), eta_s=round(progress.eta_s, 1)))  # fmt: skip
+
+    version = retraining.candidate_version(run_id, started)
+    outcome = retrain(
+        settings.registry_dir,
+        feedback,
+        version=version,
+        base_dataset=settings.base_dataset,
+        split_file=settings.data_dir / "retrain" / BASE_SPLIT_FILE,
+        config=retrain_config(settings, active),
+        on_epoch=on_epoch,
+    )
+    finished = utcnow()
+    saved = (settings.registry_dir / version).is_dir()
+    status = "promoted" if outcome.promoted else "rejected"
+    retraining.update_run(
+        engine,
+        run_id,
+        status=status,
+        base_version=outcome.base_version,
+        candidate_version=version if saved else None,
+        counts={**outcome.counts, **found},
+        active_metrics=outcome.active_metrics,
+        candidate_metrics=outcome.candidate_metrics,
+        reason=outcome.reason,
+        finished_at=finished,
+        duration_s=(finished - started).total_seconds(),
+    )
+    report = str(outcome.report_image) if outcome.report_image is not None else None
+    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status, report_image=report))
+    log.info("retrain run %s: %s (%s), candidate %s", run_id, status, outcome.reason, version)
+    return {"run": run_id, "status": status, "reason": outcome.reason, "candidate": version if saved else None}
+
+
+def retrain_config(settings: Settings, active: Artefact | None):
+    """Phase 2 as the active model was trained: its recipe's learning rate and unfrozen share, unless set.
+
+    A ResNet50 fine-tuned from ImageNet weights unfreezes its upper 30 %; the demo model, trained from
+    random weights, anneals its whole backbone. The artefact's recorded config says which.
+    """
+    from training._retrain import RetrainConfig
+
+    trained = ((active.meta.get("extra") or {}).get("config") or {}) if active is not None else {}
+    return RetrainConfig(
+        epochs=settings.retrain_epochs,
+        learning_rate=settings.retrain_learning_rate or trained.get("learning_rate", RetrainConfig.learning_rate),
+        finetune_fraction=trained.get("finetune_fraction", RetrainConfig.finetune_fraction),
+    )
+
+
+def collect_feedback(engine: Engine, photos: PhotoStore) -> tuple[list[FeedbackPhoto], dict[str, int]]:
+    """Every photo people labelled, once, with the label they gave it; and counts of what was left out.
+
+    Counts: ``feedback_votes`` (feedback rows read), ``feedback_unlabelled`` (👎 without a correction),
+    ``feedback_missing_photo`` (the photo is no longer stored: expired or forgotten).
+    """
+    statement = select(Prediction.photo_sha256, Prediction.top_k, Feedback.vote, Feedback.correction,
+                       Feedback.updated_at).join(Feedback, Feedback.prediction_id == Prediction.id)  # fmt: skip
+    labels: dict[str, Counter[str]] = {}
+    latest: dict[tuple[str, str], datetime] = {}
+    counts = {"feedback_votes": 0, "feedback_unlabelled": 0, "feedback_missing_photo": 0}
+    with Session(engine) as session:
+        for sha, top_k, vote, correction, updated in session.exec(statement):
+            counts["feedback_votes"] += 1
+            label = correction or (top_k[0]["label"] if vote == "up" and top_k else None)
+            if label is None:
+                counts["feedback_unlabelled"] += 1
+                continue
+            labels.setdefault(sha, Counter())[label] += 1
+            latest[sha, label] = max(updated, latest.get((sha, label), updated))
+
+    chosen = []
+    for sha, votes in labels.items():
+        # The label most people gave; on a tie, the one given last.
+        label = max(votes, key=lambda name: (votes[name], latest[sha, name]))
+        path = photos.path(sha)
+        if not path.is_file():
+            counts["feedback_missing_photo"] += 1
+            continue
+        chosen.append(FeedbackPhoto(sha256=sha, path=path, label=label))
+    return sorted(chosen, key=lambda photo: photo.sha256), counts
+
+
+# -- the worker ------------------------------------------------------------------------------------------------
+
+
+def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False, name: str | None = None) -> bool:
+    """Serve the train queue until stopped: RQ's forking worker, so every run trains in a fresh process.
+
+    A fresh work horse per run gives each retrain all of the GPU's memory and returns it
+    afterwards; the parent process never imports TensorFlow.
+    """
+    connection = redis.Redis.from_url(redis_url)
+    engine = make_engine(database_url(settings))
+
+    def horse_killed(job, retpid: int, ret_val: int, rusage: Any) -> None:
+        run_id = (job.kwargs or {}).get("run_id")
+        if run_id is not None:
+            retraining.fail_run(connection, engine, int(run_id), f"the training process died (exit status {ret_val})")
+
+    worker = Worker(
+        [Queue(settings.train_queue, connection=connection, serializer=SERIALIZER)],
+        connection=connection,
+        serializer=SERIALIZER,
+        name=name,
+        work_horse_killed_handler=horse_killed,
+    )
+    try:
+        return worker.work(burst=burst)
+    finally:
+        engine.dispose()
