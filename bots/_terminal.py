@@ -50,8 +50,8 @@ class TerminalChat:
             await self._show(await self.conversation.text(self.sender, line))
         elif Path(line).expanduser().is_file():  # before commands: "/home/me/car.jpg" is a path
             await self._photo(Path(line).expanduser())
-        elif line.startswith("/") and not _looks_like_path(line):
-            await self._command(line)
+        elif line.startswith("/") and not _looks_like_path(line.split(" ", 1)[0]):
+            await self._command(line)  # "/top3 ~/car.jpg": the command word decides, not its argument
         elif _looks_like_path(line):
             self._say(f"No such file: {line}")
         else:

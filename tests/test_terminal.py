@@ -22,6 +22,8 @@ def test_piped_conversation_photo_vote_correction_and_admin_commands(model_regis
         "1",                            # pick the first candidate as the correction
         str(tmp_path / "notes.jpg"),    # not a picture
         str(tmp_path / "missing.jpg"),  # no such file
+        f"/top3 {photo}",               # a command with a path argument
+        f"/top3 {tmp_path / 'gone.jpg'}",
         "hello",                        # plain text: a hint
         "/stats",                       # the local user is an admin
         "/quit",
@@ -39,10 +41,12 @@ def test_piped_conversation_photo_vote_correction_and_admin_commands(model_regis
     assert "✅ Thanks! Recorded as" in out
     assert "I can't use this picture" in out
     assert f"No such file: {tmp_path / 'missing.jpg'}" in out
+    assert f"No such file: {tmp_path / 'gone.jpg'}" in out and "No such file: /top3" not in out
+    assert out.count("[1] 👍   [2] 👎") == 2  # the photo, then /top3 of it
     assert "Send me a photo of a car" in out
-    assert "1 answers to 1 people · 👍 0 · 👎 1 · 1 corrections" in out
+    assert "2 answers to 1 people · 👍 0 · 👎 1 · 1 corrections" in out
 
     stats = subprocess.run([sys.executable, "-m", "carbot", "stats", "--json"], env=env,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     numbers = json.loads(stats.stdout)
-    assert (numbers["predictions"], numbers["down"], numbers["corrections"]) == (1, 1, 1)
+    assert (numbers["predictions"], numbers["down"], numbers["corrections"]) == (2, 1, 1)
