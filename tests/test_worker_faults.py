@@ -67,6 +67,24 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
     assert FailedJobRegistry(queue=queue_of(redis_url)).count == 0
 
 
+async def test_a_photo_taken_by_a_worker_that_died_before_starting_it_is_answered(redis_url, start_worker):
+    queue = queue_of(redis_url)
+    async with ClassifyClient(redis_url, timeout_s=40) as client:
+        answer = asyncio.ensure_future(client.classify(jpeg_bytes(3)))
+        while queue.count == 0:
+            await asyncio.sleep(0.01)
+        # What a worker's dequeue does before it starts the job; this one dies right after.
+        queue.connection.lmove(queue.key, queue.intermediate_queue_key)
+        start_worker()
+        started = time.monotonic()
+        prediction = await answer
+
+    assert isinstance(prediction, Prediction)
+    # RQ's own cleanup alone would take over a minute (and the person would be told "too slow").
+    assert time.monotonic() - started < 30
+    assert queue.intermediate_queue.get_job_ids() == []
+
+
 async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, big_photos):
     worker = start_worker("polite", max_batch=4)
     async with ClassifyClient(redis_url, timeout_s=90) as client:

@@ -18,9 +18,12 @@ what happens once a first job is in hand:
 
 A worker killed mid-batch leaves its jobs in the StartedJobRegistry; their
 heartbeats lapse after the job timeout and the next maintenance run of any
-worker re-enqueues them (jobs are enqueued with `Retry`). SIGTERM is RQ's warm
-shutdown: the worker marks itself busy before draining, so the current batch
-is finished before it exits.
+worker re-enqueues them (jobs are enqueued with `Retry`). A worker killed while
+draining, after Redis moved photos to the queue's intermediate list but before
+`start_jobs()`, leaves them there: `requeue_stranded()` sends them back within
+seconds, where RQ's own cleanup waits a minute. SIGTERM is RQ's warm shutdown:
+the worker marks itself busy before draining, so the current batch is finished
+before it exits.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC
+from datetime import UTC, timedelta
 
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
@@ -56,6 +59,10 @@ HEARTBEAT_GRACE_S = 5
 # While waiting up to max_wait_ms for more jobs we poll in steps this long: Redis times out
 # blocking commands only every 1/hz seconds (100 ms by default), far coarser than the bound.
 DRAIN_POLL_S = 0.0005
+# A live worker starts what it drained within max_wait_ms and one round trip. A photo left in the
+# intermediate list this long was taken by a worker that died; RQ's own cleanup waits a minute,
+# longer than a person's deadline.
+STRANDED_AFTER = timedelta(seconds=10)
 
 
 class BatchWorker(SimpleWorker):
@@ -107,6 +114,36 @@ class BatchWorker(SimpleWorker):
             else:
                 break
         return drained
+
+    # -- maintenance ---------------------------------------------------------------------------------------
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance, then the rescue of photos a dead worker drained but never started."""
+        super().clean_registries()
+        for queue in self.queues:
+            self.requeue_stranded(queue)
+
+    def requeue_stranded(self, queue: Queue) -> None:
+        """Send back the jobs of `queue`'s intermediate list that no worker started within `STRANDED_AFTER`.
+
+        Like RQ's `IntermediateQueue.cleanup` (first sighting noted, the job failed
+        into its `Retry` on a later one), with a threshold fit for photos. Every
+        worker runs this; removing the id from the list first is what makes one
+        of them, and only one, hand the job back.
+        """
+        intermediate = queue.intermediate_queue
+        for job_id in intermediate.get_job_ids():
+            if job_id in queue.started_job_registry or intermediate.set_first_seen(job_id):
+                continue
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen is None or now() - first_seen < STRANDED_AFTER:
+                continue
+            if not self.connection.lrem(intermediate.key, 1, job_id):
+                continue  # another worker took it first
+            job = queue.fetch_job(job_id)
+            if job is not None:
+                log.warning("photo job %s was taken by a worker that stopped before starting it: requeued", job_id)
+                self.handle_job_failure(job, queue, exc_string="Taken from the queue by a worker that then stopped.")
 
     # -- one batch, job by job through RQ's lifecycle --------------------------------------------------------
 
