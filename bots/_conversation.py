@@ -242,15 +242,18 @@ class Conversation:
         name = name.lower().lstrip("/")
         if name == "top3":
             return await self.top3(sender, None, None)
+        if name in ADMIN_COMMANDS and not sender.is_admin:
+            return Reply(text("not_admin", lang))
+        if name in ACTING_COMMANDS and args:
+            # "/rollback v3" or "/forget everything" may mean something the command does not do.
+            return Reply(text("takes_no_argument", lang, command=name))
         if name == "forget":
             counts = await self.store.forget(sender)
             await self.redis.delete(self._awaiting_key(sender), self._last_photo_key(sender))
             return Reply(text("forgotten", lang, **counts))
+        if name == "retrain":
+            return await self._retrain(sender, lang)
         if name in ADMIN_COMMANDS:
-            if not sender.is_admin:
-                return Reply(text("not_admin", lang))
-            if name == "retrain":
-                return await self._retrain(sender, lang)
             return await {"stats": self._stats, "model": self._model_info, "rollback": self._rollback}[name](lang)
         active = self.registry.active(verify=False)
         return Reply(text("welcome", lang, models=len(active.labels) if active else 0,
@@ -409,6 +412,8 @@ class Conversation:
 
 
 ADMIN_COMMANDS = ("stats", "model", "retrain", "rollback")
+# Commands that change something: given an argument they do nothing, rather than guess.
+ACTING_COMMANDS = ("forget", "retrain", "rollback")
 _COUNTS = ("base_train", "feedback_train", "oversample", "base_holdout", "feedback_holdout", "feedback_skipped")
 # ASCII digits only, the whole string: data a client sends back is exactly what we wrote, or it is stale.
 _BUTTON = re.compile(r"(?P<kind>[vcr]):(?P<id>\d{1,18}):(?P<value>[udpx]|\d{1,4})", re.ASCII)

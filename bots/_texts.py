@@ -45,6 +45,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "corrected": "✅ Thanks! Recorded as {label}.",
         "forgotten": "🗑️ Done: I deleted {predictions} answers, {votes} votes and {photos} photos of yours.",
         "not_admin": "Sorry, that command is for the bot's admins.",
+        "takes_no_argument": "/{command} takes nothing after it, so I did nothing. Send /{command} alone.",
         "stats": (
             "📊 {predictions} answers to {people} people · 👍 {up} · 👎 {down} · {corrections} corrections"
             " · accuracy by feedback {accuracy}"
@@ -127,6 +128,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "corrected": "✅ Obrigado! Registrado como {label}.",
         "forgotten": "🗑️ Pronto: apaguei {predictions} respostas, {votes} votos e {photos} fotos suas.",
         "not_admin": "Desculpe, esse comando é para os administradores do bot.",
+        "takes_no_argument": "/{command} não leva nada depois, então não fiz nada. Mande só /{command}.",
         "stats": (
             "📊 {predictions} respostas para {people} pessoas · 👍 {up} · 👎 {down} · {corrections} correções"
             " · acerto pelos votos {accuracy}"

@@ -309,8 +309,11 @@ async def test_path_like_arguments_to_terminal_admin_commands_touch_no_file(
         await terminal.handle(line)
     said = output.getvalue()
 
-    # A command with a path-like argument is taken for a file name that is not there: nothing runs.
-    assert said.count("No such file") == len(lines), said
+    # A path is never opened as a file unless it is one, nor used as a version or a command.
+    assert said.count("No such file") == 3, said  # /top3's missing file, the bare path, the NUL-joined line
+    # The commands that change things refuse an argument; /model and /stats only show.
+    assert said.count("takes nothing after it, so I did nothing") == 3, said
+    assert "Active model tiny-b" in said and "answers to" in said
     assert registry.active_version() == "tiny-b"  # no /rollback happened
     assert sorted(path.name for path in registry.root.iterdir()) == before  # nothing written in the registry
     assert not evil.exists() and (tmp_path / "carbot.db").is_file() and (await chat.store.stats()) is not None
