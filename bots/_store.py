@@ -5,7 +5,9 @@ work in a worker thread, with its own session from a pooled engine, so a slow
 disk or database never stalls the event loop that serves every chat. Writes
 that can race (two clicks on the same button, one person's first two photos)
 rely on the schema's unique constraints: the loser of a race sees the
-`IntegrityError`, starts over, and finds the winner's row.
+`IntegrityError`, starts over, and finds the winner's row. A vote that changes
+an existing row locks it first (on SQLite every transaction takes the write
+lock as it begins, see `carbot.db.make_engine`), so two clicks take turns.
 """
 
 from __future__ import annotations
@@ -70,13 +72,14 @@ class PredictionRecord:
 class Store:
     """People, predictions, feedback and photos for the bots; every method is safe to await from the event loop."""
 
-    def __init__(self, database_url: str, photos: PhotoStore) -> None:
+    def __init__(self, database_url: str, photos: PhotoStore, *, engine: Engine | None = None) -> None:
+        """A store on `database_url`, through `engine` if given (`carbot.db.make_engine`'s otherwise)."""
         url = db.normalize_url(database_url)
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             # Every pooled connection (and the migration's) would open its own, empty database.
             raise ValueError("an in-memory SQLite database cannot back the store; give it a file")
         self._database_url = database_url
-        self._engine: Engine = db.make_engine(database_url)
+        self._engine: Engine = engine or db.make_engine(database_url)
         self.photos = photos
 
     @classmethod
@@ -260,8 +263,12 @@ def _set_feedback(prediction_id: int, sender: Sender, vote: str, correction: obj
         if session.exec(select(Prediction.id).where(Prediction.id == prediction_id)).first() is None:
             return False
         person = _person(session, sender)
+        # Locked until commit: a second click waits for the first and then sees what it wrote, so only
+        # one of them reports a change (SQLite has no row locks, and takes the write lock as it begins).
         row = session.exec(
-            select(Feedback).where(Feedback.prediction_id == prediction_id, Feedback.person_id == person.id)
+            select(Feedback)
+            .where(Feedback.prediction_id == prediction_id, Feedback.person_id == person.id)
+            .with_for_update()
         ).first()
         if row is None:
             new_correction = None if correction is _KEEP else correction

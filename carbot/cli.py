@@ -360,6 +360,20 @@ def bench_training(photos: int, json_path: Path | None) -> None:
         json_path.write_text(json.dumps(results, indent=2))
 
 
+@main.command("bench-store")
+@click.option("--senders", type=click.IntRange(2), default=200, show_default=True, help="People at once.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Bursts per set-up.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Save results here.")
+def bench_store(senders: int, rounds: int, json_path: Path | None) -> None:
+    """The bots' SQLite store under a burst: write-ahead log against rollback journal, side by side."""
+    from bots._store_bench import format_table, run_store_benchmark
+
+    results = run_store_benchmark(senders=senders, rounds=rounds)
+    click.echo(format_table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+
+
 @main.command("purge-photos")
 def purge_photos() -> None:
     """Delete stored photos older than the retention setting (the bots also do this when they start)."""

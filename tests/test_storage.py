@@ -286,6 +286,24 @@ async def test_twenty_identical_clicks_at_once_leave_one_row(store: Store, datab
     assert query(database_url, "SELECT count(*) FROM people") == [(2,)]
 
 
+async def test_sqlite_runs_with_a_write_ahead_log(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'carbot.db'}"
+    async with Store(database_url, PhotoStore(tmp_path / "photos", retention_days=90)) as store:
+        store.migrate()
+        await record(store, ALICE)
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    assert query(database_url, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_twenty_clicks_changing_a_vote_at_once_are_thanked_once(store: Store, database_url: str) -> None:
+    prediction_id = await record(store, ALICE)
+    assert await store.vote(prediction_id, BOB, "up")
+    changed = await asyncio.gather(*(store.vote(prediction_id, BOB, "down") for _ in range(20)))
+    assert changed.count(True) == 1  # each click read the vote before changing it, one after another
+    assert query(database_url, "SELECT vote FROM feedback") == [("down",)]
+
+
 async def test_votes_are_checked_and_stale_buttons_change_nothing(store: Store, database_url: str) -> None:
     prediction_id = await record(store, ALICE)
     with pytest.raises(ValueError):
