@@ -326,6 +326,8 @@ class Conversation:
         if self.retrain is None:
             return Reply(text("retrain_unavailable", lang))
         request = await self.retrain.request(sender, lang)
+        if not request.queued and request.run_id < 0:  # another admin's request never got its number
+            return Reply(text("retrain_starting", lang))
         if not request.queued:
             return Reply(text("retrain_running", lang, run=request.run_id)
                          + _progress_line(request.progress or {}, lang))  # fmt: skip

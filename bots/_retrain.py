@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ from worker._main import workers_listening
 log = logging.getLogger(__name__)
 
 _RESULT_TTL_S = 7 * 86400
+# How long a /retrain waits for another admin's request, caught between taking the lock and writing its run.
+_PENDING_WAIT_S = 5.0
+# A bot that dies between taking the lock and writing its run leaves "pending": it lapses this soon
+# (well past the database's busy timeout, so a slow write does not lose the lock).
+_PENDING_TTL_S = 120
 _MESSAGE_TTL_S = 7 * 86400
 _BLOCK_MS = 5000
 
@@ -76,15 +82,16 @@ class RetrainDesk:
 
     def _request(self, sender: Sender, language: str) -> RetrainRequest:
         workers = workers_listening(self._sync, self.settings.train_queue)
-        running = retraining.running_run(self._sync, self._engine)
-        lock_ttl = self.settings.retrain_timeout_s + 600
-        if running is not None or not self._sync.set(retraining.LOCK_KEY, "pending", nx=True, ex=lock_ttl):
-            return RetrainRequest(run_id=running or -1, queued=False, progress=self._progress(), workers=workers)
+        running = self._take_lock_or_find_run()
+        if running is not None:
+            return RetrainRequest(run_id=running, queued=False, progress=self._progress(), workers=workers)
         run_id = None
         try:
             run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
                                            chat_id=sender.chat_id, language=language)  # fmt: skip
-            self._sync.set(retraining.LOCK_KEY, run_id, xx=True, keepttl=True)
+            # Held from now until the run ends (the job releases it), or past its timeout at the latest.
+            if not self._sync.set(retraining.LOCK_KEY, run_id, xx=True, ex=self.settings.retrain_timeout_s + 600):
+                raise RuntimeError("the retrain lock lapsed while the run was being written")
             self._queue.enqueue_call(
                 retraining.TRAIN_JOB_FUNC,
                 kwargs={"run_id": run_id},
@@ -101,6 +108,21 @@ class RetrainDesk:
             raise
         log.info("retrain run %s queued by %s:%s", run_id, sender.platform, sender.user_id)
         return RetrainRequest(run_id=run_id, queued=True, workers=workers)
+
+    def _take_lock_or_find_run(self) -> int | None:
+        """None once this request holds the retrain lock; otherwise the id of the run in progress.
+
+        Another admin's `/retrain` may hold the lock as "pending" for the few milliseconds it
+        takes to write its run: wait for its number rather than answer without one.
+        """
+        deadline = time.monotonic() + _PENDING_WAIT_S
+        while True:
+            running = retraining.running_run(self._sync, self._engine)
+            if running is None and self._sync.set(retraining.LOCK_KEY, "pending", nx=True, ex=_PENDING_TTL_S):
+                return None
+            if running is not None and (running >= 0 or time.monotonic() > deadline):
+                return running
+            time.sleep(0.02)
 
     def _progress(self) -> dict | None:
         data = self._sync.hget(retraining.PROGRESS_KEY, "data")

@@ -170,6 +170,33 @@ async def test_non_admins_cannot_retrain_roll_back_or_decide(world, chat):
     assert redis.Redis.from_url(world.redis_url).llen("rq:queue:train") == 0
 
 
+async def test_admins_sending_retrain_at_once_get_one_run_and_its_number(world, chat):
+    admins = [Sender("telegram", str(42 + n), f"chat-{n}", language_code="en", is_admin=True) for n in range(6)]
+    replies = await asyncio.gather(*(chat.command(admin, "retrain") for admin in admins))
+
+    queued = [reply for reply in replies if reply.progress_of is not None]
+    assert len(queued) == 1 and [run.status for run in runs_table(world)] == ["queued"]
+    run_id = queued[0].progress_of
+    for reply in replies:
+        if reply is not queued[0]:
+            assert reply.text.startswith(f"⏳ A retrain is already running (run #{run_id})"), reply.text
+    connection = redis.Redis.from_url(world.redis_url)
+    assert connection.get(retraining.LOCK_KEY) == str(run_id).encode()
+    assert connection.ttl(retraining.LOCK_KEY) > 600  # held for the run, not for the request
+
+
+async def test_a_request_that_died_holding_the_lock_blocks_retrains_for_seconds_only(world, chat):
+    connection = redis.Redis.from_url(world.redis_url)
+    # A bot stopped between taking the lock and writing its run; the lock lapses (2 minutes in real life, 7 s here).
+    connection.set(retraining.LOCK_KEY, "pending", ex=7)
+
+    reply = await chat.command(ADMIN, "retrain")  # waits 5 s for the run's number, then says what it knows
+    assert reply.text == "⏳ Another admin is starting a retrain right now; one at a time."
+    assert runs_table(world) == []
+    await asyncio.sleep(max(0, connection.pttl(retraining.LOCK_KEY)) / 1000)
+    assert "Retrain #1 queued" in (await chat.command(ADMIN, "retrain")).text
+
+
 async def test_one_retrain_at_a_time_and_a_lost_job_frees_the_lock(world, chat):
     first = await chat.command(ADMIN, "retrain")
     assert first.progress_of == 1 and "Retrain #1 queued" in first.text
