@@ -89,9 +89,6 @@ class RetrainDesk:
         try:
             run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
                                            chat_id=sender.chat_id, language=language)  # fmt: skip
-            # Held from now until the run ends (the job releases it), or past its timeout at the latest.
-            if not self._sync.set(retraining.LOCK_KEY, run_id, xx=True, ex=self.settings.retrain_timeout_s + 600):
-                raise RuntimeError("the retrain lock lapsed while the run was being written")
             self._queue.enqueue_call(
                 retraining.TRAIN_JOB_FUNC,
                 kwargs={"run_id": run_id},
@@ -100,10 +97,13 @@ class RetrainDesk:
                 result_ttl=_RESULT_TTL_S,
                 failure_ttl=_RESULT_TTL_S,
             )
+            # Only now may the lock name the run: a /retrain that found it naming a run without a job
+            # would take the run for a lost one. Held until the run ends (the job frees it), or its timeout.
+            if not self._sync.set(retraining.LOCK_KEY, run_id, xx=True, ex=self.settings.retrain_timeout_s + 600):
+                raise RuntimeError("the retrain lock lapsed while the run was being queued")
         except BaseException as exc:
-            if run_id is None:
-                self._sync.delete(retraining.LOCK_KEY)
-            else:
+            retraining.release_lock(self._sync, retraining.PENDING)
+            if run_id is not None:  # its job, if queued, finds the run failed and does nothing
                 retraining.fail_run(self._sync, self._engine, run_id, f"could not queue the job: {exc}")
             raise
         log.info("retrain run %s queued by %s:%s", run_id, sender.platform, sender.user_id)
@@ -118,7 +118,7 @@ class RetrainDesk:
         deadline = time.monotonic() + _PENDING_WAIT_S
         while True:
             running = retraining.running_run(self._sync, self._engine)
-            if running is None and self._sync.set(retraining.LOCK_KEY, "pending", nx=True, ex=_PENDING_TTL_S):
+            if running is None and self._sync.set(retraining.LOCK_KEY, retraining.PENDING, nx=True, ex=_PENDING_TTL_S):
                 return None
             if running is not None and (running >= 0 or time.monotonic() > deadline):
                 return running

@@ -34,7 +34,8 @@ from worker import SERIALIZER
 log = logging.getLogger(__name__)
 
 TRAIN_JOB_FUNC = "training._retrain_job.run_retrain"
-LOCK_KEY = "carbot:retrain:lock"  # the run id of the retrain in progress ("pending" while it is being queued)
+LOCK_KEY = "carbot:retrain:lock"  # the run id of the retrain in progress (PENDING while it is being queued)
+PENDING = "pending"
 PROGRESS_KEY = "carbot:retrain:progress"  # hash: the running retrain's latest progress, for a second /retrain
 EVENTS_KEY = "carbot:retrain:events"  # stream of RunEvent, read by every bot process
 MESSAGES_KEY = "carbot:retrain:messages"  # hash: run id -> the bot message that shows its progress
@@ -156,8 +157,8 @@ def fail_run(connection: redis.Redis, engine: Engine, run_id: int, error: str) -
     release_lock(connection, run_id)
 
 
-def release_lock(connection: redis.Redis, run_id: int) -> None:
-    """Free the lock and the progress hash if (and only if) run `run_id` holds them."""
+def release_lock(connection: redis.Redis, run_id: int | str) -> None:
+    """Free the lock and the progress hash if (and only if) run `run_id` (or `PENDING`) holds them."""
     with connection.pipeline() as pipe:
         while True:
             try:
@@ -178,7 +179,7 @@ def running_run(connection: redis.Redis, engine: Engine) -> int | None:
     if holder is None:
         return None
     holder = holder.decode()
-    if not holder.isdigit():  # "pending": a bot is queuing a run this very moment
+    if holder == PENDING:  # a bot is queuing a run this very moment
         return -1
     run_id = int(holder)
     status = _job_status(connection, run_id)

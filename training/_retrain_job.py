@@ -67,6 +67,9 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
     run = retraining.get_run(engine, run_id)
     if run is None:
         raise LookupError(f"retrain run {run_id} is not in the database")
+    if run.status in retraining.FINAL_STATUSES:  # failed before it started (its bot could not finish queuing it)
+        log.warning("retrain run %s is already %s: nothing to do", run_id, run.status)
+        return {"run_id": run_id, "status": run.status}
     started = utcnow()
     active = ModelRegistry(settings.registry_dir).active(verify=False)
     # Recorded now, so a run that fails still says which model it started from.
