@@ -44,8 +44,9 @@ from model import ImageRejected, Preprocessing, load_image
 # What a mutation does; a mutation is (op index, position, value), each taken modulo what fits.
 OPS = ("flip", "set", "insert", "delete", "repeat", "truncate", "huge")
 # Every array or copy load_image makes of a picture costs at most this many bytes per pixel at once
-# (a float TIFF: 4 decoded + 8 as float64 + 8 for nan_to_num + 8 rounded), plus the interpreter's slack.
-BYTES_PER_PIXEL_BOUND = 32
+# (RGBA on white: 4 decoded + 4 + 4 composited + 3 as RGB; a float TIFF: 4 decoded + 4 exported by
+# Pillow + 4 as float32 + 1 + 1 as 8-bit grey), plus the interpreter's slack.
+BYTES_PER_PIXEL_BOUND = 24
 SLACK_BYTES = 64 * 2**20
 Mutation = tuple[int, int, int]
 

@@ -96,7 +96,7 @@ def load_image(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> n
             _request_draft(img, preprocessing)
             _decode(img)
             # Resize inside the block: the decoded pixels may belong to `img`, closed on exit.
-            resized = _resize(_to_rgb(_upright(img)), preprocessing)
+            resized = _resize(_to_8bit(_upright(img)), preprocessing).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_many_pixels") from exc
     except ImageRejected:
@@ -168,20 +168,24 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit pixels: RGB, or L for a greyscale picture, which becomes RGB only once resized (a third of the memory)."""
     mode = img.mode
     if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
         return _on_background(img)
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return img
+    # Wide greyscale samples (16-bit PNG, integer or float TIFF) are brought to 8 bits at full size,
+    # so every array made on the way costs at most 4 bytes a pixel: a 33-megapixel float TIFF
+    # needs about 300 MB, not the gigabyte float64 copies would.
     if mode.startswith("I;16"):
-        return _grey_to_rgb(np.asarray(img).astype(np.uint16) >> 8)
+        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
     if mode == "I":
-        return _grey_to_rgb(_scale_wide_ints(np.asarray(img)))
+        return Image.fromarray(_scale_wide_ints(np.asarray(img)))
     if mode == "F":
-        return _grey_to_rgb(_scale_floats(np.asarray(img)))
+        return Image.fromarray(_scale_floats(np.array(img, dtype=np.float32)))
     try:
-        # 1, L, P, CMYK (Pillow already undoes Adobe's inverted CMYK), YCbCr, ...
+        # 1, P, CMYK (Pillow already undoes Adobe's inverted CMYK), YCbCr, ...
         return img.convert("RGB")
     except ValueError as exc:
         raise ImageRejected("unsupported") from exc
@@ -196,27 +200,30 @@ def _on_background(img: Image.Image) -> Image.Image:
 def _scale_wide_ints(values: np.ndarray) -> np.ndarray:
     # Mode "I" almost always holds 16-bit samples (16-bit PNG or TIFF); map that range to 8 bits.
     if values.size and values.min() >= 0 and values.max() <= 0xFFFF:
-        return values.astype(np.uint32) >> 8
-    return _stretch_to_bytes(values.astype(np.float64))
+        return (values >> 8).astype(np.uint8)
+    return _stretch_to_bytes(values.astype(np.float32))
 
 
 def _scale_floats(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values.astype(np.float64))
+    """float32 samples (changed in place) as uint8: [0, 1] scaled to [0, 255], any other range stretched."""
+    np.nan_to_num(values, copy=False)
     if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-        return np.rint(values * 255.0)
+        values *= 255.0
+        return np.rint(values, out=values).astype(np.uint8)
     return _stretch_to_bytes(values)
 
 
 def _stretch_to_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 samples (changed in place) stretched from their own min and max to uint8."""
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if high <= low:
-        return np.zeros_like(values)
-    return np.rint((values - low) * (255.0 / (high - low)))
-
-
-def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
-    grey8 = np.clip(grey, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.repeat(grey8[:, :, None], 3, axis=2), mode="RGB")
+        return np.zeros(values.shape, dtype=np.uint8)
+    scale = 255.0 / (high - low)
+    # Scaled before shifted: float32 samples near its limits would overflow the other way round.
+    values *= scale
+    values -= low * scale
+    np.clip(np.rint(values, out=values), 0, 255, out=values)
+    return values.astype(np.uint8)
 
 
 def _resize(img: Image.Image, preprocessing: Preprocessing) -> Image.Image:

@@ -79,3 +79,17 @@ def test_the_checker_fails_on_a_wrong_exception_or_too_much_memory(monkeypatch: 
     Image.fromarray(np.ones((2000, 2000), dtype=np.float32)).save(buffer, format="TIFF")
     with pytest.raises(FuzzFailure, match="MB"):
         check(buffer.getvalue(), PREPROCESSING)
+
+
+def test_a_big_float_tiff_costs_a_few_bytes_a_pixel_not_float64_copies() -> None:
+    # 16 megapixels of float samples in a small, compressible file: what the fuzzer found, made bigger.
+    pixels = np.tile(np.linspace(-3.0, 40.0, 1024, dtype=np.float32), (16384, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "TIFF", compression="tiff_adobe_deflate")
+    assert len(buffer.getvalue()) < Preprocessing().max_bytes // 4
+
+    verdict = check(buffer.getvalue(), Preprocessing())
+
+    assert verdict.outcome == "accepted"
+    # Decoded, exported by Pillow, as float32, as bytes: about 17 a pixel here; float64 copies cost 35.
+    assert verdict.peak_rss_growth_bytes < 22 * pixels.size, verdict.peak_rss_growth_bytes / pixels.size
