@@ -13,6 +13,7 @@ lock as it begins, see `carbot.db.make_engine`), so two clicks take turns.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -80,6 +81,7 @@ class Store:
             raise ValueError("an in-memory SQLite database cannot back the store; give it a file")
         self._database_url = database_url
         self._engine: Engine = engine or db.make_engine(database_url)
+        self._reader: Engine = db.read_only(self._engine)
         self.photos = photos
 
     @classmethod
@@ -146,7 +148,8 @@ class Store:
         await asyncio.to_thread(self._transaction, lambda session: session.exec(statement))
 
     async def get_prediction(self, prediction_id: int) -> PredictionRecord | None:
-        return await asyncio.to_thread(self._transaction, lambda session: _prediction_record(session, prediction_id))
+        read = functools.partial(_prediction_record, prediction_id=prediction_id)
+        return await asyncio.to_thread(self._transaction, read, True)
 
     # Feedback.
 
@@ -181,7 +184,7 @@ class Store:
 
     async def stats(self) -> dict:
         """Counts and the share of 👍 among votes, overall and per model version."""
-        return await asyncio.to_thread(self._transaction, _stats)
+        return await asyncio.to_thread(self._transaction, _stats, True)
 
     async def purge_photos(self) -> int:
         """Delete photos past the retention period; returns how many."""
@@ -189,14 +192,16 @@ class Store:
 
     # The blocking side, run in worker threads.
 
-    def _transaction(self, work: Callable[[Session], T]) -> T:
+    def _transaction(self, work: Callable[[Session], T], read_only: bool = False) -> T:
         """Run `work` in a transaction and commit; run it again if it lost a race on a unique constraint.
+
+        `read_only` work takes no write lock on SQLite: in the write-ahead log it reads a snapshot.
 
         A database that cannot be reached (or, for SQLite, stays locked past the busy timeout) raises
         `StoreUnavailable`: the transaction was rolled back, so nothing of it is half-written.
         """
         for attempt in range(1, _ATTEMPTS + 1):
-            with Session(self._engine, expire_on_commit=False) as session:
+            with Session(self._reader if read_only else self._engine, expire_on_commit=False) as session:
                 try:
                     result = work(session)
                     session.commit()

@@ -419,7 +419,7 @@ _SCENARIOS = {
 
 
 def _hold_exclusive_lock(database: Path, locked: threading.Event, release: threading.Event) -> None:
-    """What a long migration or a stuck admin session does: hold SQLite's exclusive lock (no reads, no writes)."""
+    """What a long migration or a stuck admin session does: hold SQLite's write lock (readers of the WAL go on)."""
     connection = sqlite3.connect(database, timeout=30, isolation_level=None)
     try:
         connection.execute("BEGIN EXCLUSIVE")

@@ -26,6 +26,9 @@ SQLModel.metadata.naming_convention = {
     "pk": "pk_%(table_name)s",
 }
 
+# The execution option that marks a read-only engine (see `read_only`).
+_READ_ONLY = "carbot_read_only"
+
 # Any fixed number: PostgreSQL advisory lock that serialises bots migrating the same database at start-up.
 _MIGRATION_LOCK_KEY = 0x63617262  # "carb"
 
@@ -144,10 +147,19 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Any) -> None:
+    if connection.get_execution_options().get(_READ_ONLY):
+        # A reader of the write-ahead log reads a snapshot: it never waits for the writer.
+        connection.exec_driver_sql("BEGIN")
+        return
     # Take the write lock as the transaction starts, not at its first write: a read-then-write (a vote
     # changed from 👍 to 👎) cannot interleave with another one, and a writer waits its turn within
     # the busy timeout instead of failing on a snapshot another writer made stale.
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    """`engine` for transactions that only read: on SQLite they begin without taking the write lock."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def make_engine(url: str) -> Engine:

@@ -132,7 +132,7 @@ async def test_a_vote_while_the_database_is_locked_gets_try_again_and_is_recorde
         locked.wait()
         try:
             refused = await conversation.button(ana, f"v:{prediction}:u")
-            typed = await conversation.text(ana, "gol")
+            typed = await conversation.text(ana, "VW GOL")  # an exact label: the correction is written at once
         finally:
             release.set()
             holder.join()

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -294,6 +295,25 @@ async def test_sqlite_runs_with_a_write_ahead_log(tmp_path: Path) -> None:
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     assert query(database_url, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'carbot.db'}"
+    async with Store(database_url, PhotoStore(tmp_path / "photos", retention_days=90)) as store:
+        store.migrate()
+        prediction_id = await record(store, ALICE)
+        writer = sqlite3.connect(tmp_path / "carbot.db", isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+        try:
+            found = await asyncio.wait_for(store.get_prediction(prediction_id), timeout=5)
+            assert found is not None and found.id == prediction_id
+            vote = asyncio.ensure_future(store.vote(prediction_id, ALICE, "up"))
+            await asyncio.sleep(0.5)
+            assert not vote.done()  # a writer waits its turn...
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        assert await asyncio.wait_for(vote, timeout=10) is True  # ...and gets it
 
 
 async def test_twenty_clicks_changing_a_vote_at_once_are_thanked_once(store: Store, database_url: str) -> None:
