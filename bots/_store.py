@@ -6,8 +6,8 @@ disk or database never stalls the event loop that serves every chat. Writes
 that can race (two clicks on the same button, one person's first two photos)
 rely on the schema's unique constraints: the loser of a race sees the
 `IntegrityError`, starts over, and finds the winner's row. A vote that changes
-an existing row locks it first (on SQLite every transaction takes the write
-lock as it begins, see `carbot.db.make_engine`), so two clicks take turns.
+an existing row locks it first (on SQLite every writing transaction takes the
+write lock as it begins, see `carbot.db.make_engine`), so two clicks take turns.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def _set_feedback(prediction_id: int, sender: Sender, vote: str, correction: obj
             return False
         person = _person(session, sender)
         # Locked until commit: a second click waits for the first and then sees what it wrote, so only
-        # one of them reports a change (SQLite has no row locks, and takes the write lock as it begins).
+        # one of them reports a change (SQLite has no row locks; a writer takes the write lock as it begins).
         row = session.exec(
             select(Feedback)
             .where(Feedback.prediction_id == prediction_id, Feedback.person_id == person.id)
