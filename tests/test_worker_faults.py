@@ -55,7 +55,8 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
         in_flight = await wait_for_started_jobs(redis_url)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait()
-        start_worker("rescuer", max_batch=4)
+        # Started off the event loop: the client keeps reading results while the rescuer loads.
+        await asyncio.get_running_loop().run_in_executor(None, lambda: start_worker("rescuer", max_batch=4))
         outcomes = await answers
 
     assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
@@ -83,6 +84,29 @@ async def test_a_photo_taken_by_a_worker_that_died_before_starting_it_is_answere
     # RQ's own cleanup alone would take over a minute (and the person would be told "too slow").
     assert time.monotonic() - started < 30
     assert queue.intermediate_queue.get_job_ids() == []
+
+
+async def test_a_failed_wake_up_of_the_result_listener_does_not_fail_the_photo(redis_url, start_worker, monkeypatch):
+    async with ClassifyClient(redis_url, timeout_s=60) as client:
+        first = asyncio.ensure_future(client.classify(jpeg_bytes(1)))  # no worker yet: the listener blocks in XREAD
+        listener = client._listener
+        while not listener._reading:
+            await asyncio.sleep(0.001)
+        attempts = []
+
+        def stalled_pipeline(*args, **kwargs):
+            attempts.append(1)
+            raise redis.TimeoutError("Timeout reading from socket")  # what a stalled event loop looks like
+
+        monkeypatch.setattr(listener._redis, "pipeline", stalled_pipeline)
+        second = asyncio.ensure_future(client.classify(jpeg_bytes(2)))  # its registration tries the wake-up
+        while not attempts and not second.done():
+            await asyncio.sleep(0.001)
+        await asyncio.get_running_loop().run_in_executor(None, start_worker)
+        answers = await asyncio.gather(first, second, return_exceptions=True)
+
+    assert attempts
+    assert all(isinstance(answer, Prediction) for answer in answers), answers
 
 
 async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, big_photos):

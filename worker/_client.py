@@ -11,6 +11,7 @@ Redis connection and no polling.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,8 @@ from worker._contract import (
     error_from_exc_string,
     photo_key,
 )
+
+log = logging.getLogger(__name__)
 
 # How long one XREAD blocks before the listener looks at its waiters again; results wake it at once.
 _LISTEN_BLOCK_MS = 1000
@@ -207,13 +210,22 @@ class _ResultListener:
                 self._task = asyncio.create_task(self._listen(), name="classify-results")
             elif self._reading and not self._woken:
                 self._woken = True
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
-                    pipe.expire(self._wake_key, 3600)
-                    await pipe.execute()
+                await self._wake()
             return await pending.future
         finally:
             self._pending.pop(key, None)
+
+    async def _wake(self) -> None:
+        """Cut the XREAD in flight short, so the next one includes the job just registered."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            # Only a shortcut: without it the job joins the next XREAD, at most _LISTEN_BLOCK_MS later.
+            # (A stalled event loop can time this out while Redis is fine; the photo must not fail for it.)
+            log.debug("could not wake the result listener: %s", exc)
 
     async def _listen(self) -> None:
         failures = 0
