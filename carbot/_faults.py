@@ -35,7 +35,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -218,9 +218,8 @@ async def worker_sigkill(rig: Rig, config: FaultConfig, index: int, say: Callabl
         await progress.until_submitted(config.fault_at)
         # A burst: the workers are held for a second while photos queue up, so that the worker
         # killed next holds a real batch (the small model otherwise clears each photo in milliseconds).
-        await asyncio.to_thread(rig.pool.signal_all, signal.SIGSTOP)
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(rig.pool.signal_all, signal.SIGCONT)
+        async with _workers_paused(rig):
+            await asyncio.sleep(1.0)
         fault_at = time.monotonic() - progress.started
         killed = await asyncio.to_thread(kill_a_busy_worker, 10.0)
         say(f"  SIGKILLed {killed} holding {len(in_flight)} job(s)")
@@ -241,6 +240,16 @@ async def worker_sigkill(rig: Rig, config: FaultConfig, index: int, say: Callabl
     return report
 
 
+@contextlib.asynccontextmanager
+async def _workers_paused(rig: Rig) -> AsyncIterator[None]:
+    """Every worker stopped (SIGSTOP) for the block, and continued however the block ends."""
+    await asyncio.to_thread(rig.pool.signal_all, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(rig.pool.signal_all, signal.SIGCONT)
+
+
 def _status(job_class: Any, job_id: str, connection: redis.Redis, serializer: Any) -> str:
     try:
         status = job_class.fetch(job_id, connection=connection, serializer=serializer).get_status()
@@ -256,21 +265,17 @@ async def redis_restart(rig: Rig, config: FaultConfig, index: int, say: Callable
         await progress.until_submitted(config.fault_at)
         # The workers are held while photos queue up, as in worker-sigkill: two workers on the small model
         # can otherwise drain a burst before Redis is killed, and the crash would find no queue to keep.
-        await asyncio.to_thread(rig.pool.signal_all, signal.SIGSTOP)
-        try:
+        async with _workers_paused(rig):
             deadline = time.monotonic() + 5
             while len(queued := await asyncio.to_thread(_queued_jobs, rig)) < 5 and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             started = time.monotonic()
             fault_at = started - progress.started
             await asyncio.to_thread(rig.redis.stop, crash=True)
-        finally:
-            await asyncio.to_thread(rig.pool.signal_all, signal.SIGCONT)
         await asyncio.sleep(config.redis_down_s)
         await asyncio.to_thread(rig.redis.start)
         down_s = time.monotonic() - started
-        # Workers keep taking jobs until the kill, so a job counted as queued may have moved on; what must
-        # hold is that Redis still has every job it had acknowledged (the append-only file's promise).
+        # What must hold is that Redis still has every job it had acknowledged (the append-only file's promise).
         missing = await asyncio.to_thread(_missing_jobs, rig, queued)
         say(f"  Redis killed and restarted ({down_s:.1f} s down); {len(queued)} queued jobs, {missing} missing after")
         return {

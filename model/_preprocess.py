@@ -177,7 +177,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         return img
     # Wide greyscale samples (16-bit PNG, integer or float TIFF) are brought to 8 bits at full size,
     # so every array made on the way costs at most 4 bytes a pixel: a 33-megapixel float TIFF
-    # needs about 300 MB, not the gigabyte float64 copies would.
+    # needs about 550 MB in all, not the gigabyte float64 copies did.
     if mode.startswith("I;16"):
         return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
     if mode == "I":
