@@ -398,4 +398,19 @@ def make_tf_dataset(
         dataset = dataset.cache("" if cache is True else str(cache))
         if shuffle:
             dataset = dataset.shuffle(min(len(paths), 2048), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_fixed_parallelism())
+
+
+def _fixed_parallelism() -> tf.data.Options:
+    """Options that turn tf.data's autotuner off: AUTOTUNE maps then run one call per core.
+
+    The autotuner starts a map at low parallelism and raises it as it learns. On 2 cores it
+    often left the decoding map serial for a whole 600-photo epoch, so the same epoch took
+    either 0.65 or 1.3 s from one run to the next; with a fixed call per core it is steady.
+    Decoding is CPU work in Pillow (it releases the GIL), so one call per core is right.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
