@@ -36,7 +36,9 @@ def test_demo_model_is_trained_by_the_recipe_saved_activated_and_right(demo_regi
     assert extra["dataset"].startswith("synthetic shapes")
     for name in ("report.md", "confusion_matrix.png", "training_curves.png", "classification_report.txt"):
         assert (artefact.path / name).is_file(), name
-    assert "DEMO CIRCLE" in (artefact.path / "report.md").read_text()
+    per_class = (artefact.path / "classification_report.txt").read_text()
+    assert all(label in per_class for label in SYNTHETIC_CLASSES)
+    assert f"{metrics['test_accuracy']:.2%}" in (artefact.path / "report.md").read_text()
     assert not list(demo_registry.glob(".train-*"))  # no work dir left behind
 
     # Photos the model never saw (other seeds, the size a phone would send), read the way
