@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import Artefact, ModelRegistry, Preprocessing, build_classifier, read_artefact, save_artefact
+from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
     Split,
@@ -255,7 +256,7 @@ def prepare_data(data: Path, work_dir: Path, config: TrainConfig, say: Callable[
         split.train, labels, preprocessing, batch_size=config.batch_size, shuffle=True, seed=config.seed, cache=True
     )
     if config.augment:
-        train_ds = train_ds.map(_augmenter(config.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        train_ds = augment_batches(train_ds, config.seed)
     val_ds = make_tf_dataset(split.validation, labels, preprocessing, batch_size=config.batch_size, cache=True)
 
     # 4. Balanced class weights.
@@ -371,27 +372,6 @@ def _split(samples: list[Sample], path: Path, config: TrainConfig) -> Split:
     split = stratified_split(samples, validation=config.validation, test=config.test, seed=config.seed)
     save_split(split, path)
     return split
-
-
-def _augmenter(seed: int) -> Any:
-    """A tf.data map function: random flips, rotations, zooms, shifts and contrast on float pixels."""
-    augment = keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.05, seed=seed),
-            keras.layers.RandomZoom(0.1, seed=seed),
-            keras.layers.RandomTranslation(0.05, 0.05, seed=seed),
-            keras.layers.RandomContrast(0.1, seed=seed),
-        ],
-        name="augmentation",
-    )
-
-    def apply(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # The model's input is float32 0..255 pixels.
-        augmented = augment(tf.cast(images, tf.float32), training=True)
-        return tf.clip_by_value(augmented, 0.0, 255.0), targets
-
-    return apply
 
 
 def _balanced_class_weights(samples: Sequence[Sample], labels: Sequence[str]) -> dict[int, float]:

@@ -65,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import ModelRegistry, Preprocessing, load_artefact, save_artefact
+from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
     Split,
@@ -78,7 +79,7 @@ from training._dataset import (
 )
 from training._evaluation import Evaluation, evaluate, write_report
 from training._feedback import FeedbackPhoto, is_held_out
-from training._recipe import TrainConfig, _augmenter, _epoch_lr, _unfreeze_top
+from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,7 @@ def _training_dataset(
     # Said outright (choose_from_datasets cannot know it), so that Keras knows each epoch's steps.
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / config.batch_size)))
     if config.augment:
-        dataset = dataset.map(_augmenter(config.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = augment_batches(dataset, config.seed)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
