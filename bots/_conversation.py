@@ -326,7 +326,7 @@ class Conversation:
         if self.retrain is None:
             return Reply(text("retrain_unavailable", lang))
         request = await self.retrain.request(sender, lang)
-        if not request.queued and request.run_id < 0:  # another admin's request never got its number
+        if request.run_id is None:  # another admin's request never got its number
             return Reply(text("retrain_starting", lang))
         if not request.queued:
             return Reply(text("retrain_running", lang, run=request.run_id)

@@ -52,7 +52,7 @@ _BLOCK_MS = 5000
 class RetrainRequest:
     """What `/retrain` led to: a new run, or the one already running (with its latest progress)."""
 
-    run_id: int
+    run_id: int | None  # None: another admin's run is being queued and has no number yet
     queued: bool  # False: a run was already in progress, nothing new was queued
     progress: dict | None = None  # the running run's latest event data ({"epoch": ..., ...}) when not queued
     workers: int = 0  # train workers listening right now (0: the run waits until one starts)
@@ -84,7 +84,8 @@ class RetrainDesk:
         workers = workers_listening(self._sync, self.settings.train_queue)
         running = self._take_lock_or_find_run()
         if running is not None:
-            return RetrainRequest(run_id=running, queued=False, progress=self._progress(), workers=workers)
+            run_id = None if running == retraining.PENDING else running
+            return RetrainRequest(run_id=run_id, queued=False, progress=self._progress(), workers=workers)
         run_id = None
         try:
             run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
@@ -109,7 +110,7 @@ class RetrainDesk:
         log.info("retrain run %s queued by %s:%s", run_id, sender.platform, sender.user_id)
         return RetrainRequest(run_id=run_id, queued=True, workers=workers)
 
-    def _take_lock_or_find_run(self) -> int | None:
+    def _take_lock_or_find_run(self) -> int | str | None:
         """None once this request holds the retrain lock; otherwise the id of the run in progress.
 
         Another admin's `/retrain` may hold the lock as "pending" for the few milliseconds it
@@ -120,8 +121,8 @@ class RetrainDesk:
             running = retraining.running_run(self._sync, self._engine)
             if running is None and self._sync.set(retraining.LOCK_KEY, retraining.PENDING, nx=True, ex=_PENDING_TTL_S):
                 return None
-            if running is not None and (running >= 0 or time.monotonic() > deadline):
-                return running
+            if running is not None and (running != retraining.PENDING or time.monotonic() > deadline):
+                return running  # a run's id, or still PENDING after the wait
             time.sleep(0.02)
 
     def _progress(self) -> dict | None:

@@ -173,14 +173,17 @@ def release_lock(connection: redis.Redis, run_id: int | str) -> None:
                 continue
 
 
-def running_run(connection: redis.Redis, engine: Engine) -> int | None:
-    """The id of the retrain in progress, or None. A lock whose job is gone or finished is cleared (its run failed)."""
+def running_run(connection: redis.Redis, engine: Engine) -> int | str | None:
+    """The id of the retrain in progress, `PENDING` while a bot is queuing one, or None.
+
+    A lock whose job is gone or finished is cleared (its run failed).
+    """
     holder = connection.get(LOCK_KEY)
     if holder is None:
         return None
     holder = holder.decode()
     if holder == PENDING:  # a bot is queuing a run this very moment
-        return -1
+        return PENDING
     run_id = int(holder)
     status = _job_status(connection, run_id)
     if status in (None, JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
