@@ -75,7 +75,7 @@ def format_table(results: dict[str, Any]) -> str:
 async def _one_burst(folder: Path, mode: str, senders: int) -> dict[str, Any]:
     url = f"sqlite:///{folder / 'carbot.db'}"
     folder.mkdir(parents=True)
-    store = Store(url, PhotoStore(folder / "photos", retention_days=90), engine=_engine(url, mode))
+    store = Store(url, PhotoStore(folder / "photos", retention_days=90), engine=_engine_for(url, mode))
     await asyncio.to_thread(store.migrate)
     try:
         started = time.perf_counter()
@@ -107,9 +107,10 @@ async def _one_person(store: Store, n: int) -> tuple[float, float]:
     return (recorded - started) * 1000, (time.perf_counter() - recorded) * 1000
 
 
-def _engine(url: str, mode: str) -> Engine | None:
+def _engine_for(url: str, mode: str) -> Engine | None:
+    """For "journal", an engine on the rollback journal; for "wal", None: the store's own (`carbot.db.make_engine`)."""
     if mode == "wal":
-        return None  # the store's own: carbot.db.make_engine
+        return None
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
     event.listen(engine, "connect", _rollback_journal)
     return engine
