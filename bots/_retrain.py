@@ -69,8 +69,10 @@ class RetrainDesk:
         # Reads block for up to _BLOCK_MS: the socket timeout (redis-py's async default is 5 s) must be longer.
         self._async = aioredis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
         self._queue = Queue(settings.train_queue, connection=self._sync, serializer=SERIALIZER)
+        self.closed = False
 
     async def aclose(self) -> None:
+        self.closed = True
         await self._async.aclose()
         await asyncio.to_thread(self._sync.close)
 
@@ -216,7 +218,7 @@ class RetrainDesk:
 async def follow_retrains(
     desk: RetrainDesk, group: str, handle: Callable[[RunEvent], Awaitable[None]], *, retry_s: float = 5.0
 ) -> None:
-    """Run forever (until cancelled): hand every retrain event of the stream to `handle`.
+    """Run until cancelled or `desk` is closed: hand every retrain event of the stream to `handle`.
 
     A failing `handle` costs that one event (logged); a Redis outage pauses the loop until Redis is back.
     """
@@ -230,5 +232,8 @@ async def follow_retrains(
         except asyncio.CancelledError:
             raise
         except (redis.RedisError, OSError) as exc:
+            # redis-py can lose a cancellation that lands mid-XREADGROUP, so a closed desk also ends the loop.
+            if desk.closed:
+                return
             log.warning("retrain events unavailable (%s); retrying in %.0f s", exc, retry_s)
             await asyncio.sleep(retry_s)

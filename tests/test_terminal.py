@@ -50,3 +50,14 @@ def test_piped_conversation_photo_vote_correction_and_admin_commands(model_regis
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     numbers = json.loads(stats.stdout)
     assert (numbers["predictions"], numbers["down"], numbers["corrections"]) == (2, 1, 1)
+
+
+def test_quitting_at_once_stops_quietly(model_registry, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(CARBOT_MODEL_REGISTRY=str(model_registry), CARBOT_DATA_DIR=str(tmp_path / "data"), LANG="en_US.UTF-8")
+    run = subprocess.run([sys.executable, "-m", "carbot", "shell"], input="/help\n/quit\n", env=env,
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Send me a photo of a car" in run.stdout
+    # The retrain-event listener stops before Redis does: no closed connection reported as an outage.
+    assert "WARNING" not in run.stderr and "ERROR" not in run.stderr, run.stderr
