@@ -232,8 +232,9 @@ async def follow_retrains(
         except asyncio.CancelledError:
             raise
         except (redis.RedisError, OSError) as exc:
-            # redis-py can lose a cancellation that lands mid-XREADGROUP, so a closed desk also ends the loop.
-            if desk.closed:
+            # redis-py can turn a cancellation that lands mid-XREADGROUP into a connection error, or hold it
+            # until the connection closes: either way, a cancelled listener or a closed desk is a stop.
+            if desk.closed or asyncio.current_task().cancelling():
                 return
             log.warning("retrain events unavailable (%s); retrying in %.0f s", exc, retry_s)
             await asyncio.sleep(retry_s)
