@@ -185,12 +185,13 @@ async def test_admins_sending_retrain_at_once_get_one_run_and_its_number(world, 
     assert connection.ttl(retraining.LOCK_KEY) > 600  # held for the run, not for the request
 
 
-async def test_a_request_that_died_holding_the_lock_blocks_retrains_for_seconds_only(world, chat):
+async def test_a_request_that_died_holding_the_lock_blocks_retrains_for_seconds_only(world, chat, monkeypatch):
+    monkeypatch.setattr("bots._retrain._PENDING_WAIT_S", 1.0)  # 5 s in real life
     connection = redis.Redis.from_url(world.redis_url)
-    # A bot stopped between taking the lock and writing its run; the lock lapses (2 minutes in real life, 7 s here).
-    connection.set(retraining.LOCK_KEY, "pending", ex=7)
+    # A bot stopped between taking the lock and writing its run; the lock lapses (2 minutes in real life, 3 s here).
+    connection.set(retraining.LOCK_KEY, "pending", ex=3)
 
-    reply = await chat.command(ADMIN, "retrain")  # waits 5 s for the run's number, then says what it knows
+    reply = await chat.command(ADMIN, "retrain")  # waits for the run's number, then says what it knows
     assert reply.text == "⏳ Another admin is starting a retrain right now; one at a time."
     assert runs_table(world) == []
     await asyncio.sleep(max(0, connection.pttl(retraining.LOCK_KEY)) / 1000)
