@@ -51,7 +51,6 @@ PHOTO_SIZE = (640, 480)
 RATIO_TARGET = 3.0
 IDG_IMPORT = "keras.src.legacy.preprocessing.image.ImageDataGenerator"
 WARMUP_STEPS = 2
-RUN_EPOCHS = 30  # the recipe's default run: 10 epochs of the head, 20 of fine-tuning
 
 
 def run_input_benchmark(
@@ -111,6 +110,7 @@ def _run(
     import tensorflow as tf
 
     from training._augmentation import augment_batches
+    from training._recipe import TrainConfig
 
     say(f"decoding: ImageDataGenerator.flow_from_directory, one epoch of {n} photos")
     idg = _bench_image_data_generator(folder, image_size, batch_size, n)
@@ -140,7 +140,8 @@ def _run(
     training_later = _bench_tf_dataset(training_ds, n, warm_up=False)
     say(f"  first {training_first['images_per_s']:.1f} images/s, later {training_later['images_per_s']:.1f} images/s")
 
-    epochs = RUN_EPOCHS
+    defaults = TrainConfig()  # the recipe's default run: its head epochs, then its fine-tuning epochs
+    epochs = defaults.head_epochs + defaults.finetune_epochs
     run_tf = training_first["seconds"] + (epochs - 1) * training_later["seconds"]
     run_idg = epochs * idg_aug["seconds"]
     ratios = {
