@@ -189,7 +189,7 @@ async def test_a_request_that_died_holding_the_lock_blocks_retrains_for_seconds_
     monkeypatch.setattr("bots._retrain._PENDING_WAIT_S", 1.0)  # 5 s in real life
     connection = redis.Redis.from_url(world.redis_url)
     # A bot stopped between taking the lock and writing its run; the lock lapses (2 minutes in real life, 3 s here).
-    connection.set(retraining.LOCK_KEY, "pending", ex=3)
+    connection.set(retraining.LOCK_KEY, retraining.PENDING, ex=3)
 
     reply = await chat.command(ADMIN, "retrain")  # waits for the run's number, then says what it knows
     assert reply.text == "⏳ Another admin is starting a retrain right now; one at a time."
