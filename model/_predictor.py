@@ -1,13 +1,21 @@
 """Batched prediction with a loaded artefact: probabilities and top-k labels.
 
-Batches are padded up to a few fixed sizes ("buckets": powers of two up to `max_batch`),
-so the compiled forward pass is traced once per bucket and then reused, however the
-worker's batches happen to vary in size.
+The compiled forward pass only ever sees a few fixed batch sizes ("buckets": powers of
+two up to `max_batch`), so it is traced once per bucket and then reused, however the
+worker's batches happen to vary in size (TF Serving's `allowed_batch_sizes`).
+
+A batch that is not a bucket size is run as a *plan* of buckets: padded up to a larger
+one, or split into smaller ones. Which is cheaper depends on the hardware: a GPU takes
+32 photos in about the time of 1, so padding 23 photos to 32 costs nothing; a CPU's time
+grows with the batch, so padding wastes a quarter of the pass where 16 + 4 + 2 + 1 does
+not. `warmup()` times every bucket on the machine at hand and picks, for every batch
+size, the plan with the least measured time; until then batches are padded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import keras
@@ -27,6 +35,8 @@ class Predictor:
         self._loaded = loaded
         self._max_batch = max_batch
         self._buckets = bucket_sizes(max_batch)
+        self._plans = cheapest_plans({bucket: 1.0 for bucket in self._buckets}, max_batch)
+        self._bucket_ms: dict[int, float] = {}
         self._trace_count = 0
         self._forward = self._compile_forward()
 
@@ -63,6 +73,16 @@ class Predictor:
         return self._buckets
 
     @property
+    def bucket_ms(self) -> dict[int, float]:
+        """Each bucket's measured forward time in ms (empty until a full `warmup()`)."""
+        return dict(self._bucket_ms)
+
+    def plan(self, count: int) -> tuple[int, ...]:
+        """The buckets a batch of `count` images runs as (their sum minus `count` is padding)."""
+        full, rest = divmod(count, self._max_batch)
+        return (self._max_batch,) * full + (self._plans[rest] if rest else ())
+
+    @property
     def trace_count(self) -> int:
         """How many times the forward pass was traced (compiled); stays put once warm."""
         return self._trace_count
@@ -70,10 +90,10 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, size, size, 3) uint8 images -> (N, num_classes) float32 probabilities."""
         images = self._checked(images)
-        chunks = [
-            self._run_padded(images[start : start + self._max_batch])
-            for start in range(0, len(images), self._max_batch)
-        ]
+        chunks, start = [], 0
+        for bucket in self.plan(len(images)):
+            chunks.append(self._run_padded(images[start : start + bucket], bucket))
+            start += bucket
         if not chunks:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(chunks)
@@ -90,10 +110,30 @@ class Predictor:
         return results
 
     def warmup(self, batch_sizes: Iterable[int] | None = None) -> None:
-        """Compile the forward pass for the buckets that `batch_sizes` fall in (default: all)."""
+        """Compile the forward pass for the buckets that `batch_sizes` fall in.
+
+        By default every bucket is compiled and then timed, and each batch size gets
+        the plan of buckets that is fastest on this machine. Time it while nothing else
+        in the process computes: the plans are only as good as these timings.
+        """
         sizes = self._buckets if batch_sizes is None else batch_sizes
         for bucket in sorted({self._bucket_for(min(int(n), self._max_batch)) for n in sizes}):
-            self._forward(np.zeros((bucket, self.image_size, self.image_size, 3), dtype=np.uint8))
+            self._forward(self._blank(bucket))
+        if batch_sizes is None:
+            self._bucket_ms = {bucket: self._time_forward_ms(bucket) for bucket in self._buckets}
+            self._plans = cheapest_plans(self._bucket_ms, self._max_batch)
+
+    def _time_forward_ms(self, bucket: int, repeats: int = 2) -> float:
+        # The best of a few runs: what the pass costs when the machine lets it run.
+        blank, best = self._blank(bucket), float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self._forward(blank)
+            best = min(best, (time.perf_counter() - started) * 1000)
+        return best
+
+    def _blank(self, count: int) -> np.ndarray:
+        return np.zeros((count, self.image_size, self.image_size, 3), dtype=np.uint8)
 
     def _checked(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -104,9 +144,8 @@ class Predictor:
             raise ValueError(f"expected uint8 images (from load_image), not {images.dtype}")
         return images
 
-    def _run_padded(self, chunk: np.ndarray) -> np.ndarray:
+    def _run_padded(self, chunk: np.ndarray, bucket: int) -> np.ndarray:
         count = len(chunk)
-        bucket = self._bucket_for(count)
         if bucket > count:
             padding = np.zeros((bucket - count, *chunk.shape[1:]), dtype=chunk.dtype)
             chunk = np.concatenate([chunk, padding])
@@ -153,6 +192,23 @@ class Predictor:
             return np.asarray(keras_model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
 
         return forward
+
+
+def cheapest_plans(bucket_cost: Mapping[int, float], max_batch: int) -> dict[int, tuple[int, ...]]:
+    """For every batch size from 1 to `max_batch`, the buckets to run it as with the least total cost.
+
+    A plan may pad (a bucket larger than what is left) and may split (several buckets).
+    Ties go to the plan with fewer passes, then to the one with less padding, so equal
+    costs (as before any timing) mean: pad up to the smallest bucket that holds the batch.
+    """
+    best: dict[int, tuple[float, int, int, tuple[int, ...]]] = {0: (0.0, 0, 0, ())}
+    for count in range(1, max_batch + 1):
+        candidates = []
+        for bucket, cost in bucket_cost.items():
+            rest_cost, rest_passes, rest_size, rest_plan = best[max(0, count - bucket)]
+            candidates.append((cost + rest_cost, rest_passes + 1, bucket + rest_size, (bucket, *rest_plan)))
+        best[count] = min(candidates)
+    return {count: tuple(sorted(plan, reverse=True)) for count, (*_, plan) in best.items() if count}
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import pytest
 
 import model
 from model import BACKBONES, Predictor, Preprocessing, build_classifier, save_artefact
-from model._predictor import bucket_sizes
+from model._predictor import bucket_sizes, cheapest_plans
 
 LABELS = ("FIAT ARGO", "VW GOL", "CHEVROLET ONIX", "FORD KA")
 SIZE = 32
@@ -87,6 +87,48 @@ def test_buckets() -> None:
     assert bucket_sizes(1) == (1,)
     assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32)
     assert bucket_sizes(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_plans_pad_until_buckets_are_timed() -> None:
+    plans = cheapest_plans({bucket: 1.0 for bucket in (1, 2, 4, 8)}, 8)
+    assert plans == {1: (1,), 2: (2,), 3: (4,), 4: (4,), 5: (8,), 6: (8,), 7: (8,), 8: (8,)}
+
+
+def test_plans_split_where_time_grows_with_the_batch_and_pad_where_it_does_not() -> None:
+    buckets = bucket_sizes(32)
+    # A CPU: time grows with the batch (ResNet50 here: 28 ms for 1 photo, 687 ms for 32).
+    cpu = cheapest_plans({bucket: 2.0 + 21.0 * bucket for bucket in buckets}, 32)
+    assert cpu[23] == (16, 4, 2, 1) and cpu[9] == (8, 1) and cpu[32] == (32,)
+    # A GPU: 32 photos take hardly longer than 1.
+    gpu = cheapest_plans({bucket: 5.0 + 0.05 * bucket for bucket in buckets}, 32)
+    assert gpu[23] == (32,) and gpu[9] == (16,) and gpu[3] == (4,)
+    for plans in (cpu, gpu):
+        assert set(plans) == set(range(1, 33))
+        for count, plan in plans.items():
+            assert set(plan) <= set(buckets) and sum(plan) >= count
+            assert sum(plan) - min(plan) < count  # no bucket of pure padding
+
+
+def test_warmup_times_every_bucket_and_plans_cover_any_batch(artefact_dir: Path) -> None:
+    predictor = Predictor.from_artefact(artefact_dir, max_batch=8)
+    assert predictor.bucket_ms == {} and predictor.plan(3) == (4,)
+    predictor.warmup()
+    assert set(predictor.bucket_ms) == set(predictor.buckets)
+    assert all(ms > 0 for ms in predictor.bucket_ms.values())
+    for count in range(1, 20):
+        plan = predictor.plan(count)
+        assert set(plan) <= set(predictor.buckets) and count <= sum(plan) < count + min(plan)
+    assert predictor.plan(19)[:2] == (8, 8) and predictor.plan(16) == (8, 8)
+
+
+def test_a_split_batch_gives_what_single_images_give(artefact_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    predictor = Predictor.from_artefact(artefact_dir, max_batch=8)
+    # Costs that grow with the batch, as on a CPU: 7 images run as 4 + 2 + 1, without padding.
+    monkeypatch.setattr(predictor, "_plans", cheapest_plans({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}, 8))
+    assert predictor.plan(7) == (4, 2, 1)
+    images = random_images(7, seed=3)
+    singles = np.concatenate([predictor.probabilities(image[None]) for image in images])
+    np.testing.assert_allclose(predictor.probabilities(images), singles, atol=1e-5)
 
 
 def test_topk_is_sorted_and_probabilities_sum_to_one(predictor: Predictor) -> None:
