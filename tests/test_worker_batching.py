@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 import zlib
@@ -37,7 +38,7 @@ async def queue_then_start_worker(redis_url: str, client: ClassifyClient, photos
 
 
 async def test_batches_form_under_concurrent_load(redis_url, start_worker):
-    start_worker(max_batch=16, max_wait_ms=20)
+    worker = start_worker(max_batch=16, max_wait_ms=20)
     photos = [jpeg_bytes(seed) for seed in range(64)]
     async with ClassifyClient(redis_url) as client:
         predictions = await asyncio.gather(*(client.classify(photo) for photo in photos))
@@ -53,6 +54,13 @@ async def test_batches_form_under_concurrent_load(redis_url, start_worker):
     counters = stats(redis_url)
     assert counters["photos"] == 64
     assert counters["batches"] < 64
+    log = worker.log()
+    # The worker timed every bucket when it loaded the model, and says what its batches computed.
+    assert re.search(
+        r"forward pass ms by batch size: 1: [\d.]+, 2: [\d.]+, 4: [\d.]+, 8: [\d.]+, 16: [\d.]+$", log, re.M
+    )
+    padded = [int(n) for n in re.findall(r"batch size=\d+ .* padded=(\d+)", log)]
+    assert len(padded) == counters["batches"] and sum(padded) >= 64
 
 
 async def test_one_corrupt_photo_fails_alone_in_its_batch(redis_url, start_worker):

@@ -291,9 +291,9 @@ class BatchWorker(SimpleWorker):
         if report.size:
             log.info(
                 "batch size=%d distinct=%d rejected=%d expired=%d queue_wait_ms=%.1f decode_ms=%.1f "
-                "inference_ms=%.1f model=%s",
+                "inference_ms=%.1f padded=%d model=%s",
                 report.size, report.distinct, report.rejected, expired, queue_wait_ms,
-                report.decode_ms, report.inference_ms, report.model_version,
+                report.decode_ms, report.inference_ms, report.padded, report.model_version,
             )  # fmt: skip
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hincrby(STATS_KEY, "batches", 1 if report.size else 0)

@@ -31,6 +31,7 @@ class BatchReport:
     size: int = 0
     distinct: int = 0  # different photos in the batch
     computed: int = 0  # photos that went through the model
+    padded: int = 0  # images the forward pass computed: `computed` plus the padding of its plan
     rejected: int = 0  # jobs whose photo could not be read
     decode_ms: float = 0.0
     inference_ms: float = 0.0
@@ -93,7 +94,8 @@ class ModelSource:
             log.exception("could not load model %s; still serving %s", wanted[0], self._predictor.version)
             self._failed = wanted
             return
-        log.info("model %s loaded from %s", predictor.version, wanted[0])
+        timings = ", ".join(f"{bucket}: {ms:.1f}" for bucket, ms in predictor.bucket_ms.items())
+        log.info("model %s loaded from %s; forward pass ms by batch size: %s", predictor.version, wanted[0], timings)
         metrics.model_loaded(predictor.version)
         self._predictor, self._loaded, self._failed = predictor, wanted, None
 
@@ -125,6 +127,7 @@ class BatchClassifier:
         ranked: dict[str, list[tuple[str, float]]] = {}
         report.computed = len(good)
         if good:
+            report.padded = sum(predictor.plan(len(good)))
             started = time.perf_counter()
             batch = np.stack([decoded[digest] for digest in good])
             predictions = predictor.predict_topk(batch, k=max(top_k))
