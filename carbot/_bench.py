@@ -22,6 +22,11 @@ private Redis, and then measures, one after the other, on the same photos:
 (e) one photo alone: photos sent one after another through (d)'s worker; the
     overhead is its median latency minus the model's own median time for one
     pre-decoded photo at batch 1, measured in this process.
+(f) decoding + model, no queue: the worker's own `BatchClassifier` in this
+    process, on the same JPEGs in batches of 32: what (d) would do if Redis, RQ
+    and the client cost nothing. f/a is what decoding the photos costs the
+    model on this machine (on a CPU the two share the cores); d/f is what the
+    queue costs. Neither has a target: they say where (d)'s time goes.
 
 The claim is the ratios, not the absolute numbers: a shared 2-core CPU runs
 ResNet50 at about 20 photos/s on a good minute and far slower on a bad one, and a
@@ -29,7 +34,7 @@ GPU hundreds of times faster. Measured side by side in one run, d/a (how much of
 the model's ceiling the whole queue keeps), d/b and d/c (what batching gains over
 the usual ways to serve a Keras model) stay meaningful where an images/s figure
 does not. To keep them so, both workers are started (and warmed) before anything
-is timed, and the phases run in the order c, a, d, a, b, e: (d) sits next to
+is timed, and the phases run in the order c, a, d, a, f, b, e: (d) sits next to
 every phase it is compared with, and the ceiling, measured just before and just
 after (d), shows how much the machine's speed drifted meanwhile (the table says
 so when it moved more than 15 %). In (e) the queued photo and the model's own
@@ -42,6 +47,7 @@ set, read from /proc just before it is stopped): batching costs activations.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import platform
@@ -72,6 +78,7 @@ JPEG_QUALITY = 90
 NUM_CLASSES = 190  # as in the original study
 VERSION = "bench"
 SINGLE_PHOTOS = 20  # photos sent one at a time in (e)
+PARTIAL_BATCH = 23  # a batch that is no bucket size, as at the tail of a burst: run as planned, and padded
 WORKER_START_TIMEOUT_S = 300.0
 
 TARGETS = {  # name: (comparison, threshold)
@@ -121,6 +128,8 @@ def run_benchmark(
                 predictor.warmup()
                 decoded = np.stack([_decode(jpeg, predictor) for jpeg in jpegs])
                 decode_ms = measure_decode(jpegs, predictor)
+                say(f"a batch of {PARTIAL_BATCH} run as planned {predictor.plan(PARTIAL_BATCH)}, and padded")
+                partial = measure_partial_batch(predictor, registry / VERSION, decoded)
                 plain_worker.wait_ready(settings, jpegs, queue=plain_queue)
                 batch_worker.wait_ready(settings, jpegs)
 
@@ -131,11 +140,14 @@ def run_benchmark(
                 ceiling = measure_model_ceiling(predictor, decoded)
                 say(f"    {ceiling['images_per_s']:.1f} images/s")
                 say("(d) this system: all photos at once, carbot worker")
-                batched = measure_batch_worker(settings, server.url, jpegs, batch_worker, predictor.buckets)
+                batched = measure_batch_worker(settings, server.url, jpegs, batch_worker)
                 say(f"    {batched['images_per_s']:.1f} images/s, mean batch size {batched['mean_batch_size']:.1f}")
                 say("(a) again, to see how much the machine's speed drifted")
                 ceiling_after = measure_model_ceiling(predictor, decoded)
                 say(f"    {ceiling_after['images_per_s']:.1f} images/s")
+                say("(f) decoding + model, no queue: the worker's BatchClassifier here, batches of 32")
+                no_queue = measure_decode_and_model(predictor, jpegs, decode_threads=settings.decode_threads)
+                say(f"    {no_queue['images_per_s']:.1f} images/s")
                 say("(b) the original web app: decode, then keras_model.predict(x[None]), one photo at a time")
                 one_at_a_time = measure_predict_one_at_a_time(keras_model, jpegs, predictor)
                 say(f"    {one_at_a_time['images_per_s']:.1f} images/s")
@@ -158,18 +170,24 @@ def run_benchmark(
             "max_wait_ms": settings.max_wait_ms,
             "decode_threads": settings.decode_threads,
             "single_photos": single_photos,
-            "phase_order": "c, a, d, a, b, e",
+            "phase_order": "c, a, d, a, f, b, e",
         },
         "machine": _machine_info(started_at, load_before),
         "decode_ms_p50": decode_ms,
+        "partial_batch": partial,
         "methods": {
             "a_model_ceiling": ceiling,
             "b_predict_one_at_a_time": one_at_a_time,
             "c_plain_rq": plain_rq,
             "d_batch_worker": batched,
             "e_single_photo": single,
+            "f_decode_and_model": no_queue,
         },
         "ratios": _ratios(ceiling, one_at_a_time, plain_rq, batched, single),
+        "shares": {
+            "f/a": round(no_queue["images_per_s"] / ceiling["images_per_s"], 3),
+            "d/f": round(batched["images_per_s"] / no_queue["images_per_s"], 3),
+        },
         "seconds": round(time.monotonic() - say.started, 1),
     }
     print(format_table(results), flush=True)
@@ -277,6 +295,33 @@ def measure_decode(jpegs: Sequence[bytes], predictor: Any) -> dict[str, float]:
     return {size: round(float(np.median(times)), 2) for size, times in by_size.items()}
 
 
+def measure_partial_batch(predictor: Any, artefact: Path, decoded: np.ndarray, repeats: int = 3) -> dict[str, Any]:
+    """A batch of PARTIAL_BATCH photos run as `predictor` plans it, and padded to one bucket, alternately.
+
+    The padded side is a second `Predictor` of the same artefact that was never timed, so its
+    plans are still "pad to the smallest bucket that holds the batch".
+    """
+    from model import Predictor
+
+    count = min(PARTIAL_BATCH, len(decoded))
+    images = np.resize(decoded, (count, *decoded.shape[1:]))  # repeats photos if there are fewer
+    padding = Predictor.from_artefact(artefact, max_batch=predictor.max_batch)
+    padding.warmup([count])
+    planned_ms, padded_ms = [], []
+    for _ in range(repeats):
+        planned_ms.append(_timed_ms(lambda: predictor.probabilities(images)))
+        padded_ms.append(_timed_ms(lambda: padding.probabilities(images)))
+    planned, padded = float(np.median(planned_ms)), float(np.median(padded_ms))
+    return {
+        "photos": count,
+        "plan": list(predictor.plan(count)),
+        "padded_to": list(padding.plan(count)),
+        "planned_ms": round(planned, 1),
+        "padded_ms": round(padded, 1),
+        "speedup": round(padded / planned, 3),
+    }
+
+
 def measure_model_ceiling(predictor: Any, decoded: np.ndarray) -> dict[str, Any]:
     """(a) The compiled forward pass on pre-decoded batches of BATCH: the most this machine can do."""
     predictor.predict_topk(decoded[:BATCH], k=3)  # warm: the same shapes as below
@@ -291,6 +336,40 @@ def measure_model_ceiling(predictor: Any, decoded: np.ndarray) -> dict[str, Any]
         "seconds": round(watch.seconds, 4),
         "top1": top1,
     }
+
+
+def measure_decode_and_model(predictor: Any, jpegs: Sequence[bytes], *, decode_threads: int) -> dict[str, Any]:
+    """(f) The worker's `BatchClassifier` on batches of BATCH photos, in this process: decoding and model, no queue."""
+    from worker import BatchClassifier
+
+    classifier = BatchClassifier(_Resident(predictor), decode_threads=decode_threads)
+    batches = [
+        [(hashlib.sha256(jpeg).hexdigest(), jpeg) for jpeg in jpegs[start : start + BATCH]]
+        for start in range(0, len(jpegs), BATCH)
+    ]
+    try:
+        classifier.classify(batches[0], [3] * len(batches[0]))  # warm: the decoding threads start
+        with _Stopwatch() as watch:
+            for batch in batches:
+                classifier.classify(batch, [3] * len(batch))
+    finally:
+        classifier.close()
+    return {
+        "what": f"worker.BatchClassifier in this process on the JPEGs in batches of {BATCH}: "
+        f"load_image on {decode_threads} threads, then the compiled forward pass",
+        "images_per_s": _rate(len(jpegs), watch.seconds),
+        "seconds": round(watch.seconds, 4),
+    }
+
+
+class _Resident:
+    """A model source that always serves the one predictor already loaded here (`ModelSource.current`)."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+
+    def current(self) -> Any:
+        return self.predictor
 
 
 def measure_predict_one_at_a_time(keras_model: Any, jpegs: Sequence[bytes], predictor: Any) -> dict[str, Any]:
@@ -327,14 +406,14 @@ def measure_plain_rq(settings: Settings, url: str, jpegs: Sequence[bytes], *, qu
 
 
 def measure_batch_worker(
-    settings: Settings, url: str, jpegs: Sequence[bytes], worker: _WorkerProcess, buckets: Sequence[int]
+    settings: Settings, url: str, jpegs: Sequence[bytes], worker: _WorkerProcess
 ) -> dict[str, Any]:
     """(d) `carbot worker`, all photos submitted at once; batch sizes from its counters, its time from its log.
 
-    The log's per-batch decode and forward times also split (d)'s wall time into forward passes
-    (on photos, and on the padding up to a bucket size), decoding, and the rest (Redis, RQ's
-    bookkeeping, waiting), and give the model's speed inside the worker at that very moment:
-    d/a against it is free of the machine's drift.
+    The log's per-batch times also split (d)'s wall time into forward passes (on photos, and
+    on the padding of their plans), decoding, and the rest (Redis, RQ's bookkeeping, waiting),
+    and give the model's speed inside the worker at that very moment: d/a against it is free
+    of the machine's drift.
     """
     connection = redis.Redis.from_url(url)
     stats_before, log_offset = _stats(connection), worker.log_size()
@@ -342,9 +421,9 @@ def measure_batch_worker(
     stats_after, log = _stats(connection), worker.log_since(log_offset)
     batches = stats_after.get("batches", 0) - stats_before.get("batches", 0)
     photos = stats_after.get("photos", 0) - stats_before.get("photos", 0)
-    sizes, decode_s, forward_s = _batch_log(log)
-    padded = sum(next(bucket for bucket in buckets if bucket >= size) for size in sizes)
-    padding_s = forward_s * (padded - sum(sizes)) / max(1, padded)
+    batch_log = _batch_log(log)
+    padded, forward_s = batch_log.padded, batch_log.forward_s
+    padding_s = forward_s * (padded - sum(batch_log.sizes)) / max(1, padded)
     images_per_s = _rate(len(jpegs), run.seconds)
     return {
         "what": f"carbot worker (BatchWorker) subprocess, max_batch {BATCH}, max_wait_ms {settings.max_wait_ms:g}; "
@@ -354,12 +433,12 @@ def measure_batch_worker(
         "latency_ms": _percentiles(run.latencies_ms),
         "batches": batches,
         "mean_batch_size": round(photos / batches, 2) if batches else 0.0,
-        "batch_sizes": sizes,
+        "batch_sizes": batch_log.sizes,
         "wall_s": {
             "forward": round(forward_s - padding_s, 2),
             "forward_on_padding": round(padding_s, 2),
-            "decode": round(decode_s, 2),
-            "rest": round(run.seconds - forward_s - decode_s, 2),
+            "decode": round(batch_log.decode_s, 2),
+            "rest": round(run.seconds - forward_s - batch_log.decode_s, 2),
         },
         "worker_forward_images_per_s": _rate(padded, forward_s),
         "d_over_worker_forward": round(images_per_s / _rate(padded, forward_s), 3) if forward_s else None,
@@ -563,16 +642,29 @@ def _stats(connection: redis.Redis) -> dict[str, int]:
     return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
 
 
-_BATCH_LINE = re.compile(r"batch size=(?P<size>\d+) .*decode_ms=(?P<decode>[\d.]+) inference_ms=(?P<forward>[\d.]+)")
+_BATCH_LINE = re.compile(
+    r"batch size=(?P<size>\d+) .*decode_ms=(?P<decode>[\d.]+) inference_ms=(?P<forward>[\d.]+) padded=(?P<padded>\d+)"
+)
 
 
-def _batch_log(log: str) -> tuple[list[int], float, float]:
-    """The batch sizes, and the seconds spent decoding and in forward passes, from the worker's per-batch lines."""
+@dataclass
+class _BatchLog:
+    """What the worker's per-batch log lines say about a run."""
+
+    sizes: list[int]
+    padded: int  # images the forward passes computed, padding included
+    decode_s: float
+    forward_s: float
+
+
+def _batch_log(log: str) -> _BatchLog:
     batches = [match.groupdict() for match in _BATCH_LINE.finditer(log)]
-    sizes = [int(batch["size"]) for batch in batches]
-    decode_s = sum(float(batch["decode"]) for batch in batches) / 1000
-    forward_s = sum(float(batch["forward"]) for batch in batches) / 1000
-    return sizes, decode_s, forward_s
+    return _BatchLog(
+        sizes=[int(batch["size"]) for batch in batches],
+        padded=sum(int(batch["padded"]) for batch in batches),
+        decode_s=sum(float(batch["decode"]) for batch in batches) / 1000,
+        forward_s=sum(float(batch["forward"]) for batch in batches) / 1000,
+    )
 
 
 # -- results -------------------------------------------------------------------------------------------------------
@@ -623,8 +715,8 @@ def format_table(results: dict[str, Any]) -> str:
     """The results as a text table for a person."""
     config, machine, methods, ratios = results["config"], results["machine"], results["methods"], results["ratios"]
     a, b, c = methods["a_model_ceiling"], methods["b_predict_one_at_a_time"], methods["c_plain_rq"]
-    d, e = methods["d_batch_worker"], methods["e_single_photo"]
-    latency = d["latency_ms"]
+    d, e, f = methods["d_batch_worker"], methods["e_single_photo"], methods["f_decode_and_model"]
+    latency, shares = d["latency_ms"], results["shares"]
     lines = [
         "",
         f"carbot bench: {config['backbone']} at {config['image_size']} px, random weights, "
@@ -642,6 +734,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"{_mb(c['peak_rss_mb']):>12}",
         f"{'(d) this system: carbot worker, batches of up to 32':<66}{d['images_per_s']:>9.1f}"
         f"{_mb(d['peak_rss_mb']):>12}",
+        f"{'(f) decoding + model, no queue: BatchClassifier, batches of 32':<66}{f['images_per_s']:>9.1f}",
         "",
         f"{'claim':<44}{'value':>8}  {'target':<9}",
     ]
@@ -658,12 +751,20 @@ def format_table(results: dict[str, Any]) -> str:
         f"{e['model_batch1_ms']['p50']:.1f} ms + overhead {e['overhead_ms']:.1f} ms; the worker's own p50s: "
         f"queued {e['worker_queue_ms']['p50']:.1f} ms, decode {e['worker_decode_ms']['p50']:.1f} ms, "
         f"forward {e['worker_forward_ms']['p50']:.1f} ms",
+        f"(f) where (d) stands: decoding the photos keeps f/a = {shares['f/a']:.2f} of the model's ceiling on this "
+        f"machine, and the queue (client, Redis, RQ) keeps d/f = {shares['d/f']:.2f} of what is left",
     ]
     if abs(a["drift"]) > 0.15:
         lines.append(
             f"note: the model ceiling moved {a['drift']:+.0%} between just before and just after (d): "
             "the machine was busy, so the ratios are rough this time"
         )
+    partial = results["partial_batch"]
+    planned, padded = (" + ".join(map(str, partial[key])) for key in ("plan", "padded_to"))
+    lines.append(
+        f"a batch of {partial['photos']}: run as {planned} {partial['planned_ms']:.0f} ms, "
+        f"padded to {padded} {partial['padded_ms']:.0f} ms: {partial['speedup']:.2f}x"
+    )
     lines.append(f"total {results['seconds']:.0f} s")
     return "\n".join(lines)
 

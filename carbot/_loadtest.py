@@ -768,7 +768,8 @@ def summarize(outcomes: Sequence[Outcome], *, late_s: float) -> dict[str, Any]:
 
 def batch_figures(log: str, stats_before: dict[str, int], stats_after: dict[str, int]) -> dict[str, Any]:
     """Batch sizes from the workers' per-batch log lines, and their shared counters for this run."""
-    sizes, decode_s, forward_s = _batch_log(log)
+    batch_log = _batch_log(log)
+    sizes = batch_log.sizes
     histogram: Counter[str] = Counter()
     for size in sizes:
         low = 1 << (size.bit_length() - 1)
@@ -779,8 +780,8 @@ def batch_figures(log: str, stats_before: dict[str, int], stats_after: dict[str,
         "mean_batch_size": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
         "max_batch_size": max(sizes, default=0),
         "histogram": dict(sorted(histogram.items(), key=lambda item: int(item[0].split("-")[0]))),
-        "decode_s": round(decode_s, 2),
-        "forward_s": round(forward_s, 2),
+        "decode_s": round(batch_log.decode_s, 2),
+        "forward_s": round(batch_log.forward_s, 2),
         "counters": counters,
     }
 

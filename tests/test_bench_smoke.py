@@ -28,8 +28,9 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
         "c_plain_rq",
         "d_batch_worker",
         "e_single_photo",
+        "f_decode_and_model",
     }
-    for name in ("a_model_ceiling", "b_predict_one_at_a_time", "c_plain_rq", "d_batch_worker"):
+    for name in ("a_model_ceiling", "b_predict_one_at_a_time", "c_plain_rq", "d_batch_worker", "f_decode_and_model"):
         rate = methods[name]["images_per_s"]
         assert 0 < rate < 1e6 and math.isfinite(rate), name
 
@@ -47,6 +48,14 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert 0 < e["model_batch1_ms"]["p50"] < e["latency_ms"]["p50"] < 10_000
     assert e["overhead_ms"] == round(e["latency_ms"]["p50"] - e["model_batch1_ms"]["p50"], 1)
 
+    a, f = methods["a_model_ceiling"], methods["f_decode_and_model"]
+    assert results["shares"]["f/a"] == round(f["images_per_s"] / a["images_per_s"], 3)
+    assert results["shares"]["d/f"] == round(d["images_per_s"] / f["images_per_s"], 3)
+
+    partial = results["partial_batch"]
+    assert partial["photos"] == 8 and sum(partial["plan"]) >= 8 and partial["padded_to"] == [8]
+    assert partial["planned_ms"] > 0 and partial["padded_ms"] > 0
+
     ratios = results["ratios"]
     assert set(ratios) == {"d/a", "d/a_drift_free", "d/b", "d/c", "single_photo_overhead_ms"}
     for ratio in ratios.values():
@@ -54,5 +63,6 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["tensorflow"]
 
     table = capsys.readouterr().out
-    for line in ("(a) model ceiling", "(d) this system", "d/a", "d/b", "d/c", "single-photo overhead"):
+    for line in ("(a) model ceiling", "(d) this system", "(f) decoding + model", "d/a", "d/b", "d/c", "d/f = "):
         assert line in table
+    assert "single-photo overhead" in table
