@@ -30,6 +30,7 @@ from rq import Queue
 from bots._messages import Sender
 from carbot import retraining
 from carbot.db import RetrainRun
+from carbot.jobs import RETRAIN_FUNC
 from carbot.retraining import RunEvent
 from carbot.settings import Settings
 from model import ModelRegistry
@@ -93,7 +94,7 @@ class RetrainDesk:
             run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
                                            chat_id=sender.chat_id, language=language)  # fmt: skip
             self._queue.enqueue_call(
-                retraining.TRAIN_JOB_FUNC,
+                RETRAIN_FUNC,
                 kwargs={"run_id": run_id},
                 job_id=retraining.job_id(run_id),
                 timeout=self.settings.retrain_timeout_s,

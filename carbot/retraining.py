@@ -33,7 +33,6 @@ from worker import SERIALIZER
 
 log = logging.getLogger(__name__)
 
-TRAIN_JOB_FUNC = "training._retrain_job.run_retrain"
 LOCK_KEY = "carbot:retrain:lock"  # the run id of the retrain in progress (PENDING while it is being queued)
 PENDING = "pending"
 PROGRESS_KEY = "carbot:retrain:progress"  # hash: the running retrain's latest progress, for a second /retrain

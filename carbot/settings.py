@@ -40,12 +40,15 @@ class Settings(BaseSettings):
     queue_limit: int = Field(default=500, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
 
-    # Job lifetimes. A job's timeout also bounds how long a dead worker's batch waits to be retried.
+    # Job lifetimes. A worker vouches for its running batch every heartbeat_ttl_s / 5; a dead worker's batch
+    # runs again once heartbeat_ttl_s has passed without a beat, at the next maintenance of any worker
+    # (every maintenance_interval_s). The job timeout is only plain RQ workers' limit on one job.
+    heartbeat_ttl_s: float = Field(default=5.0, ge=0.5)
     job_timeout_s: int = Field(default=30, ge=1)
     job_retries: int = Field(default=2, ge=0)
     image_ttl_s: int = Field(default=900, ge=1)
     result_ttl_s: int = Field(default=600, ge=1)
-    maintenance_interval_s: int = Field(default=5, ge=1)
+    maintenance_interval_s: int = Field(default=2, ge=1)
 
     # Retraining (`/retrain`): a job on its own queue, served by `carbot train-worker`.
     train_queue: str = "train"

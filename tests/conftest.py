@@ -91,7 +91,6 @@ def worker_env(redis_url: str, registry: Path, data_dir: Path, **settings: objec
         "REDIS_URL": redis_url,
         "CARBOT_MODEL_REGISTRY": str(registry),
         "CARBOT_DATA_DIR": str(data_dir),
-        "CARBOT_MAINTENANCE_INTERVAL_S": "1",
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }

@@ -33,6 +33,7 @@ from sqlmodel import Session, select
 
 from carbot import retraining
 from carbot.db import Feedback, Prediction, make_engine, utcnow
+from carbot.jobs import RETRAIN_FUNC, OwnJobsOnly
 from carbot.photos import PhotoStore
 from carbot.retraining import RunEvent
 from carbot.services import database_url
@@ -170,6 +171,12 @@ def collect_feedback(engine: Engine, photos: PhotoStore) -> tuple[list[FeedbackP
 # -- the worker ------------------------------------------------------------------------------------------------
 
 
+class TrainWorker(OwnJobsOnly, Worker):
+    """RQ's forking worker, running nothing but the retrain job (see `carbot.jobs`)."""
+
+    allowed_funcs = (RETRAIN_FUNC,)
+
+
 def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False, name: str | None = None) -> bool:
     """Serve the train queue until stopped: RQ's forking worker, so every run trains in a fresh process.
 
@@ -184,7 +191,7 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
         if run_id is not None:
             retraining.fail_run(connection, engine, int(run_id), f"the training process died (exit status {ret_val})")
 
-    worker = Worker(
+    worker = TrainWorker(
         [Queue(settings.train_queue, connection=connection, serializer=SERIALIZER)],
         connection=connection,
         serializer=SERIALIZER,

@@ -7,32 +7,52 @@ what happens once a first job is in hand:
 1. `drain_batch()` takes up to `max_batch - 1` more jobs: a lone photo goes at
    once, and during a burst the batch waits at most `max_wait_ms` to fill
    (TF Serving's `max_batch_size` / `batch_timeout_micros`).
-2. `perform_batch()` walks every job through RQ's lifecycle: each is started
+2. Every job is checked against the allow-list before anything of it is used
+   (`carbot.jobs.refusal`): a job that names another function, a callback or a
+   webhook is failed as refused, and nothing it names is imported.
+3. `perform_batch()` walks every job through RQ's lifecycle: each is started
    as `prepare_execution` + `prepare_job_execution` would (Execution,
-   StartedJobRegistry, heartbeat, status), the whole batch is classified in one
-   forward pass, then each job is finished with its own result (what
+   StartedJobRegistry, status), the whole batch is classified in one forward
+   pass, then each job is finished with its own result (what
    `_finalize_success` writes) or its own failure (RQ's `_finalize_failure`,
    with its retries), so `rq info`, rq-dashboard, results and retries stay true.
    Starting and finishing share one Redis round trip per batch instead of a few
    per job: on a GPU the per-job round trips would cost more than the model.
 
-A worker killed mid-batch leaves its jobs in the StartedJobRegistry; their
-heartbeats lapse after the job timeout and the next maintenance run of any
-worker re-enqueues them (jobs are enqueued with `Retry`). A worker killed while
-draining, after Redis moved photos to the queue's intermediate list but before
-`start_jobs()`, leaves them there: `requeue_stranded()` sends them back within
-seconds, where RQ's own cleanup waits a minute. SIGTERM is RQ's warm shutdown:
-the worker marks itself busy before draining, so the current batch is finished
-before it exits.
+Liveness comes from the worker itself, not from a job timeout: while a batch
+runs, a pulse thread renews its jobs' places in the StartedJobRegistry every
+`heartbeat_ttl_s / 5` seconds, each good for `heartbeat_ttl_s` (on Redis's
+clock). A batch that legitimately runs for minutes keeps its jobs; a worker that
+dies stops vouching for them, and within `heartbeat_ttl_s` plus one maintenance
+interval any worker's maintenance hands them back (`carbot.jobs.rescue_abandoned`,
+jobs are enqueued with `Retry`). A worker killed while draining, after Redis
+moved photos to the queue's intermediate list but before `start_jobs()`, leaves
+them there: `requeue_stranded()` sends them back within seconds, where RQ's own
+cleanup waits a minute.
+
+A job that was running when its worker died may be what killed it (a photo
+that exhausts memory). Each start is counted until the job ends: a job started
+once before without ending runs alone, so it cannot take innocent photos down
+with it, and one started twice without ending is failed as rejected instead of
+taking down a third worker.
+
+Redis errors outside the model (a restart, a failed write) never end the
+worker: the batch is abandoned to the rescue above and the worker backs off and
+carries on. SIGTERM is RQ's warm shutdown: the worker marks itself busy before
+draining, so the current batch is finished before it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, timedelta
 
+import redis
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
@@ -40,57 +60,89 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from carbot import _metrics as metrics
+from carbot.jobs import CLASSIFY_FUNC, OwnJobsOnly, RedisClock, refusal, refuse
 from worker._contract import (
-    CLASSIFY_FUNC,
     FINAL_ERRORS,
     SERIALIZER,
     STATS_KEY,
     InvalidJob,
     JobExpired,
+    PhotoRejected,
     PhotoRequest,
+    release_photo,
+    starts_key,
 )
 from worker._inference import BatchClassifier, BatchReport
 
 log = logging.getLogger(__name__)
 
-# How long past its job timeout a started job's heartbeat lasts. RQ's SimpleWorker adds 60 s;
-# a short grace is what makes a killed worker's photos come back within seconds.
-HEARTBEAT_GRACE_S = 5
+# How long a worker's silence means it died (the default of CARBOT_HEARTBEAT_TTL_S): its batch then runs
+# again elsewhere. A pulse renews its jobs five times within it, so one late pulse is not taken for death.
+HEARTBEAT_TTL_S = 5.0
 # While waiting up to max_wait_ms for more jobs we poll in steps this long: Redis times out
 # blocking commands only every 1/hz seconds (100 ms by default), far coarser than the bound.
 DRAIN_POLL_S = 0.0005
 # A live worker starts what it drained within max_wait_ms and one round trip. A photo left in the
 # intermediate list this long was taken by a worker that died; RQ's own cleanup waits a minute,
 # longer than a person's deadline.
-STRANDED_AFTER = timedelta(seconds=10)
+STRANDED_AFTER = timedelta(seconds=3)
+# How long a job's count of unfinished starts is kept: far longer than any photo's deadline.
+STARTS_TTL_S = 3600
+# Back-off after a Redis error outside the model, doubling up to the maximum.
+REDIS_BACKOFF_S = (0.5, 8.0)
+
+QUARANTINED = "This picture stopped the classifier twice, so it was set aside; please send a different photo."
 
 
-class BatchWorker(SimpleWorker):
+class BatchWorker(OwnJobsOnly, SimpleWorker):
     """A `SimpleWorker` (no fork, the model stays loaded) that runs classify jobs in batches."""
 
+    allowed_funcs = (CLASSIFY_FUNC,)
+    stranded_after = STRANDED_AFTER
+
     def __init__(self, queues, *, classifier: BatchClassifier, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 **kwargs) -> None:  # fmt: skip
+                 heartbeat_ttl_s: float = HEARTBEAT_TTL_S, **kwargs) -> None:  # fmt: skip
         kwargs.setdefault("serializer", SERIALIZER)
         super().__init__(queues, **kwargs)
         self.classifier = classifier
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.clock = RedisClock(self.connection)
+        self._in_flight: list[tuple[Job, Execution]] = []  # the batch the pulse vouches for
+        self._in_flight_lock = threading.Lock()
+        self._pulse: threading.Thread | None = None
+        self._backoff_s = REDIS_BACKOFF_S[0]
 
     # -- RQ's entry point -------------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run `job` together with whatever else is queued, as one batch."""
-        # Busy from here on: a SIGTERM now means "finish this batch, then stop" (RQ's warm shutdown).
-        self.set_state(WorkerStatus.BUSY)
-        batch, others = [], []
-        for item in [(job, queue), *self.drain_batch()]:
-            (batch if _is_photo_job(item[0]) else others).append(item)
-        if batch:
-            self.perform_batch(batch)
-        for other_job, other_queue in others:
-            # Not a photo: run it the plain RQ way so a shared queue still works.
-            self.perform_job(other_job, other_queue, self.prepare_execution(other_job))
-        self.set_state(WorkerStatus.IDLE)
+        """Run `job` together with whatever else is queued, as one batch or more."""
+        try:
+            # Busy from here on: a SIGTERM now means "finish this batch, then stop" (RQ's warm shutdown).
+            self.set_state(WorkerStatus.BUSY)
+            photos = []
+            for item in [(job, queue), *self.drain_batch()]:
+                reason = refusal(item[0], self.allowed_funcs)
+                if reason is None:
+                    photos.append(item)
+                else:
+                    metrics.job_failed(InvalidJob(reason))
+                    refuse(*item, reason)
+            for batch, starts in self.plan_batches(photos):
+                self.perform_batch(batch, starts)
+            self.set_state(WorkerStatus.IDLE)
+            self._backoff_s = REDIS_BACKOFF_S[0]
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self.survive_redis_error(exc)
+
+    def survive_redis_error(self, exc: Exception) -> None:
+        """A Redis error outside the model: the batch is left to the rescue of abandoned jobs; back off, go on."""
+        self._set_in_flight([])
+        log.warning("Redis failed during a batch (%s); retrying in %.1f s, its photos will be handed back",
+                    exc, self._backoff_s)  # fmt: skip
+        time.sleep(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, REDIS_BACKOFF_S[1])
 
     def drain_batch(self) -> list[tuple[Job, Queue]]:
         """Take up to `max_batch - 1` more queued jobs.
@@ -115,49 +167,116 @@ class BatchWorker(SimpleWorker):
                 break
         return drained
 
+    def plan_batches(self, jobs: list[tuple[Job, Queue]]) -> list[tuple[list[tuple[Job, Queue]], list[int]]]:
+        """Split `jobs` into batches, each with its jobs' counts of earlier unfinished starts.
+
+        Jobs never started before, and jobs to be set aside (started twice), go
+        together; each job that was running when a worker died goes alone.
+        """
+        if not jobs:
+            return []
+        counts = [int(n or 0) for n in self.connection.mget([starts_key(job.id) for job, _ in jobs])]
+        together = [(item, n) for item, n in zip(jobs, counts) if n != 1]
+        batches = [([item for item, _ in together], [n for _, n in together])] if together else []
+        batches += [([item], [n]) for item, n in zip(jobs, counts) if n == 1]
+        return batches
+
+    def work(self, *args, **kwargs) -> bool:
+        self._start_pulse()
+        return super().work(*args, **kwargs)
+
     # -- maintenance ---------------------------------------------------------------------------------------
 
-    def clean_registries(self) -> None:
-        """RQ's maintenance, then the rescue of photos a dead worker drained but never started."""
-        super().clean_registries()
-        for queue in self.queues:
-            self.requeue_stranded(queue)
+    def run_maintenance_tasks(self) -> None:
+        with _unless_redis_fails("maintenance"):
+            super().run_maintenance_tasks()
+        self.last_cleaned_at = now()
+        self.classifier.source.refresh()  # an idle worker loads a newly activated model before photos come
 
-    def requeue_stranded(self, queue: Queue) -> None:
-        """Send back the jobs of `queue`'s intermediate list that no worker started within `STRANDED_AFTER`.
+    def abandoned_cutoff(self) -> float:
+        return self.clock.now()  # the pulse scores jobs on Redis's clock
 
-        Like RQ's `IntermediateQueue.cleanup` (first sighting noted, the job failed
-        into its `Retry` on a later one), with a threshold fit for photos. Every
-        worker runs this; removing the id from the list first is what makes one
-        of them, and only one, hand the job back.
-        """
-        intermediate = queue.intermediate_queue
-        for job_id in intermediate.get_job_ids():
-            if job_id in queue.started_job_registry or intermediate.set_first_seen(job_id):
+    # RQ's loop calls these between jobs, outside the try that retries its blocking dequeue: a Redis
+    # blip there would end the worker. Each is skipped with a warning instead; the loop goes on.
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        with _unless_redis_fails("worker heartbeat", pipeline):
+            super().heartbeat(timeout, pipeline)
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        with _unless_redis_fails("worker state", pipeline):
+            super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with _unless_redis_fails("suspension check"):
+            super().check_for_suspension(burst)
+
+    # -- the pulse: this worker vouches for the batch it runs ------------------------------------------------
+
+    def _start_pulse(self) -> None:
+        if self._pulse is None:
+            self._pulse = threading.Thread(target=self._beat, name="batch-pulse", daemon=True)
+            self._pulse.start()
+
+    def _set_in_flight(self, jobs: list[tuple[Job, Execution]]) -> None:
+        with self._in_flight_lock:
+            self._in_flight = jobs
+
+    def _beat(self) -> None:
+        """Every `heartbeat_ttl_s / 5` seconds, renew the places of the batch in flight for `heartbeat_ttl_s`."""
+        while True:
+            time.sleep(self.heartbeat_ttl_s / 5)
+            with self._in_flight_lock:
+                jobs = list(self._in_flight)
+            if not jobs:
                 continue
-            first_seen = intermediate.get_first_seen(job_id)
-            if first_seen is None or now() - first_seen < STRANDED_AFTER:
-                continue
-            if not self.connection.lrem(intermediate.key, 1, job_id):
-                continue  # another worker took it first
-            job = queue.fetch_job(job_id)
-            if job is not None:
-                log.warning("photo job %s was taken by a worker that stopped before starting it: requeued", job_id)
-                self.handle_job_failure(job, queue, exc_string="Taken from the queue by a worker that then stopped.")
+            try:
+                self.vouch_for(jobs)
+            except Exception as exc:  # Redis away: the next beat tries again; the batch goes on meanwhile
+                log.warning("could not renew the heartbeats of %d running photos: %s", len(jobs), exc)
+
+    def vouch_for(self, jobs: list[tuple[Job, Execution]], pipeline=None) -> None:
+        """Keep `jobs` in the StartedJobRegistry for `heartbeat_ttl_s` more seconds of Redis's clock."""
+        score = self.clock.now() + self.heartbeat_ttl_s
+        ttl = math.ceil(self.heartbeat_ttl_s) + 1
+        with contextlib.ExitStack() as stack:
+            pipe = pipeline if pipeline is not None else stack.enter_context(self.connection.pipeline())
+            for job, execution in jobs:
+                registry = job.started_job_registry
+                execution.heartbeat(registry, ttl, pipeline=pipe)  # what RQ's own heartbeat writes...
+                # ...then the score on Redis's clock. xx: a job that has ended meanwhile is not put back.
+                pipe.zadd(registry.key, {execution.composite_key: score}, xx=True)
+            self.heartbeat(pipeline=pipe)
+            if pipeline is None:
+                pipe.execute()
 
     # -- one batch, job by job through RQ's lifecycle --------------------------------------------------------
 
-    def perform_batch(self, batch: list[tuple[Job, Queue]]) -> None:
-        """Start every job, classify the live ones in one pass, then finish each job with its own outcome."""
+    def perform_batch(self, batch: list[tuple[Job, Queue]], starts: list[int] | None = None) -> None:
+        """Start every job, classify the live ones in one pass, then finish each job with its own outcome.
+
+        `starts[i]` counts the earlier starts of job i that never ended; two mean it is set aside.
+        """
+        starts = starts or [0] * len(batch)
         executions = self.start_jobs(batch)
+        try:
+            self._perform_started(batch, starts, executions)
+        finally:
+            self._set_in_flight([])
+
+    def _perform_started(self, batch: list[tuple[Job, Queue]], starts: list[int], executions: list[Execution]) -> None:
         metrics.observe_queue_waits(_queue_wait_ms(job) for job, _ in batch)
-        checked_at = time.time()
+        checked_at = self.clock.now()
         live, expired = [], 0
-        for (job, queue), execution in zip(batch, executions):
+        for (job, queue), execution, earlier in zip(batch, executions, starts):
             try:
                 request = PhotoRequest.from_kwargs(job.kwargs)
             except InvalidJob as exc:
                 self.fail_job(job, queue, execution, exc)
+                continue
+            if earlier >= 2:
+                log.warning("job %s: set aside, it was running twice when a worker died", job.id)
+                self.fail_job(job, queue, execution, PhotoRejected(QUARANTINED))
                 continue
             if request.expired(checked_at):
                 expired += 1
@@ -170,6 +289,8 @@ class BatchWorker(SimpleWorker):
 
         try:
             report = self.classify([request for _, _, _, request in live])
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # not the model's fault: the worker survives it and the photos are handed back
         except Exception as exc:  # the model itself failed: every job gets the error and RQ's retry
             log.exception("batch of %d failed", len(live))
             for job, queue, execution, _ in live:
@@ -189,26 +310,32 @@ class BatchWorker(SimpleWorker):
     def start_jobs(self, batch: list[tuple[Job, Queue]]) -> list[Execution]:
         """RQ's `prepare_execution` + `prepare_job_execution` for every job of the batch, in one round trip.
 
-        Each job gets an Execution in the StartedJobRegistry, a heartbeat, status
-        `started` and its worker name, exactly as RQ's own methods write them;
-        only the round trips are shared (per job they would cost more than a GPU's forward pass).
+        Each job gets an Execution in the StartedJobRegistry, status `started` and
+        its worker name, exactly as RQ's own methods write them, and its count of
+        unfinished starts goes up by one; only the round trips are shared (per job
+        they would cost more than a GPU's forward pass). From here on the pulse vouches for the batch.
         """
         leave_intermediate_queue = len(self.queues) == 1
         executions = []
+        ttl = math.ceil(self.heartbeat_ttl_s) + 1
         with self.connection.pipeline() as pipe:
             for job, queue in batch:
-                ttl = self.get_heartbeat_ttl(job)
                 execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
                 self.executions[execution.id] = execution
                 job.heartbeat(now(), ttl, pipeline=pipe)
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 pipe.persist(job.key)
+                pipe.incr(starts_key(job.id))
+                pipe.expire(starts_key(job.id), STARTS_TTL_S)
                 if leave_intermediate_queue:
                     pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 executions.append(execution)
-            self.heartbeat(max(self.get_heartbeat_ttl(job) for job, _ in batch), pipeline=pipe)
+            in_flight = [(job, execution) for (job, _), execution in zip(batch, executions)]
+            # Execution.create scored the jobs on this host's clock; the pulse's scores are Redis's.
+            self.vouch_for(in_flight, pipeline=pipe)
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
+        self._set_in_flight(in_flight)
         self.procline(f"Processing a batch of {len(batch)} since {time.time()}")
         return executions
 
@@ -218,7 +345,8 @@ class BatchWorker(SimpleWorker):
         Writes what `handle_job_success` writes for a job without dependents,
         repeats, callbacks or rate limits (a classify job has none): status
         `finished`, the result in the job's result stream, the FinishedJobRegistry,
-        the job's TTL, the Execution removed and the worker's counters.
+        the job's TTL, the Execution removed and the worker's counters. The
+        photo's bytes leave Redis with their last job.
         """
         if not finished:
             return
@@ -242,6 +370,7 @@ class BatchWorker(SimpleWorker):
                     )
                 job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                self.job_ended(job, pipe)
             pipe.execute()
 
     def classify(self, requests: list[PhotoRequest]) -> BatchReport:
@@ -256,8 +385,21 @@ class BatchWorker(SimpleWorker):
         """Finish `job` as failed through RQ; an error that is the photo's fault is never retried."""
         if type(exc).__name__ in FINAL_ERRORS:
             job.retries_left = 0
+        ends = not job.should_retry
         metrics.job_failed(exc)
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+        with self.connection.pipeline() as pipe:
+            if ends:
+                self.job_ended(job, pipe)
+            else:
+                pipe.delete(starts_key(job.id))  # this attempt ended; the retry starts afresh
+            pipe.execute()
+
+    def job_ended(self, job: Job, pipeline) -> None:
+        """A job that will not run again: forget its starts and release its photo's bytes."""
+        pipeline.delete(starts_key(job.id))
+        with contextlib.suppress(InvalidJob):
+            release_photo(pipeline, PhotoRequest.from_kwargs(job.kwargs).photo)
 
     def handle_exception(self, job: Job, *exc_info) -> None:
         # A bad photo is an everyday event, not a crash: one line instead of a traceback.
@@ -268,7 +410,7 @@ class BatchWorker(SimpleWorker):
         super().handle_exception(job, *exc_info)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return int(job.timeout or self.queue_class.DEFAULT_TIMEOUT) + HEARTBEAT_GRACE_S
+        return math.ceil(self.heartbeat_ttl_s) + 1
 
     def _install_signal_handlers(self) -> None:
         # Python only lets the main thread install signal handlers; a worker in a thread is stopped another way.
@@ -304,11 +446,15 @@ class BatchWorker(SimpleWorker):
             pipe.execute()
 
 
-def _is_photo_job(job: Job) -> bool:
+@contextlib.contextmanager
+def _unless_redis_fails(what: str, pipeline=None) -> Iterator[None]:
+    """Log and skip a Redis error in `what`; within a pipeline nothing is sent yet, so nothing can fail."""
     try:
-        return job.func_name == CLASSIFY_FUNC
-    except Exception:  # undecodable job data: RQ's plain path fails it on its own
-        return False
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if pipeline is not None:
+            raise
+        log.warning("%s skipped, Redis failed: %s", what, exc)
 
 
 def _queue_wait_ms(job: Job) -> float:

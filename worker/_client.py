@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from rq import Queue, Retry
 from rq.results import Result
 
+from carbot.jobs import RedisClock
 from model import Preprocessing
 from worker._contract import (
     CLASSIFY_FUNC,
@@ -35,6 +36,7 @@ from worker._contract import (
     QueueBusy,
     error_from_exc_string,
     photo_key,
+    store_photo,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class ClassifyClient:
         self.max_photo_bytes = max_photo_bytes
         self._sync = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
+        self._clock = RedisClock(self._sync)
         self._submitter = ThreadPoolExecutor(max_workers=submit_threads, thread_name_prefix="classify-submit")
         self._listener = _ResultListener(aioredis.Redis.from_url(redis_url, socket_connect_timeout=5))
 
@@ -147,6 +150,9 @@ class ClassifyClient:
             raise PhotoRejected(
                 f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo."
             )
+        if deadline is not None:
+            # The worker reads the deadline on Redis's clock: no two hosts need to agree on the time.
+            deadline = self._clock.from_local(deadline)
         try:
             if self._queue.count >= self.queue_limit:
                 raise QueueBusy("Too many photos are waiting right now; please try again in a minute.")
@@ -160,12 +166,15 @@ class ClassifyClient:
                     result_ttl=self.result_ttl_s,
                     failure_ttl=self.result_ttl_s,
                     # A job nobody picked up before its deadline is of no use to anybody.
-                    ttl=None if deadline is None else max(1, int(deadline - time.time()) + 60),
+                    ttl=None if deadline is None else max(1, int(deadline - self._clock.now()) + 60),
                     retry=Retry(max=self.retries) if self.retries else None,
                     pipeline=pipe,
                 )
-                pipe.set(key, photo, ex=self.photo_ttl_s)
+                store_photo(pipe, photo, self.photo_ttl_s)
                 pipe.execute()
+        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
+            # Redis at its memory bound (or a replica): no room for the photo, which is "busy", not a crash.
+            raise QueueBusy("Too many photos are waiting right now; please try again in a minute.") from exc
         except redis.RedisError as exc:
             raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
         return job.id

@@ -22,18 +22,56 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rq.serializers import JSONSerializer
+from carbot.jobs import CLASSIFY_FUNC, SERIALIZER
 
-SERIALIZER = JSONSerializer
-CLASSIFY_FUNC = "worker._tasks.classify_photo"
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+__all__ = ["CLASSIFY_FUNC", "SERIALIZER"]
+
 PHOTO_KEY_PREFIX = "carbot:photo:"
+PHOTO_REFS_PREFIX = "carbot:photo-refs:"  # how many jobs still need the photo's bytes
+STARTS_KEY_PREFIX = "carbot:starts:"  # a job's starts that have not ended (yet): see BatchWorker
 STATS_KEY = "carbot:stats"  # a Redis hash of counters the workers keep (batches, images, expired, ...)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# The last job to end deletes the photo's bytes (its TTL is only the backstop of a job nobody ran).
+_RELEASE_PHOTO = """
+local left = redis.call('DECR', KEYS[2])
+if left <= 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+return left
+"""
 
 
 def photo_key(photo: bytes) -> str:
     """The Redis key under which a photo's bytes are stored: its SHA-256."""
     return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
+
+
+def photo_refs_key(key: str) -> str:
+    """The counter of jobs that need the photo stored under `key`."""
+    return PHOTO_REFS_PREFIX + key.removeprefix(PHOTO_KEY_PREFIX)
+
+
+def starts_key(job_id: str) -> str:
+    """The counter of a job's starts whose batch has not ended."""
+    return STARTS_KEY_PREFIX + job_id
+
+
+def store_photo(pipeline: Pipeline, photo: bytes, ttl_s: int) -> str:
+    """Store `photo` for one more job (queued on `pipeline`); returns its key. Identical photos share one copy."""
+    key = photo_key(photo)
+    pipeline.set(key, photo, ex=ttl_s)
+    pipeline.incr(photo_refs_key(key))
+    pipeline.expire(photo_refs_key(key), ttl_s)
+    return key
+
+
+def release_photo(pipeline: Pipeline, key: str) -> None:
+    """A job that needed the photo under `key` has ended: the last one deletes its bytes (queued on `pipeline`)."""
+    pipeline.eval(_RELEASE_PHOTO, 2, key, photo_refs_key(key))
 
 
 @dataclass(frozen=True)
@@ -55,7 +93,8 @@ class PhotoRequest:
             )
         except (TypeError, KeyError, ValueError, AttributeError):
             raise InvalidJob("This request was malformed and cannot be classified.") from None
-        if not request.photo.startswith(PHOTO_KEY_PREFIX) or not 1 <= request.top_k <= 100:
+        digest = request.photo.removeprefix(PHOTO_KEY_PREFIX)
+        if request.photo == digest or not _SHA256.fullmatch(digest) or not 1 <= request.top_k <= 100:
             raise InvalidJob("This request was malformed and cannot be classified.")
         return request
 

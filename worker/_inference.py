@@ -8,6 +8,7 @@ result dictionary or the exception that photo deserves.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,13 +41,16 @@ class BatchReport:
 
 
 class ModelSource:
-    """The predictor to use, reloaded between batches when the registry's active model changes.
+    """The predictor to use, switched between batches when the registry's active model changes.
 
     The active model is identified by its directory and its checksum file, so both
     a newly activated version and a version rebuilt in place (`carbot demo-model
-    --force`) are picked up. A new model is loaded and its checksum verified before
-    it replaces the old one: a half-written or corrupt artefact never answers a
-    photo, the old model keeps serving instead.
+    --force`) are picked up. The first model loads before the worker takes jobs;
+    a later one loads, compiles and warms up in a background thread while the old
+    one keeps serving, and replaces it between two batches once it is ready: no
+    photo waits for a model to load. Its checksum is verified first: a
+    half-written or corrupt artefact never answers a photo, the old model keeps
+    serving instead.
     """
 
     def __init__(self, *, registry: Path | None = None, artefact: Path | None = None, max_batch: int = 32):
@@ -58,15 +62,44 @@ class ModelSource:
         self._predictor = None
         self._loaded: tuple[Path, int] | None = None
         self._failed: tuple[Path, int] | None = None  # a model that would not load is not retried every batch
+        self._lock = threading.Lock()  # guards the hand-over from the loading thread
+        self._loading: tuple[Path, int] | None = None
+        self._ready: tuple[object, tuple[Path, int]] | None = None  # loaded in the background, not yet serving
 
     def current(self):
-        """The predictor for the next batch (a `model.Predictor`)."""
-        wanted = self._wanted()
-        if wanted is not None and wanted not in (self._loaded, self._failed):
-            self._load(wanted)
+        """The predictor for the next batch (a `model.Predictor`); starts loading a newly activated model."""
+        self.refresh()
         if self._predictor is None:
             raise RuntimeError("No active model: run `carbot demo-model` or `carbot promote VERSION`.")
         return self._predictor
+
+    def refresh(self) -> None:
+        """Switch to a model loaded meanwhile, and start loading the active one if it is new.
+
+        Called between batches (and by an idle worker's maintenance, so a new model is ready before photos come).
+        """
+        with self._lock:
+            if self._ready is not None:
+                self._serve(*self._ready)
+                self._ready = None
+            wanted = self._wanted()
+            if self._loading is not None or wanted is None or wanted in (self._loaded, self._failed):
+                return
+            if self._predictor is not None:
+                self._loading = wanted
+                loader = threading.Thread(target=self._load_in_background, args=(wanted,), name="model-load")
+                loader.daemon = True
+                loader.start()
+                return
+        # Nothing serves yet (the worker is starting): load here, before any job is taken.
+        predictor = self._load(wanted)
+        with self._lock:
+            self._serve(predictor, wanted)
+
+    def _serve(self, predictor, loaded: tuple[Path, int]) -> None:
+        self._predictor, self._loaded = predictor, loaded
+        log.info("now serving model %s", predictor.version)
+        metrics.model_loaded(predictor.version)
 
     def _wanted(self) -> tuple[Path, int] | None:
         """(directory, checksum file's mtime) of the model that should serve, or None when unknown right now."""
@@ -82,22 +115,25 @@ class ModelSource:
         except FileNotFoundError:  # being replaced this very moment, or gone: keep what we have
             return None
 
-    def _load(self, wanted: tuple[Path, int]) -> None:
+    def _load_in_background(self, wanted: tuple[Path, int]) -> None:
+        try:
+            predictor = self._load(wanted)
+        except Exception:
+            log.exception("could not load model %s; still serving %s", wanted[0], self._predictor.version)
+            with self._lock:
+                self._failed, self._loading = wanted, None
+            return
+        with self._lock:
+            self._ready, self._loading = (predictor, wanted), None
+
+    def _load(self, wanted: tuple[Path, int]):
         from model import Predictor
 
-        try:
-            predictor = Predictor.from_artefact(wanted[0], max_batch=self._max_batch)
-            predictor.warmup()
-        except Exception:
-            if self._predictor is None:
-                raise
-            log.exception("could not load model %s; still serving %s", wanted[0], self._predictor.version)
-            self._failed = wanted
-            return
+        predictor = Predictor.from_artefact(wanted[0], max_batch=self._max_batch)
+        predictor.warmup()
         timings = ", ".join(f"{bucket}: {ms:.1f}" for bucket, ms in predictor.bucket_ms.items())
         log.info("model %s loaded from %s; forward pass ms by batch size: %s", predictor.version, wanted[0], timings)
-        metrics.model_loaded(predictor.version)
-        self._predictor, self._loaded, self._failed = predictor, wanted, None
+        return predictor
 
 
 class BatchClassifier:

@@ -46,6 +46,7 @@ def run_worker(
         classifier=classifier,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
         connection=redis.Redis.from_url(redis_url),
         name=name,
         maintenance_interval=settings.maintenance_interval_s,
