@@ -49,8 +49,9 @@ def big_photos() -> list[bytes]:
 
 
 async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_photos):
-    first = start_worker("doomed", max_batch=4, job_timeout_s=3)
-    async with ClassifyClient(redis_url, job_timeout_s=3, timeout_s=90) as client:
+    first = start_worker("doomed", max_batch=4)
+    # The rescuer starts only after the kill (seconds of TensorFlow import): a deadline to cover that.
+    async with ClassifyClient(redis_url, timeout_s=90) as client:
         answers = asyncio.gather(*(client.classify(photo) for photo in big_photos), return_exceptions=True)
         in_flight = await wait_for_started_jobs(redis_url)
         first.process.send_signal(signal.SIGKILL)
@@ -70,7 +71,7 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
 
 async def test_a_photo_taken_by_a_worker_that_died_before_starting_it_is_answered(redis_url, start_worker):
     queue = queue_of(redis_url)
-    async with ClassifyClient(redis_url, timeout_s=40) as client:
+    async with ClassifyClient(redis_url) as client:  # the default deadline: 30 s
         answer = asyncio.ensure_future(client.classify(jpeg_bytes(3)))
         while queue.count == 0:
             await asyncio.sleep(0.01)

@@ -1,0 +1,311 @@
+"""No photo lost at the settings that ship: dead workers, long batches, hot swaps, poisoned photos, skewed clocks.
+
+Every worker here runs with the defaults a user gets (no CARBOT_* override)
+unless a test says which setting it changes and why. Nothing is timed: the
+client's default deadline (30 s) is the bound, so a photo answered at all was
+answered in time, and the assertions are on counts and orderings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
+from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
+from worker import SERIALIZER, ClassifyClient, PhotoRejected, Prediction
+from worker._batch_worker import QUARANTINED, BatchWorker
+from worker._contract import photo_key, photo_refs_key
+
+SKEW = """
+import os, time
+_offset = float(os.environ["CLOCK_SKEW_S"])
+_time = time.time
+time.time = lambda: _time() + _offset
+"""
+
+
+def queue_of(url: str) -> Queue:
+    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+
+
+def noisy_photo(seed: int, size: tuple[int, int] = (1600, 1200)) -> bytes:
+    """A noisy phone-size JPEG: slow enough to decode that a batch of them takes a while."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def slow_png() -> bytes:
+    """A 7000 x 7000 PNG of 15 MB (under the limits) that takes a second or two to decode."""
+    y, x = np.indices((7000, 7000))
+    pixels = np.stack([(x * 7 + y) % 256, (x ^ y) % 256, (x * y) % 251], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_photos() -> list[bytes]:
+    return [noisy_photo(seed) for seed in range(60)]
+
+
+async def started_jobs(url: str, timeout: float = 60) -> list[str]:
+    """The ids of the jobs a worker holds right now, as soon as there are some."""
+    registry = StartedJobRegistry(queue=queue_of(url))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ids := registry.get_job_ids():
+            return ids
+        await asyncio.sleep(0.001)
+    raise AssertionError("no batch was started")
+
+
+def fetch(url: str, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+
+
+def answered_once(url: str, job_ids: list[str]) -> None:
+    """Every job finished with exactly one result, and RQ's registries say the same."""
+    for job_id in job_ids:
+        job = fetch(url, job_id)
+        assert job.get_status() == "finished", (job_id, job.get_status())
+        assert len(job.results()) == 1, [result.type for result in job.results()]
+    queue = queue_of(url)
+    assert StartedJobRegistry(queue=queue).count == 0
+    assert FailedJobRegistry(queue=queue).count == 0
+
+
+def killer_of(url: str, workers: dict[str, WorkerProcess], job_ids: list[str]) -> WorkerProcess:
+    """The worker that holds `job_ids`."""
+    names = {fetch(url, job_id).worker_name for job_id in job_ids}
+    assert len(names) == 1, names
+    return workers[names.pop()]
+
+
+async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_defaults(
+    redis_url, start_worker, big_photos
+):
+    workers = {name: start_worker(name) for name in ("w1", "w2")}
+    async with ClassifyClient(redis_url) as client:  # the default deadline: 30 s
+        submitted = [asyncio.ensure_future(client.classify(photo)) for photo in big_photos]
+        in_flight = await started_jobs(redis_url)
+        doomed = killer_of(redis_url, workers, in_flight)
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait()
+        outcomes = await asyncio.gather(*submitted, return_exceptions=True)
+
+    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    survivor = ({"w1", "w2"} - {doomed.name}).pop()
+    for job_id in in_flight:  # the dead worker's photos were answered by the other one, once
+        job = fetch(redis_url, job_id)
+        assert job.latest_result().worker_name == survivor
+    answered_once(redis_url, [o.job_id for o in outcomes])
+
+
+async def test_a_worker_killed_while_idle_leaves_queued_photos_to_the_others(redis_url, start_worker):
+    doomed, survivor = start_worker("idle-doomed"), start_worker("idle-survivor")
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait()
+    async with ClassifyClient(redis_url) as client:
+        outcomes = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(20)))
+    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {survivor.name}
+    answered_once(redis_url, [o.job_id for o in outcomes])
+
+
+async def test_a_photo_that_kills_two_workers_is_set_aside_and_the_third_lives(redis_url, start_worker, tmp_path):
+    # One slow photo (a 49-megapixel PNG: seconds to decode) whose workers are killed while it runs,
+    # twice, as a photo that exhausts memory would kill them. The deadline is longer than the default
+    # because three workers start one after the other here (TensorFlow's import alone takes seconds).
+    poisoned = slow_png()
+    async with ClassifyClient(redis_url, timeout_s=120) as client:
+        answer = asyncio.ensure_future(client.classify(poisoned))
+        for name in ("first", "second"):
+            worker = start_worker(name)
+            [job_id] = await started_jobs(redis_url)
+            worker.process.send_signal(signal.SIGKILL)
+            worker.process.wait()
+        third = start_worker("third")
+        with pytest.raises(PhotoRejected, match="stopped the classifier twice"):
+            await answer
+        # The third worker is alive, and the next photo is answered as usual.
+        assert isinstance(await client.classify(jpeg_bytes(1)), Prediction)
+    assert third.process.poll() is None
+    assert fetch(redis_url, job_id).latest_result().exc_string.strip().endswith(QUARANTINED)
+
+
+async def test_photos_of_a_killed_batch_run_alone_so_an_innocent_photo_is_not_blamed(redis_url, start_worker):
+    # A batch killed once: each of its photos may be what killed it, so each runs again alone.
+    queue = queue_of(redis_url)
+    async with ClassifyClient(redis_url) as client:
+        answers = [asyncio.ensure_future(client.classify(noisy_photo(seed))) for seed in range(8)]
+        while queue.count < 8:
+            await asyncio.sleep(0.01)
+        worker = start_worker("once")
+        in_flight = await started_jobs(redis_url)
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait()
+        rescuer = start_worker("rescuer")
+        outcomes = await asyncio.gather(*answers)
+    assert all(isinstance(o, Prediction) for o in outcomes)
+    rerun = [o for o in outcomes if o.job_id in in_flight]
+    assert len(rerun) == len(in_flight) > 1
+    assert {o.timings["batch_size"] for o in rerun} == {1}
+    assert rescuer.process.poll() is None
+
+
+async def test_a_photo_leaves_redis_when_its_last_job_ends(redis_url, start_worker):
+    start_worker()
+    connection = redis.Redis.from_url(redis_url)
+    photo = jpeg_bytes(42)
+    async with ClassifyClient(redis_url) as client:
+        # The same photo three times at once: one copy in Redis, kept until the last job ends.
+        outcomes = await asyncio.gather(*(client.classify(photo) for _ in range(3)))
+        assert all(isinstance(o, Prediction) for o in outcomes)
+        assert connection.exists(photo_key(photo), photo_refs_key(photo_key(photo))) == 0
+        with pytest.raises(PhotoRejected):
+            await client.classify(b"not a picture at all")
+    assert not connection.keys("carbot:photo*")
+
+
+def slow_artefact(registry: ModelRegistry, version: str, image_size: int) -> None:
+    """A real model whose forward pass is slow: the tiny network on large inputs."""
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=image_size)
+    with registry.staging(version) as directory:
+        save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
+                      preprocessing=Preprocessing(image_size=image_size))  # fmt: skip
+
+
+async def test_a_long_batch_is_never_taken_for_dead_nor_run_twice(redis_url, tmp_path):
+    # A batch of eight 1024-pixel images takes seconds here. The worker's heartbeat lapses after 1 s
+    # instead of the default 5 s, so that each batch outlasts it several times while the test stays
+    # short (a batch long enough to outlast 5 s would need a minute of warm-up); the same pulse at
+    # the default 5 s is what lets the SIGKILL test above tell a dead worker from a live one.
+    registry = ModelRegistry(tmp_path / "models")
+    slow_artefact(registry, "slow", 1024)
+    registry.activate("slow")
+    env = worker_env(redis_url, registry.root, tmp_path / "data", max_batch=8, heartbeat_ttl_s=1)
+    connection = redis.Redis.from_url(redis_url)
+    queue = queue_of(redis_url)
+    # Another worker's maintenance, looking for abandoned jobs five times a second all along.
+    janitor = BatchWorker([queue], classifier=None, connection=connection, name="janitor")
+    stop = asyncio.Event()
+
+    async def sweep() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            await loop.run_in_executor(None, janitor.clean_registries)
+            await asyncio.sleep(0.2)
+
+    async with ClassifyClient(redis_url, timeout_s=180) as client:
+        answers = [asyncio.ensure_future(client.classify(jpeg_bytes(seed))) for seed in range(16)]
+        while queue.count < 16:
+            await asyncio.sleep(0.01)
+        worker = WorkerProcess(env, tmp_path / "long.log", "long")
+        sweeper = asyncio.ensure_future(sweep())
+        try:
+            outcomes = await asyncio.gather(*answers)
+        finally:
+            stop.set()
+            await sweeper
+            worker.stop()
+    assert all(isinstance(o, Prediction) for o in outcomes)
+    # The precondition: the batches really outlasted the heartbeat's lifetime (1 s) twice over.
+    assert min(o.timings["inference_ms"] for o in outcomes) > 2000
+    answered_once(redis_url, [o.job_id for o in outcomes])
+    assert FinishedJobRegistry(queue=queue).count == 16
+
+
+async def test_a_hot_swap_during_a_burst_answers_every_photo_once_and_waits_for_no_load(
+    redis_url, start_worker, model_registry, tmp_path
+):
+    root = tmp_path / "models"
+    shutil.copytree(model_registry, root)
+    registry = ModelRegistry(root)
+    slow_artefact(registry, "bigger", 256)  # seconds to load, compile and warm up its 6 buckets
+    start_worker(model_registry=root)
+    async with ClassifyClient(redis_url) as client:
+        before = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(20)))
+        registry.activate("bigger")
+        after: list[Prediction] = []
+        for seed in range(20, 400):  # photos keep coming while the new model loads
+            after.append(await client.classify(jpeg_bytes(seed)))
+            if after[-1].model_version == "bigger":
+                break
+        tail = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(400, 420)))
+
+    versions = [o.model_version for o in after]
+    assert {o.model_version for o in before} == {"tiny-test"}
+    # The old model answered while the new one loaded: nobody waited for the load...
+    assert versions[0] == "tiny-test" and versions[-1] == "bigger"
+    # ...and once switched, the new one answers everything.
+    assert versions == sorted(versions, key=lambda v: v == "bigger")
+    assert {o.model_version for o in tail} == {"bigger"}
+    answered_once(redis_url, [o.job_id for o in before + after + tail])
+
+
+@pytest.mark.parametrize("skew_s", [60, -60])
+async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each_photo_once(
+    skew_s, redis_url, model_registry, tmp_path
+):
+    """Two workers, one clock a minute off (both ways) and one right; the client's clock is right."""
+    site = tmp_path / "skewed-clock"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SKEW)
+    connection = redis.Redis.from_url(redis_url)
+    workers = []
+    for name, skew in (("skewed", skew_s), ("straight", 0)):
+        env = worker_env(redis_url, model_registry, tmp_path / "data")
+        env.update(PYTHONPATH=str(site), CLOCK_SKEW_S=str(skew))
+        workers.append(WorkerProcess(env, tmp_path / f"{name}.log", name))
+    for worker in workers:
+        worker.wait_until_listening(connection)
+    try:
+        async with ClassifyClient(redis_url) as client:
+            outcomes = await asyncio.gather(
+                *(client.classify(noisy_photo(seed, (800, 600))) for seed in range(40)), return_exceptions=True
+            )
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    answered_once(redis_url, [o.job_id for o in outcomes])
+    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} >= {"skewed"}
+
+
+def test_the_worker_survives_a_redis_restart(tmp_path: Path, model_registry: Path) -> None:
+    """Redis goes away mid-stream and comes back (empty: nothing kept on disk); the worker carries on."""
+    from carbot.services import PrivateRedis
+
+    with PrivateRedis(tmp_path / "redis") as server:
+        env = worker_env(server.url, model_registry, tmp_path / "data")
+        worker = WorkerProcess(env, tmp_path / "w.log", "survivor")
+        worker.wait_until_listening(redis.Redis.from_url(server.url))
+
+        async def one_photo(seed: int) -> Prediction:
+            async with ClassifyClient(server.url) as client:
+                return await client.classify(jpeg_bytes(seed))
+
+        assert isinstance(asyncio.run(one_photo(1)), Prediction)
+        server.stop(crash=True)
+        time.sleep(1)  # the worker's blocking dequeue sees the connection die and backs off
+        server.start()
+        answer = asyncio.run(one_photo(2))
+        assert isinstance(answer, Prediction)
+        assert worker.process.poll() is None
+        log = worker.log()
+        worker.stop()
+    assert "could not connect to Redis" in log  # it did see Redis go, and waited for it
