@@ -29,7 +29,7 @@ from carbot.jobs import CLASSIFY_FUNC, REFUSED, RETRAIN_FUNC, SERIALIZER
 from tests.conftest import WorkerProcess, jpeg_bytes, worker_env
 from worker import ClassifyClient, Prediction
 
-PLANTED = '''
+PLANTED = """
 from pathlib import Path
 MARKERS = Path({markers!r})
 (MARKERS / "imported").touch()
@@ -45,7 +45,7 @@ def on_failure(*args, **kwargs):
 
 def on_success(*args, **kwargs):
     (MARKERS / "success-callback").touch()
-'''
+"""
 
 
 @pytest.fixture
