@@ -48,7 +48,7 @@ ADMIN_ID = 1  # settings.admin_ids = ["discord:1"]
 EPHEMERAL = 64  # message flag
 # Interaction types and callback types, as Discord numbers them.
 COMMAND, COMPONENT, MODAL_SUBMIT = 2, 3, 5
-MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL = 4, 5, 7, 9
+MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODAL = 4, 5, 6, 7, 9
 
 
 # -- Discord's interaction endpoints, played by the test -------------------------------------------------------
@@ -58,14 +58,16 @@ MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL = 4, 5, 7, 9
 class Answer:
     """Something the bot sent through the interaction endpoints."""
 
-    kind: str  # "callback" (the interaction's response) or "followup" (a webhook message)
-    type: int | None  # a callback's type: MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL
+    kind: str  # "callback" (the interaction's response), "edit" (of the original response) or "followup"
+    type: int | None  # a callback's type: MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODAL
     body: dict  # the message fields (content, embeds, components, flags), or the modal
-    message: dict | None = None  # the message Discord would have created, as a gateway payload
+    message: dict | None = None  # the message Discord would have created or edited, as a gateway payload
 
     @property
     def ephemeral(self) -> bool:
-        return bool(int(self.body.get("flags") or 0) & EPHEMERAL)
+        # Discord keeps a message's ephemerality when it is edited: the message's flags say it, where there is one.
+        flags = self.message["flags"] if self.message is not None else self.body.get("flags")
+        return bool(int(flags or 0) & EPHEMERAL)
 
     @property
     def content(self) -> str:
@@ -82,41 +84,80 @@ class Answer:
 
 
 @dataclass
+class _Exchange:
+    """One interaction as Discord's side sees it."""
+
+    channel: Any
+    author: Any  # the bot's user
+    original: dict | None  # the message "@original" names: the response's, or the message of a pressed component
+    thinking: bool = False  # deferred with "thinking…" and not answered yet
+
+
+@dataclass
 class FakeInteractions:
-    """INTERACTION_CREATE payloads in; the bot's callbacks and follow-ups recorded."""
+    """INTERACTION_CREATE payloads in; the bot's callbacks, edits and follow-ups recorded, as Discord treats them."""
 
     answers: list[Answer] = field(default_factory=list)
     sent: dict[int, dict] = field(default_factory=dict)  # channel messages' payloads by id (dpytest drops some fields)
-    _channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # token -> (channel, bot user)
+    _exchanges: dict[str, _Exchange] = field(default_factory=dict)  # by interaction token
     _ids: itertools.count = field(default_factory=itertools.count)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def request(self, route, session, *, payload=None, multipart=None, **_: Any) -> Any:
         """Stands in for `AsyncWebhookAdapter.request`: the HTTP call to Discord's interaction endpoints."""
         body = payload or {}
+        exchange = self._exchanges[route.webhook_token]
         if route.path.endswith("/callback"):
             inner = body.get("data") or {}
             answer = Answer("callback", body["type"], inner)
-            if body["type"] == MESSAGE:
-                answer.message = self._message(route.webhook_token, inner)
-            self.answers.append(answer)
+            if body["type"] in (MESSAGE, DEFERRED_MESSAGE):  # a message; while deferred, it says "thinking…"
+                answer.message = exchange.original = self._message(exchange, inner)
+                exchange.thinking = body["type"] == DEFERRED_MESSAGE
+            elif body["type"] == UPDATE_MESSAGE:
+                answer.message = exchange.original = self._edited(exchange, inner)
+            self._record(answer)
             message_id = answer.message["id"] if answer.message else None
             return {"interaction": {"id": str(route.webhook_id), "type": 0, "response_message_id": message_id}}
+        if route.method == "PATCH" and route.path.endswith("/messages/@original"):
+            assert exchange.original is not None, "the bot edited an original response that does not exist"
+            exchange.original, exchange.thinking = self._edited(exchange, body), False
+            self._record(Answer("edit", None, body, exchange.original))
+            return exchange.original
         if route.method == "POST":  # a follow-up message
-            answer = Answer("followup", None, body, self._message(route.webhook_token, body))
-            self.answers.append(answer)
+            if exchange.thinking:
+                # Discord's rule: the first follow-up after a "thinking…" deferral becomes that message, which
+                # keeps its ephemerality (the follow-up's flags are ignored).
+                exchange.original, exchange.thinking = self._edited(exchange, body), False
+                answer = Answer("followup", None, body, exchange.original)
+            else:
+                answer = Answer("followup", None, body, self._message(exchange, body))
+            self._record(answer)
             return answer.message
         raise AssertionError(f"the bot called {route.method} {route.path}, which this test does not serve")
 
-    def _message(self, token: str, body: dict) -> dict:
-        channel, author = self._channels[token]
+    def _record(self, answer: Answer) -> None:
+        self.answers.append(answer)
+        self._answered.set()
+
+    async def answered(self, count: int) -> None:
+        """Until `count` answers have been recorded in all."""
+        while len(self.answers) < count:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def _message(self, exchange: _Exchange, body: dict) -> dict:
         embeds = [discord.Embed.from_dict(embed) for embed in body.get("embeds") or []]
-        data = facts.make_message_dict(channel, author, content=body.get("content"), embeds=embeds)
+        data = facts.make_message_dict(exchange.channel, exchange.author, content=body.get("content"), embeds=embeds)
         return {**data, "components": body.get("components") or [], "flags": int(body.get("flags") or 0)}
 
-    async def send(self, bot, kind: int, data: dict, *, user, channel, message=None, locale="en-US") -> list[Answer]:
-        """Deliver one interaction to the client's gateway parser; returns what the bot answered to it."""
+    def _edited(self, exchange: _Exchange, body: dict) -> dict:
+        fields = {name: body[name] for name in ("content", "embeds", "components") if name in body}
+        return {**exchange.original, **fields}
+
+    def start(self, bot, kind: int, data: dict, *, user, channel, message=None, locale="en-US") -> set[asyncio.Task]:
+        """Deliver one interaction to the client's gateway parser; returns the tasks that handle it."""
         token = f"token-{next(self._ids)}"
-        self._channels[token] = (channel, bot.user)
+        self._exchanges[token] = _Exchange(channel, bot.user, message)
         payload = {
             "id": str(facts.make_id()),
             "application_id": str(bot.user.id),
@@ -145,32 +186,48 @@ class FakeInteractions:
             payload["user"] = facts.dict_from_user(user)
         if message is not None:
             payload["message"] = message
-        seen = len(self.answers)
         before = asyncio.all_tasks()
         bot._connection.parse_interaction_create(payload)
-        # The command tree, dynamic items and modals each handle the interaction in a task of their own.
-        await asyncio.wait_for(asyncio.gather(*(asyncio.all_tasks() - before)), timeout=60)
+        # The command tree, dynamic items and `on_interaction` each handle the interaction in a task of their own.
+        return asyncio.all_tasks() - before
+
+    async def send(self, bot, kind: int, data: dict, **kwargs: Any) -> list[Answer]:
+        """Deliver one interaction and wait until it is handled; returns what the bot answered to it."""
+        seen = len(self.answers)
+        await asyncio.wait_for(asyncio.gather(*self.start(bot, kind, data, **kwargs)), timeout=60)
         await dpytest.run_all_events()
         return self.answers[seen:]
 
     async def command(self, bot, name: str, *, user, channel, options=(), resolved=None, locale="en-US"):
-        data = {"id": str(facts.make_id()), "name": name, "type": 1, "options": list(options)}
-        if resolved:
-            data["resolved"] = resolved
-        return await self.send(bot, COMMAND, data, user=user, channel=channel, locale=locale)
+        return await self.send(bot, COMMAND, command_data(name, options, resolved), user=user, channel=channel,
+                               locale=locale)  # fmt: skip
 
     async def press(self, bot, message: dict, custom_id: str, *, user, channel, values=None, locale="en-US"):
         """Click a button (or choose `values` in a select menu) of `message`, a message payload."""
-        data = {"custom_id": custom_id, "component_type": 3 if values else 2}
-        if values:
-            data["values"] = values
+        data = press_data(custom_id, values)
         return await self.send(bot, COMPONENT, data, user=user, channel=channel, message=message, locale=locale)
 
     async def submit(self, bot, modal: dict, typed: str, *, user, channel, locale="en-US"):
         """Fill the modal's text input with `typed` and submit it."""
-        components = _filled(modal["components"], typed)
-        data = {"custom_id": modal["custom_id"], "components": components}
-        return await self.send(bot, MODAL_SUBMIT, data, user=user, channel=channel, locale=locale)
+        return await self.send(bot, MODAL_SUBMIT, submit_data(modal, typed), user=user, channel=channel, locale=locale)
+
+
+def command_data(name: str, options=(), resolved=None) -> dict:
+    data = {"id": str(facts.make_id()), "name": name, "type": 1, "options": list(options)}
+    if resolved:
+        data["resolved"] = resolved
+    return data
+
+
+def press_data(custom_id: str, values=None) -> dict:
+    data = {"custom_id": custom_id, "component_type": 3 if values else 2}
+    if values:
+        data["values"] = values
+    return data
+
+
+def submit_data(modal: dict, typed: str) -> dict:
+    return {"custom_id": modal["custom_id"], "components": _filled(modal["components"], typed)}
 
 
 def _walk(components: list[dict]):
@@ -305,6 +362,14 @@ def reply_message_ids(database_url: str) -> dict[int, tuple]:
         engine.dispose()
 
 
+def deferred_answer(answers: list[Answer]) -> Answer:
+    """The answer to an interaction deferred with "thinking…": the deferral first, then that message edited."""
+    deferred, answer = answers
+    assert (deferred.type, answer.kind) == (DEFERRED_MESSAGE, "edit")
+    assert answer.message["id"] == deferred.message["id"]
+    return answer
+
+
 def labels_in(text: str) -> list[str]:
     return [label for label in TEST_LABELS if label in text]
 
@@ -344,14 +409,15 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
     assert reply_message_ids(database_url)[prediction_id] == (str(sent.id), str(answer.id))
     message = raw_message(dm.id, answer.id)
 
-    # 👍: an ephemeral thank-you, and the vote in SQL.
-    [thanks] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm)
-    assert (thanks.type, thanks.content, thanks.ephemeral) == (MESSAGE, EN["thanks_up"], True)
+    # 👍: acknowledged at once, then an ephemeral thank-you, and the vote in SQL.
+    deferred, thanks = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm)
+    assert deferred.type == DEFERRED_UPDATE
+    assert (thanks.kind, thanks.content, thanks.ephemeral) == ("followup", EN["thanks_up"], True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
 
     # 👎: one ephemeral message asking which model, with a select menu of the other candidates.
-    [question] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:d", user=alice, channel=dm)
-    assert (question.type, question.content, question.ephemeral) == (MESSAGE, EN["thanks_down"], True)
+    _, question = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:d", user=alice, channel=dm)
+    assert (question.kind, question.content, question.ephemeral) == ("followup", EN["thanks_down"], True)
     menu, another = question.components
     assert menu["type"] == 3 and menu["custom_id"].startswith("carbot-select:")
     assert labels_in(" ".join(option["label"] for option in menu["options"])) == labels_in(
@@ -361,26 +427,29 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
 
     # Choosing a model in the menu replaces the question with the thanks, and records the correction.
     option = menu["options"][0]
-    [done] = await discord_api.press(
+    deferred, done = await discord_api.press(
         bot, question.message, menu["custom_id"], values=[option["value"]], user=alice, channel=dm
     )
-    assert (done.type, done.content, done.components) == (
-        UPDATE_MESSAGE,
+    assert deferred.type == DEFERRED_UPDATE
+    assert (done.kind, done.content, done.components, done.message["id"]) == (
+        "edit",
         EN["corrected"].format(label=option["label"]),
         [],
+        question.message["id"],
     )
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", option["label"])]
 
     # "Another model…" opens a modal; what is typed there is matched against the labels.
     [modal] = await discord_api.press(bot, question.message, another["custom_id"], user=alice, channel=dm)
     assert modal.type == MODAL and [c["type"] for c in modal.components] == [4]
-    [typed] = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
-    assert (typed.type, typed.content, typed.ephemeral) == (MESSAGE, EN["corrected"].format(label="FIAT ARGO"), True)
+    deferred, typed = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
+    assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
+    assert (typed.kind, typed.content, typed.ephemeral) == ("edit", EN["corrected"].format(label="FIAT ARGO"), True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
 
     # A new process that never saw the message still handles its buttons (and answers in the presser's language).
     restarted, _ = await start_bot(settings, conversation, monkeypatch)
-    [again] = await discord_api.press(
+    _, again = await discord_api.press(
         restarted, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm, locale="pt-BR"
     )
     assert (again.content, again.ephemeral) == (PT["thanks_up"], True)
@@ -410,7 +479,7 @@ async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api
         bot, "top3", options=options, resolved=resolved, user=alice, channel=channel
     )
     assert deferred.type == DEFERRED_MESSAGE
-    assert top3.kind == "followup" and not top3.ephemeral
+    assert top3.kind == "edit" and not top3.ephemeral and top3.message["id"] == deferred.message["id"]
     prediction_id = assert_classification(top3.embeds[0], top3.components)
     assert reply_message_ids(database_url)[prediction_id] == (None, str(top3.message["id"]))
 
@@ -472,19 +541,19 @@ async def test_commands_and_admin_only_ones(bot, discord_api):
     admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
     admin_dm = await admin.create_dm()
 
-    [refused] = await discord_api.command(bot, "stats", user=alice, channel=channel)
+    refused = deferred_answer(await discord_api.command(bot, "stats", user=alice, channel=channel))
     assert (refused.content, refused.ephemeral) == (EN["not_admin"], True)
-    [refused] = await discord_api.command(bot, "model", user=alice, channel=channel, locale="pt-BR")
+    refused = deferred_answer(await discord_api.command(bot, "model", user=alice, channel=channel, locale="pt-BR"))
     assert refused.content == PT["not_admin"]
 
-    [stats] = await discord_api.command(bot, "stats", user=admin, channel=admin_dm)
+    stats = deferred_answer(await discord_api.command(bot, "stats", user=admin, channel=admin_dm))
     assert stats.content.startswith("📊 0 ") and stats.ephemeral
-    [model] = await discord_api.command(bot, "model", user=admin, channel=admin_dm)
+    model = deferred_answer(await discord_api.command(bot, "model", user=admin, channel=admin_dm))
     assert "tiny-test" in model.content
 
-    [welcome] = await discord_api.command(bot, "help", user=alice, channel=channel)
+    welcome = deferred_answer(await discord_api.command(bot, "help", user=alice, channel=channel))
     assert "/forget" in welcome.content and welcome.ephemeral
-    [forgotten] = await discord_api.command(bot, "forget", user=alice, channel=channel)
+    forgotten = deferred_answer(await discord_api.command(bot, "forget", user=alice, channel=channel))
     assert forgotten.content == EN["forgotten"].format(predictions=0, votes=0, photos=0)
 
     # Admin commands are hidden from members without the Administrator permission.
@@ -562,7 +631,7 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
         try:
             channel = dpytest.get_config().channels[0]
             admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
-            [queued] = await discord_api.command(bot, "retrain", user=admin, channel=channel)
+            queued = deferred_answer(await discord_api.command(bot, "retrain", user=admin, channel=channel))
             # Not ephemeral: the bot edits it for as long as the run takes.
             assert queued.content.startswith("🛠️ Retrain #1 queued") and not queued.ephemeral
             assert await desk.progress_message(1) == f"{channel.id}:{queued.message['id']}"
