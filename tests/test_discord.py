@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,6 +391,76 @@ def assert_classification(embed: discord.Embed, components: list[dict]) -> int:
     return prediction_id
 
 
+class StuckDatabase:
+    """The store's database stuck until `release()`, as behind a long transaction, a slow disk or a busy server.
+
+    Another connection holds SQLite's write lock, so every write waits on it (in the store's threads, as it
+    would in production, up to the conversation's patience and SQLite's busy timeout). Reads are not held by
+    a writer in SQLite's write-ahead log, so the store's reads wait on an event until the release.
+    """
+
+    READS = ("get_prediction", "stats")
+
+    def __init__(self, store: Store, database_url: str, monkeypatch) -> None:
+        self._path = database_url.removeprefix("sqlite:///")
+        self._lock: sqlite3.Connection | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+        self.held_reads = 0  # reads that had to wait
+        for name in self.READS:
+            monkeypatch.setattr(store, name, self._gated(getattr(store, name)))
+
+    def _gated(self, read):
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            if not self._open.is_set():
+                self.held_reads += 1
+                await self._open.wait()
+            return await read(*args, **kwargs)
+
+        return gated
+
+    def hold(self) -> StuckDatabase:
+        self._lock = sqlite3.connect(self._path, isolation_level=None)
+        self._lock.execute("BEGIN IMMEDIATE")
+        self._open.clear()
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+            self._lock = None
+        self._open.set()
+
+
+# How long a test waits for what a working bot does at once: a bound for a broken bot, not a measure of speed.
+SAFETY_S = 60
+
+
+async def answered_around(discord_api: FakeInteractions, tasks: set[asyncio.Task], release) -> tuple[list, list]:
+    """What the bot answered to an interaction (handled by `tasks`) before `release()` was called, and after.
+
+    The test waits for the first answer (or for the handlers to end) while the slow part is held, then releases
+    it and waits for the rest: an interaction acknowledged at once shows its acknowledgement in the first list
+    and its answer in the second.
+    """
+    seen = len(discord_api.answers)
+    first = asyncio.ensure_future(discord_api.answered(seen + 1))
+    try:
+        await asyncio.wait({first, *tasks}, timeout=SAFETY_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        first.cancel()
+    before = discord_api.answers[seen:]
+    release()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=SAFETY_S)
+    await dpytest.run_all_events()
+    return before, discord_api.answers[seen + len(before) :]
+
+
+def types(answers: list[Answer]) -> list[tuple[str, int | None]]:
+    return [(answer.kind, answer.type) for answer in answers]
+
+
 # -- tests -----------------------------------------------------------------------------------------------------
 
 
@@ -659,3 +730,171 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
     await desk.aclose()
     await connection.aclose()
     await store.close()
+
+
+async def test_commands_are_acknowledged_before_the_database_or_the_retrain_lock_answers(
+    bot, discord_api, conversation, settings, redis_url, database_url, monkeypatch
+):
+    """Discord shows "This interaction failed" to a command not acknowledged within 3 s; these wait far longer."""
+    from bots._retrain import RetrainDesk
+    from carbot import retraining
+
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+    conversation.retrain = desk = RetrainDesk(redis_url, settings, conversation.store.engine)
+    stuck = StuckDatabase(conversation.store, database_url, monkeypatch)
+    thinking = [("callback", DEFERRED_MESSAGE)]
+    try:
+        # /stats reads: it waits for the database, its "thinking…" does not.
+        tasks = discord_api.start(bot, COMMAND, command_data("stats"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking and before[0].ephemeral
+        assert stuck.held_reads == 1
+        assert types(after) == [("edit", None)] and after[0].content.startswith("📊 0 ") and after[0].ephemeral
+
+        # /forget writes: behind another connection's write lock.
+        tasks = discord_api.start(bot, COMMAND, command_data("forget"), user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["forgotten"].format(predictions=0, votes=0,
+                                                                                          photos=0))]  # fmt: skip
+
+        # /retrain while another admin's request holds the retrain lock: the desk waits 5 s (its default) for
+        # that run's number, then answers that a retrain is starting. Nothing is released: the wait ends by itself.
+        await conversation.redis.set(retraining.LOCK_KEY, retraining.PENDING)
+        tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, lambda: None)
+        assert types(before) == thinking and not before[0].ephemeral  # an admin's /retrain is public
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["retrain_starting"])]
+
+        # /retrain with the lock free, while the database cannot take the new run's row.
+        await conversation.redis.delete(retraining.LOCK_KEY)
+        tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking
+        [queued] = after
+        assert queued.kind == "edit" and queued.content.startswith("🛠️ Retrain #1 queued") and not queued.ephemeral
+        assert await desk.progress_message(1) == f"{channel.id}:{queued.message['id']}"
+    finally:
+        stuck.release()
+        await desk.aclose()
+
+
+async def test_photos_buttons_menus_and_the_modal_are_acknowledged_before_the_database_answers(
+    bot, discord_api, conversation, start_worker, database_url, tmp_path, monkeypatch
+):
+    start_worker()
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    stuck = StuckDatabase(conversation.store, database_url, monkeypatch)
+    try:
+        # /top3 with a photo: classified, then recorded behind the write lock.
+        path = photo_file(tmp_path, "c.jpg", 3)
+        attachment = attachment_payload(path, "image/jpeg")
+        data = command_data("top3", [{"name": "photo", "type": 11, "value": attachment["id"]}],
+                            {"attachments": {attachment["id"]: attachment}})  # fmt: skip
+        tasks = discord_api.start(bot, COMMAND, data, user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)]
+        [top3] = after
+        assert top3.message["id"] == before[0].message["id"]  # "thinking…" became the answer
+        assert_classification(top3.embeds[0], top3.components)
+
+        # The "Identify car" context menu on a message with a photo.
+        mention = await dpytest.message(f"<@{bot.user.id}>", channel=channel, member=alice,
+                                        attachments=[str(photo_file(tmp_path, "d.jpg", 4))])  # fmt: skip
+        await dpytest.empty_queue()
+        data = {"id": "1", "name": "Identify car", "type": 3, "target_id": str(mention.id),
+                "resolved": {"messages": {str(mention.id): raw_message(channel.id, mention.id)}}}  # fmt: skip
+        tasks = discord_api.start(bot, COMMAND, data, user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)]
+        [identified] = after
+        prediction_id = assert_classification(identified.embeds[0], identified.components)
+        message = identified.message
+
+        # 👎: acknowledged as an update at once; the vote waits for the database, then the question follows.
+        tasks = discord_api.start(bot, COMPONENT, press_data(f"carbot:v:{prediction_id}:d"), user=alice,
+                                  channel=channel, message=message)  # fmt: skip
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_UPDATE)]
+        [question] = after
+        assert (question.kind, question.content, question.ephemeral) == ("followup", EN["thanks_down"], True)
+        assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", None)]
+        menu, another = question.components
+
+        # A choice in the select menu: the correction waits for the database, then the question is edited.
+        option = menu["options"][0]
+        tasks = discord_api.start(bot, COMPONENT, press_data(menu["custom_id"], [option["value"]]), user=alice,
+                                  channel=channel, message=question.message)  # fmt: skip
+        corrections_while_stuck = []
+
+        def release() -> None:
+            corrections_while_stuck.append(feedback(database_url)[0][4])  # SQLite's log lets this read through
+            stuck.release()
+
+        stuck.hold()
+        before, after = await answered_around(discord_api, tasks, release)
+        assert types(before) == [("callback", DEFERRED_UPDATE)]
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["corrected"].format(label=option["label"]))]
+        assert corrections_while_stuck == [None] and feedback(database_url)[0][4] == option["label"]
+
+        # "Another model…": the modal opens while the database is stuck; a modal can only be the first answer.
+        stuck.hold()
+        reads = stuck.held_reads
+        tasks = discord_api.start(bot, COMPONENT, press_data(another["custom_id"]), user=alice, channel=channel,
+                                  message=question.message)  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=SAFETY_S)  # the press is over, nothing released
+        [modal] = discord_api.answers[-1:]
+        assert (modal.type, stuck.held_reads) == (MODAL, reads)  # nothing was asked of the database
+
+        # Its submission is acknowledged ("thinking…", for the submitter alone); the correction follows.
+        tasks = discord_api.start(bot, MODAL_SUBMIT, submit_data(modal.body, "fiat  argo"), user=alice,
+                                  channel=channel)  # fmt: skip
+        before, after = await answered_around(discord_api, tasks, stuck.release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)] and before[0].ephemeral
+        assert [(a.kind, a.content, a.ephemeral) for a in after] == [
+            ("edit", EN["corrected"].format(label="FIAT ARGO"), True)
+        ]
+        assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
+    finally:
+        stuck.release()
+
+
+async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
+    bot, discord_api, conversation, settings, redis_url, tmp_path
+):
+    from bots._retrain import RetrainDesk
+    from carbot import retraining
+
+    config = dpytest.get_config()
+    channel = config.channels[0]
+    admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+    # The desk's registry names a previous version whose files are gone, and a rejected run's candidate is gone:
+    # rolling back or promoting raises, after the interaction was acknowledged.
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "PREVIOUS").write_text("v-gone\n")
+    desk = RetrainDesk(redis_url, settings.model_copy(update={"model_registry": registry}), conversation.store.engine)
+    conversation.retrain = desk
+    try:
+        deferred, apology = await discord_api.command(bot, "rollback", user=admin, channel=channel)
+        assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
+        assert (apology.content, apology.message["id"]) == (EN["failed"], deferred.message["id"])
+
+        engine = conversation.store.engine
+        run_id = retraining.create_run(engine, requested_by="discord:1", chat_id=str(channel.id), language="en")
+        retraining.update_run(engine, run_id, status="rejected", candidate_version="r1-gone")
+        summary = Reply("summary", buttons=((Button("promote", f"r:{run_id}:p"),),))
+        message = raw_message(channel.id, (await channel.send(**render(summary))).id)
+        await dpytest.empty_queue()
+        deferred, apology = await discord_api.press(bot, message, f"carbot:r:{run_id}:p", user=admin, channel=channel)
+        assert deferred.type == DEFERRED_UPDATE
+        assert (apology.kind, apology.content, apology.ephemeral) == ("followup", EN["failed"], True)
+
+        # A command this version does not have (Discord may still list one from an earlier version).
+        [apology] = await discord_api.command(bot, "obsolete", user=admin, channel=channel)
+        assert (apology.type, apology.content, apology.ephemeral) == (MESSAGE, EN["failed"], True)
+    finally:
+        await desk.aclose()
