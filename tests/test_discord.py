@@ -525,6 +525,10 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
     )
     assert (again.content, again.ephemeral) == (PT["thanks_up"], True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
+    # So is a modal opened before the restart: it carries its button's data, nothing is kept in memory.
+    _, typed = await discord_api.submit(restarted, modal.body, "FIAT ARGO", user=alice, channel=dm)
+    assert typed.content == EN["corrected"].format(label="FIAT ARGO")
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
 
 
 async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api, start_worker, database_url, tmp_path):
