@@ -6,7 +6,15 @@ sends lands in dpytest's queue. dpytest 0.7 knows nothing of interactions, so
 `FakeInteractions` plays that part of Discord: tests hand the client's parser raw
 INTERACTION_CREATE payloads, as the gateway would (slash commands, the context menu,
 button presses, select-menu choices, modal submissions), and the interaction callback
-and webhook endpoints are served by recording what the bot answers.
+and webhook endpoints are served by recording what the bot answers. What is recorded is
+each HTTP request discord.py's `InteractionResponse`, `edit_original_response` and
+`followup` make, in the order they make them, and the messages Discord would make of
+them (a "thinking…" deferral is a message its first edit or follow-up fills in).
+
+Discord shows "This interaction failed" unless an interaction is acknowledged within 3 s.
+`StuckDatabase` holds the store up (a real SQLite write lock, and its reads held) and
+`answered_around` shows what was answered before it was released and what after: the
+acknowledgement must come first, whatever the slow part. Orderings, not timings.
 
 Behind the bot everything is real: the conversation, Redis, a worker process with
 the tiny test model, and the store on SQLite.
@@ -513,6 +521,8 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
     # "Another model…" opens a modal; what is typed there is matched against the labels.
     [modal] = await discord_api.press(bot, question.message, another["custom_id"], user=alice, channel=dm)
     assert modal.type == MODAL and [c["type"] for c in modal.components] == [4]
+    prompts = [c["content"] for c in modal.body["components"] if c["type"] == 10]  # text displays
+    assert prompts == [EN["type_model"].format(example=TEST_LABELS[0])]
     deferred, typed = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
     assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
     assert (typed.kind, typed.content, typed.ephemeral) == ("edit", EN["corrected"].format(label="FIAT ARGO"), True)
