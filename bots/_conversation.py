@@ -187,10 +187,7 @@ class Conversation:
             return ButtonAnswer(notice=text("thanks_down", lang), follow_up=question)
         if kind == "c" and value == "x":
             await self.redis.set(self._awaiting_key(sender), prediction_id, ex=600)
-            return ButtonAnswer(
-                notice=text("another_model", lang),
-                follow_up=Reply(text("type_model", lang, example=labels[0] if labels else ""), expects_text=True),
-            )
+            return ButtonAnswer(notice=text("another_model", lang), follow_up=_type_model(labels, lang))
         if kind == "c" and value.isdigit() and int(value) < len(labels):
             label = labels[int(value)]
             await self.store.correct(prediction_id, sender, label)
@@ -198,6 +195,19 @@ class Conversation:
             done = text("corrected", lang, label=label)
             return ButtonAnswer(notice=done, edit=Reply(done))
         return ButtonAnswer(notice=text("stale", lang))
+
+    def typing_prompt(self, sender: Sender, data: str) -> Reply | None:
+        """What pressing button `data` asks when it means "let me type the model" (`c:<prediction>:x`), else None.
+
+        Known without Redis or the database, for a platform that must answer the press at once with a form
+        (Discord's modal): it shows this prompt, and when the form comes back it hands `data` to `button`
+        (which checks the press) and what was typed to `text`.
+        """
+        parsed = _parse_button(data)
+        if parsed is None or (parsed[0], parsed[2]) != ("c", "x"):
+            return None
+        version = self.registry.active_version()
+        return _type_model(self._labels(version) if version else (), language_of(sender))
 
     async def text(self, sender: Sender, message: str) -> Reply | None:
         """Plain text: a typed correction when this person was asked for one, else a hint."""
@@ -428,6 +438,11 @@ def _parse_button(data: str) -> tuple[str, int, str] | None:
     if match is None or not _BUTTON_VALUES[match["kind"]].fullmatch(match["value"]):
         return None
     return match["kind"], int(match["id"]), match["value"]
+
+
+def _type_model(labels: tuple[str, ...], lang: str) -> Reply:
+    """The question that asks a person to type the model's name."""
+    return Reply(text("type_model", lang, example=labels[0] if labels else ""), expects_text=True)
 
 
 def _progress_line(data: dict, lang: str) -> str:

@@ -14,8 +14,18 @@ A retrain's progress is one channel message, edited each epoch, and its summary 
 
 Buttons and select menus are `DynamicItem`s: their state lives in the `custom_id`
 (`carbot:<button data>`, `carbot-select:<key>` whose options' values are the button data),
-so they keep working on old messages after the bot restarts. Everything the bot says
-comes from the conversation; this module only translates.
+so they keep working on old messages after the bot restarts. The typed-correction modal
+carries its button's data too (`carbot-modal:<button data>`) and is answered by
+`on_interaction`, so a form submitted after a restart is answered as well. Everything
+the bot says comes from the conversation; this module only translates.
+
+Discord gives a bot 3 seconds to acknowledge an interaction, and shows "This interaction
+failed" otherwise. The database, Redis, the classifier and the retrain lock can each take
+longer, so every interaction is acknowledged before any of them is touched: a command or
+the context menu is deferred ("thinking…") and its answer replaces that message; a button
+or menu press is deferred as an update, and its answer edits the message or follows it; a
+modal, which can only be the first answer, opens at once and is checked when it comes
+back. Whatever fails after that, the person is told (`answering`).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
 
 import discord
@@ -77,6 +87,7 @@ class CarBot(discord.Client):
         self.settings = settings
         self.conversation = conversation
         self.tree = app_commands.CommandTree(self)
+        self.tree.error(on_command_error)
         self.retrain_follower: asyncio.Task | None = None
 
     async def setup_hook(self) -> None:
@@ -107,6 +118,13 @@ class CarBot(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         await handle_message(self, message)
+
+    async def on_interaction(self, interaction: discord.Interaction[CarBot]) -> None:
+        # Every interaction passes here after discord.py dispatched it; only the correction modal is ours to answer.
+        if interaction.type is discord.InteractionType.modal_submit:
+            match = MODAL_ID.fullmatch(str((interaction.data or {}).get("custom_id", "")))
+            if match is not None:
+                await submit_correction(interaction, match["data"], typed_value(interaction.data.get("components")))
 
 
 def build_bot(settings: Settings, conversation: Conversation) -> CarBot:
@@ -196,13 +214,14 @@ async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachme
     if photo is not None and not is_image(photo):
         await interaction.response.send_message(**render(conversation.hint(sender, hint_kind(photo))), ephemeral=True)
         return
-    await interaction.response.defer(thinking=True)  # classifying may take longer than Discord's 3 seconds
-    data = await read_attachment(photo) if photo is not None else None
-    if photo is not None and data is None:
-        reply = unreadable(conversation, sender, photo)
-    else:
-        reply = await conversation.top3(sender, None, data)
-    await send_followup(interaction, reply)
+    async with answering(interaction):
+        await interaction.response.defer(thinking=True)  # before the download, the classifier, the database
+        data = await read_attachment(photo) if photo is not None else None
+        if photo is not None and data is None:
+            reply = unreadable(conversation, sender, photo)
+        else:
+            reply = await conversation.top3(sender, None, data)
+        await answer_classification(interaction, reply)
 
 
 @app_commands.context_menu(name="Identify car")
@@ -213,26 +232,33 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
         kind = hint_kind(message.attachments[0]) if message.attachments else "sticker" if message.stickers else "text"
         await interaction.response.send_message(**render(conversation.hint(sender, kind)), ephemeral=True)
         return
-    await interaction.response.defer(thinking=True)
-    data = await read_attachment(image)
-    if data is None:
-        reply = unreadable(conversation, sender, image)
-    else:
-        reply = await conversation.photo(sender, str(message.id), data)
-    await send_followup(interaction, reply)
+    async with answering(interaction):
+        await interaction.response.defer(thinking=True)
+        data = await read_attachment(image)
+        if data is None:
+            reply = unreadable(conversation, sender, image)
+        else:
+            reply = await conversation.photo(sender, str(message.id), data)
+        await answer_classification(interaction, reply)
 
 
 async def run_command(interaction: discord.Interaction[CarBot], name: str) -> None:
     """A command answered by the conversation, seen only by the person who sent it.
 
     A retrain's progress message is the exception: the bot edits it for as long as the run takes,
-    which Discord allows only on a message everyone in the channel sees.
+    which Discord allows only on a message everyone in the channel sees. Whether the answer is
+    public is chosen when the command is deferred, before the answer is known (Discord keeps it):
+    an admin's /retrain is answered in public, whatever its outcome.
     """
-    conversation = interaction.client.conversation
-    reply = await conversation.command(interaction_sender(interaction), name)
-    callback = await interaction.response.send_message(**render(reply), ephemeral=reply.progress_of is None)
-    if reply.progress_of is not None and callback.message_id is not None:
-        await conversation.set_progress_message(reply.progress_of, f"{interaction.channel_id}:{callback.message_id}")
+    conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+    async with answering(interaction):
+        public = name == "retrain" and sender.is_admin
+        await interaction.response.defer(thinking=True, ephemeral=not public)
+        reply = await conversation.command(sender, name)
+        sent = await answer_deferred(interaction, reply)
+        if reply.progress_of is not None:
+            reference = f"{interaction.channel_id}:{sent.id}"
+            await after_answering(conversation.set_progress_message(reply.progress_of, reference), "progress message")
 
 
 @app_commands.command(name="help", description="What this bot does, and what it keeps about you.")
@@ -285,11 +311,59 @@ async def deliver_notice(bot: CarBot, notice: Notice) -> None:
         await bot.conversation.set_progress_message(notice.reply.progress_of, f"{sent.channel.id}:{sent.id}")
 
 
-async def send_followup(interaction: discord.Interaction[CarBot], reply: Reply) -> None:
+async def on_command_error(interaction: discord.Interaction[CarBot], error: app_commands.AppCommandError) -> None:
+    """What the command tree could not run (a command Discord still lists but this version lacks, say)."""
+    log.error("application command failed: %s", error, exc_info=error)
+    await apologise(interaction)
+
+
+@contextlib.asynccontextmanager
+async def answering(interaction: discord.Interaction[CarBot]) -> AsyncIterator[None]:
+    """Handle an interaction; if anything fails, the person gets a readable apology rather than nothing."""
+    try:
+        yield
+    except Exception:
+        log.exception("could not answer a Discord interaction")
+        await apologise(interaction)
+
+
+async def apologise(interaction: discord.Interaction[CarBot]) -> None:
+    """Say that something went wrong: as the answer, or after the acknowledgement or answer already sent.
+
+    After a "thinking…" deferral Discord turns the first follow-up into that message, so the apology replaces it.
+    """
+    apology = text("failed", language_of(interaction_sender(interaction)))
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(apology, ephemeral=True)
+        else:
+            await interaction.response.send_message(apology, ephemeral=True)
+    except discord.HTTPException as exc:  # the interaction's token lapsed, or Discord is unreachable
+        log.warning("could not tell the person that their interaction failed: %s", exc)
+
+
+async def answer_deferred(interaction: discord.Interaction[CarBot], reply: Reply) -> discord.InteractionMessage:
+    """The answer to a command deferred with "thinking…": it becomes that message."""
+    fields = render(reply)
+    if "file" in fields:
+        fields["attachments"] = [fields.pop("file")]
+    return await interaction.edit_original_response(**fields)
+
+
+async def answer_classification(interaction: discord.Interaction[CarBot], reply: Reply) -> None:
     """Answer a deferred interaction; a classification's message id is recorded for its prediction."""
-    sent = await interaction.followup.send(**render(reply), wait=True)
+    sent = await answer_deferred(interaction, reply)
     if reply.prediction_id is not None:
-        await interaction.client.conversation.set_reply_message(reply.prediction_id, str(sent.id))
+        recording = interaction.client.conversation.set_reply_message(reply.prediction_id, str(sent.id))
+        await after_answering(recording, "reply message id")
+
+
+async def after_answering(work: Awaitable[None], what: str) -> None:
+    """Bookkeeping once the person has their answer: a failure is logged, not shown (their answer stands)."""
+    try:
+        await work
+    except Exception:
+        log.exception("answered, but could not record the %s", what)
 
 
 # -- persistent components: 👍/👎 buttons, correction select menus, the typed-correction modal ------------------
@@ -298,6 +372,7 @@ async def send_followup(interaction: discord.Interaction[CarBot], reply: Reply) 
 # custom_ids of the persistent components (at most 100 characters; button data is at most 64 bytes).
 BUTTON_ID = re.compile(r"carbot:(?P<data>.+)", re.DOTALL)
 SELECT_ID = re.compile(r"carbot-select:(?P<key>.+)", re.DOTALL)
+MODAL_ID = re.compile(r"carbot-modal:(?P<data>.+)", re.DOTALL)
 
 
 class ConversationButton(discord.ui.DynamicItem[discord.ui.Button], template=BUTTON_ID):
@@ -344,46 +419,75 @@ class ChoiceSelect(discord.ui.DynamicItem[discord.ui.Select], template=SELECT_ID
         await press(interaction, self.item.values[0])
 
 
-class CorrectionModal(discord.ui.Modal):
-    """Asks for the model's name; what is typed goes to `Conversation.text` like a typed message."""
-
-    def __init__(self, prompt: str, bot_name: str) -> None:
-        fits = len(prompt) <= MAX_MODAL_TITLE
-        super().__init__(title=prompt if fits else clip(bot_name, MAX_MODAL_TITLE) or "✏️", timeout=900)
-        if not fits:
-            self.add_item(discord.ui.TextDisplay(prompt))
-        self.answer = discord.ui.TextInput(max_length=MAX_TYPED_MODEL)
-        self.add_item(discord.ui.Label(text="✏️", component=self.answer))
-
-    async def on_submit(self, interaction: discord.Interaction[CarBot]) -> None:
-        conversation, sender = interaction.client.conversation, interaction_sender(interaction)
-        reply = await conversation.text(sender, self.answer.value) or conversation.hint(sender, "text")
-        await interaction.response.send_message(**render(reply), ephemeral=True)
+def correction_modal(prompt: str, bot_name: str, data: str) -> discord.ui.Modal:
+    """Asks for the model's name; the button's `data` rides in its custom_id, back to `submit_correction`."""
+    fits = len(prompt) <= MAX_MODAL_TITLE
+    modal = discord.ui.Modal(
+        title=prompt if fits else clip(bot_name, MAX_MODAL_TITLE) or "✏️",
+        custom_id=f"carbot-modal:{data}"[:MAX_CUSTOM_ID],
+        timeout=None,
+    )
+    if not fits:
+        modal.add_item(discord.ui.TextDisplay(prompt))
+    modal.add_item(discord.ui.Label(text="✏️", component=discord.ui.TextInput(max_length=MAX_TYPED_MODEL)))
+    return modal
 
 
 async def press(interaction: discord.Interaction[CarBot], data: str) -> None:
     """A button or menu choice: the notice for the presser alone, the message edited, a follow-up maybe."""
-    answer = await interaction.client.conversation.button(interaction_sender(interaction), data)
-    follow_up = answer.follow_up
-    if follow_up is not None and follow_up.expects_text:
-        # A modal must be the interaction's first answer; the conversation edits nothing when it asks for text.
-        name = interaction.client.user.display_name if interaction.client.user else ""
-        await interaction.response.send_modal(CorrectionModal(follow_up.text, name))
-        return
-    if answer.edit is not None:
-        await interaction.response.edit_message(**render(answer.edit, edit=True))
-        if answer.notice and answer.notice != answer.edit.text:
+    conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+    async with answering(interaction):
+        prompt = conversation.typing_prompt(sender, data)
+        if prompt is not None:
+            # A modal can only be the first answer to the press, and nothing may delay it: it opens before the
+            # press is checked, and the conversation checks it when the modal comes back.
+            name = interaction.client.user.display_name if interaction.client.user else ""
+            modal = correction_modal(prompt.text, name, data)
+            await interaction.response.send_modal(modal)
+            modal.stop()  # not kept by discord.py: `on_interaction` answers it, even after a restart
+            return
+        await interaction.response.defer()  # acknowledged; the answer edits the message or follows it
+        answer = await conversation.button(sender, data)
+        follow_up = answer.follow_up
+        if answer.edit is not None:
+            await interaction.edit_original_response(**render(answer.edit, edit=True))
+            if answer.notice and answer.notice != answer.edit.text:
+                await interaction.followup.send(answer.notice, ephemeral=True)
+            if follow_up is not None:
+                await interaction.followup.send(**render(follow_up), ephemeral=True)
+        elif follow_up is not None:
+            # One message: the notice ("Thanks! Which model was it?") over the follow-up's components.
+            content = answer.notice if follow_up.text in answer.notice else f"{answer.notice}\n{follow_up.text}"
+            await interaction.followup.send(**render(follow_up, text=content), ephemeral=True)
+        elif answer.notice:
             await interaction.followup.send(answer.notice, ephemeral=True)
-        if follow_up is not None:
-            await interaction.followup.send(**render(follow_up), ephemeral=True)
-    elif follow_up is not None:
-        # One message: the notice ("Thanks! Which model was it?") over the follow-up's components.
-        content = answer.notice if follow_up.text in answer.notice else f"{answer.notice}\n{follow_up.text}"
-        await interaction.response.send_message(**render(follow_up, text=content), ephemeral=True)
-    elif answer.notice:
-        await interaction.response.send_message(answer.notice, ephemeral=True)
-    else:
-        await interaction.response.defer()  # nothing to say: acknowledge the press silently
+
+
+async def submit_correction(interaction: discord.Interaction[CarBot], data: str, typed: str) -> None:
+    """The modal came back: the press that opened it is checked, then what was typed is matched."""
+    conversation, sender = interaction.client.conversation, interaction_sender(interaction)
+    async with answering(interaction):
+        await interaction.response.defer(thinking=True, ephemeral=True)
+        answer = await conversation.button(sender, data)
+        if answer.follow_up is not None and answer.follow_up.expects_text:
+            reply = await conversation.text(sender, typed) or conversation.hint(sender, "text")
+        else:  # a stale press, or the database cannot take the correction now: the conversation says which
+            reply = Reply(answer.notice)
+        await answer_deferred(interaction, reply)
+
+
+def typed_value(components: Any) -> str:
+    """The text typed in a submitted modal (its one text input), from the interaction's raw components."""
+    for component in components or []:
+        if not isinstance(component, dict):
+            continue
+        if component.get("type") == discord.ComponentType.text_input.value:
+            return str(component.get("value") or "")
+        inner = [*(component.get("components") or []), *([component["component"]] if "component" in component else [])]
+        found = typed_value(inner)
+        if found:
+            return found
+    return ""
 
 
 # -- rendering -----------------------------------------------------------------------------------------------

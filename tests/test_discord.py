@@ -6,7 +6,15 @@ sends lands in dpytest's queue. dpytest 0.7 knows nothing of interactions, so
 `FakeInteractions` plays that part of Discord: tests hand the client's parser raw
 INTERACTION_CREATE payloads, as the gateway would (slash commands, the context menu,
 button presses, select-menu choices, modal submissions), and the interaction callback
-and webhook endpoints are served by recording what the bot answers.
+and webhook endpoints are served by recording what the bot answers. What is recorded is
+each HTTP request discord.py's `InteractionResponse`, `edit_original_response` and
+`followup` make, in the order they make them, and the messages Discord would make of
+them (a "thinking…" deferral is a message its first edit or follow-up fills in).
+
+Discord shows "This interaction failed" unless an interaction is acknowledged within 3 s.
+`StuckDatabase` holds the store up (a real SQLite write lock, and its reads held) and
+`answered_around` shows what was answered before it was released and what after: the
+acknowledgement must come first, whatever the slow part. Orderings, not timings.
 
 Behind the bot everything is real: the conversation, Redis, a worker process with
 the tiny test model, and the store on SQLite.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +57,7 @@ ADMIN_ID = 1  # settings.admin_ids = ["discord:1"]
 EPHEMERAL = 64  # message flag
 # Interaction types and callback types, as Discord numbers them.
 COMMAND, COMPONENT, MODAL_SUBMIT = 2, 3, 5
-MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL = 4, 5, 7, 9
+MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODAL = 4, 5, 6, 7, 9
 
 
 # -- Discord's interaction endpoints, played by the test -------------------------------------------------------
@@ -58,14 +67,16 @@ MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL = 4, 5, 7, 9
 class Answer:
     """Something the bot sent through the interaction endpoints."""
 
-    kind: str  # "callback" (the interaction's response) or "followup" (a webhook message)
-    type: int | None  # a callback's type: MESSAGE, DEFERRED_MESSAGE, UPDATE_MESSAGE, MODAL
+    kind: str  # "callback" (the interaction's response), "edit" (of the original response) or "followup"
+    type: int | None  # a callback's type: MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODAL
     body: dict  # the message fields (content, embeds, components, flags), or the modal
-    message: dict | None = None  # the message Discord would have created, as a gateway payload
+    message: dict | None = None  # the message Discord would have created or edited, as a gateway payload
 
     @property
     def ephemeral(self) -> bool:
-        return bool(int(self.body.get("flags") or 0) & EPHEMERAL)
+        # Discord keeps a message's ephemerality when it is edited: the message's flags say it, where there is one.
+        flags = self.message["flags"] if self.message is not None else self.body.get("flags")
+        return bool(int(flags or 0) & EPHEMERAL)
 
     @property
     def content(self) -> str:
@@ -82,41 +93,80 @@ class Answer:
 
 
 @dataclass
+class _Exchange:
+    """One interaction as Discord's side sees it."""
+
+    channel: Any
+    author: Any  # the bot's user
+    original: dict | None  # the message "@original" names: the response's, or the message of a pressed component
+    thinking: bool = False  # deferred with "thinking…" and not answered yet
+
+
+@dataclass
 class FakeInteractions:
-    """INTERACTION_CREATE payloads in; the bot's callbacks and follow-ups recorded."""
+    """INTERACTION_CREATE payloads in; the bot's callbacks, edits and follow-ups recorded, as Discord treats them."""
 
     answers: list[Answer] = field(default_factory=list)
     sent: dict[int, dict] = field(default_factory=dict)  # channel messages' payloads by id (dpytest drops some fields)
-    _channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # token -> (channel, bot user)
+    _exchanges: dict[str, _Exchange] = field(default_factory=dict)  # by interaction token
     _ids: itertools.count = field(default_factory=itertools.count)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def request(self, route, session, *, payload=None, multipart=None, **_: Any) -> Any:
         """Stands in for `AsyncWebhookAdapter.request`: the HTTP call to Discord's interaction endpoints."""
         body = payload or {}
+        exchange = self._exchanges[route.webhook_token]
         if route.path.endswith("/callback"):
             inner = body.get("data") or {}
             answer = Answer("callback", body["type"], inner)
-            if body["type"] == MESSAGE:
-                answer.message = self._message(route.webhook_token, inner)
-            self.answers.append(answer)
+            if body["type"] in (MESSAGE, DEFERRED_MESSAGE):  # a message; while deferred, it says "thinking…"
+                answer.message = exchange.original = self._message(exchange, inner)
+                exchange.thinking = body["type"] == DEFERRED_MESSAGE
+            elif body["type"] == UPDATE_MESSAGE:
+                answer.message = exchange.original = self._edited(exchange, inner)
+            self._record(answer)
             message_id = answer.message["id"] if answer.message else None
             return {"interaction": {"id": str(route.webhook_id), "type": 0, "response_message_id": message_id}}
+        if route.method == "PATCH" and route.path.endswith("/messages/@original"):
+            assert exchange.original is not None, "the bot edited an original response that does not exist"
+            exchange.original, exchange.thinking = self._edited(exchange, body), False
+            self._record(Answer("edit", None, body, exchange.original))
+            return exchange.original
         if route.method == "POST":  # a follow-up message
-            answer = Answer("followup", None, body, self._message(route.webhook_token, body))
-            self.answers.append(answer)
+            if exchange.thinking:
+                # Discord's rule: the first follow-up after a "thinking…" deferral becomes that message, which
+                # keeps its ephemerality (the follow-up's flags are ignored).
+                exchange.original, exchange.thinking = self._edited(exchange, body), False
+                answer = Answer("followup", None, body, exchange.original)
+            else:
+                answer = Answer("followup", None, body, self._message(exchange, body))
+            self._record(answer)
             return answer.message
         raise AssertionError(f"the bot called {route.method} {route.path}, which this test does not serve")
 
-    def _message(self, token: str, body: dict) -> dict:
-        channel, author = self._channels[token]
+    def _record(self, answer: Answer) -> None:
+        self.answers.append(answer)
+        self._answered.set()
+
+    async def answered(self, count: int) -> None:
+        """Until `count` answers have been recorded in all."""
+        while len(self.answers) < count:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def _message(self, exchange: _Exchange, body: dict) -> dict:
         embeds = [discord.Embed.from_dict(embed) for embed in body.get("embeds") or []]
-        data = facts.make_message_dict(channel, author, content=body.get("content"), embeds=embeds)
+        data = facts.make_message_dict(exchange.channel, exchange.author, content=body.get("content"), embeds=embeds)
         return {**data, "components": body.get("components") or [], "flags": int(body.get("flags") or 0)}
 
-    async def send(self, bot, kind: int, data: dict, *, user, channel, message=None, locale="en-US") -> list[Answer]:
-        """Deliver one interaction to the client's gateway parser; returns what the bot answered to it."""
+    def _edited(self, exchange: _Exchange, body: dict) -> dict:
+        fields = {name: body[name] for name in ("content", "embeds", "components") if name in body}
+        return {**exchange.original, **fields}
+
+    def start(self, bot, kind: int, data: dict, *, user, channel, message=None, locale="en-US") -> set[asyncio.Task]:
+        """Deliver one interaction to the client's gateway parser; returns the tasks that handle it."""
         token = f"token-{next(self._ids)}"
-        self._channels[token] = (channel, bot.user)
+        self._exchanges[token] = _Exchange(channel, bot.user, message)
         payload = {
             "id": str(facts.make_id()),
             "application_id": str(bot.user.id),
@@ -145,32 +195,48 @@ class FakeInteractions:
             payload["user"] = facts.dict_from_user(user)
         if message is not None:
             payload["message"] = message
-        seen = len(self.answers)
         before = asyncio.all_tasks()
         bot._connection.parse_interaction_create(payload)
-        # The command tree, dynamic items and modals each handle the interaction in a task of their own.
-        await asyncio.wait_for(asyncio.gather(*(asyncio.all_tasks() - before)), timeout=60)
+        # The command tree, dynamic items and `on_interaction` each handle the interaction in a task of their own.
+        return asyncio.all_tasks() - before
+
+    async def send(self, bot, kind: int, data: dict, **kwargs: Any) -> list[Answer]:
+        """Deliver one interaction and wait until it is handled; returns what the bot answered to it."""
+        seen = len(self.answers)
+        await asyncio.wait_for(asyncio.gather(*self.start(bot, kind, data, **kwargs)), timeout=60)
         await dpytest.run_all_events()
         return self.answers[seen:]
 
     async def command(self, bot, name: str, *, user, channel, options=(), resolved=None, locale="en-US"):
-        data = {"id": str(facts.make_id()), "name": name, "type": 1, "options": list(options)}
-        if resolved:
-            data["resolved"] = resolved
-        return await self.send(bot, COMMAND, data, user=user, channel=channel, locale=locale)
+        return await self.send(bot, COMMAND, command_data(name, options, resolved), user=user, channel=channel,
+                               locale=locale)  # fmt: skip
 
     async def press(self, bot, message: dict, custom_id: str, *, user, channel, values=None, locale="en-US"):
         """Click a button (or choose `values` in a select menu) of `message`, a message payload."""
-        data = {"custom_id": custom_id, "component_type": 3 if values else 2}
-        if values:
-            data["values"] = values
+        data = press_data(custom_id, values)
         return await self.send(bot, COMPONENT, data, user=user, channel=channel, message=message, locale=locale)
 
     async def submit(self, bot, modal: dict, typed: str, *, user, channel, locale="en-US"):
         """Fill the modal's text input with `typed` and submit it."""
-        components = _filled(modal["components"], typed)
-        data = {"custom_id": modal["custom_id"], "components": components}
-        return await self.send(bot, MODAL_SUBMIT, data, user=user, channel=channel, locale=locale)
+        return await self.send(bot, MODAL_SUBMIT, submit_data(modal, typed), user=user, channel=channel, locale=locale)
+
+
+def command_data(name: str, options=(), resolved=None) -> dict:
+    data = {"id": str(facts.make_id()), "name": name, "type": 1, "options": list(options)}
+    if resolved:
+        data["resolved"] = resolved
+    return data
+
+
+def press_data(custom_id: str, values=None) -> dict:
+    data = {"custom_id": custom_id, "component_type": 3 if values else 2}
+    if values:
+        data["values"] = values
+    return data
+
+
+def submit_data(modal: dict, typed: str) -> dict:
+    return {"custom_id": modal["custom_id"], "components": _filled(modal["components"], typed)}
 
 
 def _walk(components: list[dict]):
@@ -305,6 +371,14 @@ def reply_message_ids(database_url: str) -> dict[int, tuple]:
         engine.dispose()
 
 
+def deferred_answer(answers: list[Answer]) -> Answer:
+    """The answer to an interaction deferred with "thinking…": the deferral first, then that message edited."""
+    deferred, answer = answers
+    assert (deferred.type, answer.kind) == (DEFERRED_MESSAGE, "edit")
+    assert answer.message["id"] == deferred.message["id"]
+    return answer
+
+
 def labels_in(text: str) -> list[str]:
     return [label for label in TEST_LABELS if label in text]
 
@@ -323,6 +397,76 @@ def assert_classification(embed: discord.Embed, components: list[dict]) -> int:
     prediction_id = int(up.split(":")[2])
     assert (up, down) == (f"carbot:v:{prediction_id}:u", f"carbot:v:{prediction_id}:d")
     return prediction_id
+
+
+class StuckDatabase:
+    """The store's database stuck until `release()`, as behind a long transaction, a slow disk or a busy server.
+
+    Another connection holds SQLite's write lock, so every write waits on it (in the store's threads, as it
+    would in production, up to the conversation's patience and SQLite's busy timeout). Reads are not held by
+    a writer in SQLite's write-ahead log, so the store's reads wait on an event until the release.
+    """
+
+    READS = ("get_prediction", "stats")
+
+    def __init__(self, store: Store, database_url: str, monkeypatch) -> None:
+        self._path = database_url.removeprefix("sqlite:///")
+        self._lock: sqlite3.Connection | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+        self.held_reads = 0  # reads that had to wait
+        for name in self.READS:
+            monkeypatch.setattr(store, name, self._gated(getattr(store, name)))
+
+    def _gated(self, read):
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            if not self._open.is_set():
+                self.held_reads += 1
+                await self._open.wait()
+            return await read(*args, **kwargs)
+
+        return gated
+
+    def hold(self) -> StuckDatabase:
+        self._lock = sqlite3.connect(self._path, isolation_level=None)
+        self._lock.execute("BEGIN IMMEDIATE")
+        self._open.clear()
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+            self._lock = None
+        self._open.set()
+
+
+# How long a test waits for what a working bot does at once: a bound for a broken bot, not a measure of speed.
+SAFETY_S = 60
+
+
+async def answered_around(discord_api: FakeInteractions, tasks: set[asyncio.Task], release) -> tuple[list, list]:
+    """What the bot answered to an interaction (handled by `tasks`) before `release()` was called, and after.
+
+    The test waits for the first answer (or for the handlers to end) while the slow part is held, then releases
+    it and waits for the rest: an interaction acknowledged at once shows its acknowledgement in the first list
+    and its answer in the second.
+    """
+    seen = len(discord_api.answers)
+    first = asyncio.ensure_future(discord_api.answered(seen + 1))
+    try:
+        await asyncio.wait({first, *tasks}, timeout=SAFETY_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        first.cancel()
+    before = discord_api.answers[seen:]
+    release()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=SAFETY_S)
+    await dpytest.run_all_events()
+    return before, discord_api.answers[seen + len(before) :]
+
+
+def types(answers: list[Answer]) -> list[tuple[str, int | None]]:
+    return [(answer.kind, answer.type) for answer in answers]
 
 
 # -- tests -----------------------------------------------------------------------------------------------------
@@ -344,14 +488,15 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
     assert reply_message_ids(database_url)[prediction_id] == (str(sent.id), str(answer.id))
     message = raw_message(dm.id, answer.id)
 
-    # 👍: an ephemeral thank-you, and the vote in SQL.
-    [thanks] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm)
-    assert (thanks.type, thanks.content, thanks.ephemeral) == (MESSAGE, EN["thanks_up"], True)
+    # 👍: acknowledged at once, then an ephemeral thank-you, and the vote in SQL.
+    deferred, thanks = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm)
+    assert deferred.type == DEFERRED_UPDATE
+    assert (thanks.kind, thanks.content, thanks.ephemeral) == ("followup", EN["thanks_up"], True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
 
     # 👎: one ephemeral message asking which model, with a select menu of the other candidates.
-    [question] = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:d", user=alice, channel=dm)
-    assert (question.type, question.content, question.ephemeral) == (MESSAGE, EN["thanks_down"], True)
+    _, question = await discord_api.press(bot, message, f"carbot:v:{prediction_id}:d", user=alice, channel=dm)
+    assert (question.kind, question.content, question.ephemeral) == ("followup", EN["thanks_down"], True)
     menu, another = question.components
     assert menu["type"] == 3 and menu["custom_id"].startswith("carbot-select:")
     assert labels_in(" ".join(option["label"] for option in menu["options"])) == labels_in(
@@ -361,30 +506,39 @@ async def test_photo_in_a_dm_is_answered_and_buttons_record_votes_even_after_a_r
 
     # Choosing a model in the menu replaces the question with the thanks, and records the correction.
     option = menu["options"][0]
-    [done] = await discord_api.press(
+    deferred, done = await discord_api.press(
         bot, question.message, menu["custom_id"], values=[option["value"]], user=alice, channel=dm
     )
-    assert (done.type, done.content, done.components) == (
-        UPDATE_MESSAGE,
+    assert deferred.type == DEFERRED_UPDATE
+    assert (done.kind, done.content, done.components, done.message["id"]) == (
+        "edit",
         EN["corrected"].format(label=option["label"]),
         [],
+        question.message["id"],
     )
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", option["label"])]
 
     # "Another model…" opens a modal; what is typed there is matched against the labels.
     [modal] = await discord_api.press(bot, question.message, another["custom_id"], user=alice, channel=dm)
     assert modal.type == MODAL and [c["type"] for c in modal.components] == [4]
-    [typed] = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
-    assert (typed.type, typed.content, typed.ephemeral) == (MESSAGE, EN["corrected"].format(label="FIAT ARGO"), True)
+    prompts = [c["content"] for c in modal.body["components"] if c["type"] == 10]  # text displays
+    assert prompts == [EN["type_model"].format(example=TEST_LABELS[0])]
+    deferred, typed = await discord_api.submit(bot, modal.body, "fiat  argo", user=alice, channel=dm)
+    assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
+    assert (typed.kind, typed.content, typed.ephemeral) == ("edit", EN["corrected"].format(label="FIAT ARGO"), True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
 
     # A new process that never saw the message still handles its buttons (and answers in the presser's language).
     restarted, _ = await start_bot(settings, conversation, monkeypatch)
-    [again] = await discord_api.press(
+    _, again = await discord_api.press(
         restarted, message, f"carbot:v:{prediction_id}:u", user=alice, channel=dm, locale="pt-BR"
     )
     assert (again.content, again.ephemeral) == (PT["thanks_up"], True)
     assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "up", None)]
+    # So is a modal opened before the restart: it carries its button's data, nothing is kept in memory.
+    _, typed = await discord_api.submit(restarted, modal.body, "FIAT ARGO", user=alice, channel=dm)
+    assert typed.content == EN["corrected"].format(label="FIAT ARGO")
+    assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
 
 
 async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api, start_worker, database_url, tmp_path):
@@ -410,7 +564,7 @@ async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api
         bot, "top3", options=options, resolved=resolved, user=alice, channel=channel
     )
     assert deferred.type == DEFERRED_MESSAGE
-    assert top3.kind == "followup" and not top3.ephemeral
+    assert top3.kind == "edit" and not top3.ephemeral and top3.message["id"] == deferred.message["id"]
     prediction_id = assert_classification(top3.embeds[0], top3.components)
     assert reply_message_ids(database_url)[prediction_id] == (None, str(top3.message["id"]))
 
@@ -472,19 +626,19 @@ async def test_commands_and_admin_only_ones(bot, discord_api):
     admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
     admin_dm = await admin.create_dm()
 
-    [refused] = await discord_api.command(bot, "stats", user=alice, channel=channel)
+    refused = deferred_answer(await discord_api.command(bot, "stats", user=alice, channel=channel))
     assert (refused.content, refused.ephemeral) == (EN["not_admin"], True)
-    [refused] = await discord_api.command(bot, "model", user=alice, channel=channel, locale="pt-BR")
+    refused = deferred_answer(await discord_api.command(bot, "model", user=alice, channel=channel, locale="pt-BR"))
     assert refused.content == PT["not_admin"]
 
-    [stats] = await discord_api.command(bot, "stats", user=admin, channel=admin_dm)
+    stats = deferred_answer(await discord_api.command(bot, "stats", user=admin, channel=admin_dm))
     assert stats.content.startswith("📊 0 ") and stats.ephemeral
-    [model] = await discord_api.command(bot, "model", user=admin, channel=admin_dm)
+    model = deferred_answer(await discord_api.command(bot, "model", user=admin, channel=admin_dm))
     assert "tiny-test" in model.content
 
-    [welcome] = await discord_api.command(bot, "help", user=alice, channel=channel)
+    welcome = deferred_answer(await discord_api.command(bot, "help", user=alice, channel=channel))
     assert "/forget" in welcome.content and welcome.ephemeral
-    [forgotten] = await discord_api.command(bot, "forget", user=alice, channel=channel)
+    forgotten = deferred_answer(await discord_api.command(bot, "forget", user=alice, channel=channel))
     assert forgotten.content == EN["forgotten"].format(predictions=0, votes=0, photos=0)
 
     # Admin commands are hidden from members without the Administrator permission.
@@ -562,7 +716,7 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
         try:
             channel = dpytest.get_config().channels[0]
             admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
-            [queued] = await discord_api.command(bot, "retrain", user=admin, channel=channel)
+            queued = deferred_answer(await discord_api.command(bot, "retrain", user=admin, channel=channel))
             # Not ephemeral: the bot edits it for as long as the run takes.
             assert queued.content.startswith("🛠️ Retrain #1 queued") and not queued.ephemeral
             assert await desk.progress_message(1) == f"{channel.id}:{queued.message['id']}"
@@ -590,3 +744,171 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
     await desk.aclose()
     await connection.aclose()
     await store.close()
+
+
+async def test_commands_are_acknowledged_before_the_database_or_the_retrain_lock_answers(
+    bot, discord_api, conversation, settings, redis_url, database_url, monkeypatch
+):
+    """Discord shows "This interaction failed" to a command not acknowledged within 3 s; these wait far longer."""
+    from bots._retrain import RetrainDesk
+    from carbot import retraining
+
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+    conversation.retrain = desk = RetrainDesk(redis_url, settings, conversation.store.engine)
+    stuck = StuckDatabase(conversation.store, database_url, monkeypatch)
+    thinking = [("callback", DEFERRED_MESSAGE)]
+    try:
+        # /stats reads: it waits for the database, its "thinking…" does not.
+        tasks = discord_api.start(bot, COMMAND, command_data("stats"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking and before[0].ephemeral
+        assert stuck.held_reads == 1
+        assert types(after) == [("edit", None)] and after[0].content.startswith("📊 0 ") and after[0].ephemeral
+
+        # /forget writes: behind another connection's write lock.
+        tasks = discord_api.start(bot, COMMAND, command_data("forget"), user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["forgotten"].format(predictions=0, votes=0,
+                                                                                          photos=0))]  # fmt: skip
+
+        # /retrain while another admin's request holds the retrain lock: the desk waits 5 s (its default) for
+        # that run's number, then answers that a retrain is starting. Nothing is released: the wait ends by itself.
+        await conversation.redis.set(retraining.LOCK_KEY, retraining.PENDING)
+        tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, lambda: None)
+        assert types(before) == thinking and not before[0].ephemeral  # an admin's /retrain is public
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["retrain_starting"])]
+
+        # /retrain with the lock free, while the database cannot take the new run's row.
+        await conversation.redis.delete(retraining.LOCK_KEY)
+        tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == thinking
+        [queued] = after
+        assert queued.kind == "edit" and queued.content.startswith("🛠️ Retrain #1 queued") and not queued.ephemeral
+        assert await desk.progress_message(1) == f"{channel.id}:{queued.message['id']}"
+    finally:
+        stuck.release()
+        await desk.aclose()
+
+
+async def test_photos_buttons_menus_and_the_modal_are_acknowledged_before_the_database_answers(
+    bot, discord_api, conversation, start_worker, database_url, tmp_path, monkeypatch
+):
+    start_worker()
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+    stuck = StuckDatabase(conversation.store, database_url, monkeypatch)
+    try:
+        # /top3 with a photo: classified, then recorded behind the write lock.
+        path = photo_file(tmp_path, "c.jpg", 3)
+        attachment = attachment_payload(path, "image/jpeg")
+        data = command_data("top3", [{"name": "photo", "type": 11, "value": attachment["id"]}],
+                            {"attachments": {attachment["id"]: attachment}})  # fmt: skip
+        tasks = discord_api.start(bot, COMMAND, data, user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)]
+        [top3] = after
+        assert top3.message["id"] == before[0].message["id"]  # "thinking…" became the answer
+        assert_classification(top3.embeds[0], top3.components)
+
+        # The "Identify car" context menu on a message with a photo.
+        mention = await dpytest.message(f"<@{bot.user.id}>", channel=channel, member=alice,
+                                        attachments=[str(photo_file(tmp_path, "d.jpg", 4))])  # fmt: skip
+        await dpytest.empty_queue()
+        data = {"id": "1", "name": "Identify car", "type": 3, "target_id": str(mention.id),
+                "resolved": {"messages": {str(mention.id): raw_message(channel.id, mention.id)}}}  # fmt: skip
+        tasks = discord_api.start(bot, COMMAND, data, user=alice, channel=channel)
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)]
+        [identified] = after
+        prediction_id = assert_classification(identified.embeds[0], identified.components)
+        message = identified.message
+
+        # 👎: acknowledged as an update at once; the vote waits for the database, then the question follows.
+        tasks = discord_api.start(bot, COMPONENT, press_data(f"carbot:v:{prediction_id}:d"), user=alice,
+                                  channel=channel, message=message)  # fmt: skip
+        before, after = await answered_around(discord_api, tasks, stuck.hold().release)
+        assert types(before) == [("callback", DEFERRED_UPDATE)]
+        [question] = after
+        assert (question.kind, question.content, question.ephemeral) == ("followup", EN["thanks_down"], True)
+        assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", None)]
+        menu, another = question.components
+
+        # A choice in the select menu: the correction waits for the database, then the question is edited.
+        option = menu["options"][0]
+        tasks = discord_api.start(bot, COMPONENT, press_data(menu["custom_id"], [option["value"]]), user=alice,
+                                  channel=channel, message=question.message)  # fmt: skip
+        corrections_while_stuck = []
+
+        def release() -> None:
+            corrections_while_stuck.append(feedback(database_url)[0][4])  # SQLite's log lets this read through
+            stuck.release()
+
+        stuck.hold()
+        before, after = await answered_around(discord_api, tasks, release)
+        assert types(before) == [("callback", DEFERRED_UPDATE)]
+        assert [(a.kind, a.content) for a in after] == [("edit", EN["corrected"].format(label=option["label"]))]
+        assert corrections_while_stuck == [None] and feedback(database_url)[0][4] == option["label"]
+
+        # "Another model…": the modal opens while the database is stuck; a modal can only be the first answer.
+        stuck.hold()
+        reads = stuck.held_reads
+        tasks = discord_api.start(bot, COMPONENT, press_data(another["custom_id"]), user=alice, channel=channel,
+                                  message=question.message)  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=SAFETY_S)  # the press is over, nothing released
+        [modal] = discord_api.answers[-1:]
+        assert (modal.type, stuck.held_reads) == (MODAL, reads)  # nothing was asked of the database
+
+        # Its submission is acknowledged ("thinking…", for the submitter alone); the correction follows.
+        tasks = discord_api.start(bot, MODAL_SUBMIT, submit_data(modal.body, "fiat  argo"), user=alice,
+                                  channel=channel)  # fmt: skip
+        before, after = await answered_around(discord_api, tasks, stuck.release)
+        assert types(before) == [("callback", DEFERRED_MESSAGE)] and before[0].ephemeral
+        assert [(a.kind, a.content, a.ephemeral) for a in after] == [
+            ("edit", EN["corrected"].format(label="FIAT ARGO"), True)
+        ]
+        assert feedback(database_url) == [(prediction_id, "discord", str(alice.id), "down", "FIAT ARGO")]
+    finally:
+        stuck.release()
+
+
+async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
+    bot, discord_api, conversation, settings, redis_url, tmp_path
+):
+    from bots._retrain import RetrainDesk
+    from carbot import retraining
+
+    config = dpytest.get_config()
+    channel = config.channels[0]
+    admin = backend.make_user("admin", "0001", id_num=ADMIN_ID)
+    # The desk's registry names a previous version whose files are gone, and a rejected run's candidate is gone:
+    # rolling back or promoting raises, after the interaction was acknowledged.
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "PREVIOUS").write_text("v-gone\n")
+    desk = RetrainDesk(redis_url, settings.model_copy(update={"model_registry": registry}), conversation.store.engine)
+    conversation.retrain = desk
+    try:
+        deferred, apology = await discord_api.command(bot, "rollback", user=admin, channel=channel)
+        assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
+        assert (apology.content, apology.message["id"]) == (EN["failed"], deferred.message["id"])
+
+        engine = conversation.store.engine
+        run_id = retraining.create_run(engine, requested_by="discord:1", chat_id=str(channel.id), language="en")
+        retraining.update_run(engine, run_id, status="rejected", candidate_version="r1-gone")
+        summary = Reply("summary", buttons=((Button("promote", f"r:{run_id}:p"),),))
+        message = raw_message(channel.id, (await channel.send(**render(summary))).id)
+        await dpytest.empty_queue()
+        deferred, apology = await discord_api.press(bot, message, f"carbot:r:{run_id}:p", user=admin, channel=channel)
+        assert deferred.type == DEFERRED_UPDATE
+        assert (apology.kind, apology.content, apology.ephemeral) == ("followup", EN["failed"], True)
+
+        # A command this version does not have (Discord may still list one from an earlier version).
+        [apology] = await discord_api.command(bot, "obsolete", user=admin, channel=channel)
+        assert (apology.type, apology.content, apology.ephemeral) == (MESSAGE, EN["failed"], True)
+    finally:
+        await desk.aclose()

@@ -50,7 +50,7 @@ from model import ModelRegistry
 from tests import test_discord as discord_tests
 from tests import test_telegram as telegram_tests
 from tests.conftest import TEST_LABELS, add_version, jpeg_bytes, worker_env
-from tests.test_discord import EN, attachment_payload, photo_file, start_bot
+from tests.test_discord import EN, attachment_payload, deferred_answer, photo_file, start_bot
 from tests.test_telegram import ADMIN as TELEGRAM_ADMIN
 from tests.test_telegram import Harness
 from worker import ClassifyClient
@@ -228,7 +228,7 @@ async def test_discord_non_admin_gets_not_admin_for_every_admin_command(discord_
     config = dpytest.get_config()
     alice, channel = config.members[0], config.channels[0]
     for name in ADMIN_COMMANDS:
-        [answer] = await discord_api.command(discord_bot, name, user=alice, channel=channel)
+        answer = deferred_answer(await discord_api.command(discord_bot, name, user=alice, channel=channel))
         assert (answer.content, answer.ephemeral) == (EN["not_admin"], True), name
     # Also hidden from members without the Administrator permission.
     hidden = {command.name for command in discord_bot.tree.get_commands() if command.default_permissions is not None}
