@@ -88,7 +88,7 @@ class Conversation:
         """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error)."""
         lang = language_of(sender)
         try:
-            await self.remember_photo(sender, photo)
+            # The rate limit comes first: a refused photo is stored nowhere, not even for /top3.
             allowed = await self.limiter.allow(sender)
         except (RedisError, OSError):
             # Redis is down or restarting: nothing was submitted. An apology now beats no answer at all.
@@ -122,6 +122,7 @@ class Conversation:
             # The person still gets the answer; without a stored prediction there is nothing to vote on.
             log.warning("answer given without buttons: the prediction could not be recorded")
             prediction_id = None
+        await self.remember_photo(sender, prediction.photo_sha256)
         return self._answer(prediction, prediction_id, lang)
 
     async def top3(self, sender: Sender, message_id: str | None, photo: bytes | None) -> Reply:
@@ -132,12 +133,24 @@ class Conversation:
                 return Reply(text("no_photo_yet", language_of(sender)))
         return await self.photo(sender, message_id, photo)
 
-    async def remember_photo(self, sender: Sender, photo: bytes) -> None:
-        """Keep the chat's last photo for a while, so `/top3` alone can classify it."""
-        await self.redis.set(self._last_photo_key(sender), photo, ex=3600)
+    async def remember_photo(self, sender: Sender, sha256: str) -> None:
+        """Note the chat's last photo for an hour, so `/top3` alone can classify it again.
+
+        By reference: Redis keeps its SHA-256, the bytes stay in the photo store
+        (where they are kept only as long as the retention setting says).
+        """
+        try:
+            await self.redis.set(self._last_photo_key(sender), sha256, ex=3600)
+        except (RedisError, OSError) as exc:
+            log.warning("the chat's last photo was not noted: %s", exc)
 
     async def last_photo(self, sender: Sender) -> bytes | None:
-        return await self.redis.get(self._last_photo_key(sender))
+        """The chat's last photo, if it is still in the photo store."""
+        sha = await self.redis.get(self._last_photo_key(sender))
+        try:
+            return None if sha is None else await asyncio.to_thread(self.store.photos.get, sha.decode())
+        except (ValueError, UnicodeDecodeError):  # not a digest: never used as a path
+            return None
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""

@@ -76,10 +76,10 @@ class FaultConfig:
     workers: int = 2
     ramp_s: float = 10.0  # the load is spread over this long, so the fault lands in the middle of it
     fault_at: float = 0.3  # share of the photos submitted when the fault strikes
-    # A dead worker's batch waits job_timeout_s + 5 s for its heartbeat to lapse; short, as in production advice.
-    job_timeout_s: int = 5
-    maintenance_interval_s: int = 1
-    request_timeout_s: float = 60.0
+    # The settings a user gets unless these are given (None): the table names any that are changed.
+    job_timeout_s: int | None = None
+    maintenance_interval_s: int | None = None
+    request_timeout_s: float | None = None
     redis_down_s: float = 2.0
     db_outage_s: float = 20.0
     store_patience_s: float = 10.0  # the conversation's own default (bots._conversation.STORE_PATIENCE_S)
@@ -590,12 +590,17 @@ def _line(name: str, report: dict[str, Any]) -> str:
     )
 
 
+_SETTINGS = ("job_timeout_s", "maintenance_interval_s", "request_timeout_s")
+
+
 def format_table(results: dict[str, Any]) -> str:
     config = results["config"]
+    changed = [f"{name}={config[name]}" for name in _SETTINGS if config.get(name) is not None]
     lines = [
         "",
         f"carbot faults: {config['users']} users x {config['photos_per_user']} photos per scenario, "
         f"{config['workers']} workers, model {config.get('model', '?')}",
+        f"settings: {', '.join(changed) if changed else 'the defaults that ship'}",
         f"{'scenario':<16}{'submitted':>10}{'answered':>10}{'w/ error':>10}{'lost':>6}  checks",
     ]
     for name, report in results["scenarios"].items():

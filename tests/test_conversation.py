@@ -169,8 +169,17 @@ async def test_replies_in_brazilian_portuguese(conversation):
 
 async def test_top3_alone_uses_the_last_photo_of_the_chat(conversation):
     assert "haven't seen a photo" in (await conversation.top3(ALICE, None, None)).text
-    await conversation.remember_photo(ALICE, jpeg_bytes(6))
+    await conversation.photo(ALICE, "m0", jpeg_bytes(6))
     assert len(labels_in((await conversation.top3(ADMIN, None, None)).text)) == 3
+
+
+async def test_the_chats_last_photo_is_kept_by_reference_not_as_a_second_copy(conversation, redis_url):
+    photo = jpeg_bytes(16)
+    await conversation.photo(ALICE, "m0", photo)
+    connection = redis.Redis.from_url(redis_url)
+    copies = [key for key in connection.keys("*") if connection.type(key) == b"string" and connection.get(key) == photo]
+    assert copies == []  # the job's copy left with the job; the chat keeps only a reference
+    assert await conversation.last_photo(ALICE) == photo  # read back from the photo store
 
 
 async def test_help_admin_commands_and_forget(conversation):

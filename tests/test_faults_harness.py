@@ -26,8 +26,7 @@ SMALL = FaultConfig(
     redis_down_s=1.0,
     db_outage_s=4.0,
     store_patience_s=1.5,  # the person waits 1.5 s on a locked database before hearing "try again"
-    request_timeout_s=25.0,  # a photo stranded by the Redis crash waits at most this long
-)
+)  # A small load, short faults; every setting of the system at its default (30 s deadlines, 5 s heartbeats).
 
 
 @pytest.fixture(scope="module")
