@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
-from ._preprocess import ImageRejected, Preprocessing, load_image
+from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
 from ._registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ __all__ = [
     "build_classifier",
     "load_artefact",
     "load_image",
+    "pixel_count",
     "read_artefact",
     "save_artefact",
 ]

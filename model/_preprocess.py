@@ -108,6 +108,16 @@ def load_image(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> n
     return np.array(resized, dtype=np.uint8)
 
 
+def pixel_count(data: bytes) -> int:
+    """How many pixels the picture in `data` says it has (its header only), 0 when that cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:
+        return 0  # load_image will say what is wrong with it
+    return max(0, width) * max(0, height)
+
+
 def _check_byte_size(data: bytes, preprocessing: Preprocessing) -> None:
     if len(data) == 0:
         raise ImageRejected("empty")

@@ -7,10 +7,11 @@ result dictionary or the exception that photo deserves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from carbot import _metrics as metrics
-from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image
+from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image, pixel_count
 from worker._contract import PhotoRejected
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,42 @@ class ModelSource:
         return predictor
 
 
+class PixelBudget:
+    """How many pixels the decoding threads may hold at once: the batch's decoding memory, bounded.
+
+    A photo may have up to `max_pixels` pixels, and decoding one costs at most a
+    few bytes a pixel (24 in the worst case, a float TIFF; 3 for most JPEGs and
+    PNGs). With the budget equal to `max_pixels`, the decode of a whole batch
+    costs what its single largest allowed photo costs, however many threads
+    decode: four phone photos still decode side by side, four giant ones in turn.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.capacity = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(max(pixels, 0), self.capacity)  # a larger photo is refused by its decoder anyway
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
+
+
 class BatchClassifier:
     """Turns photo bytes into top-k results, one forward pass per batch."""
 
     def __init__(self, source: ModelSource, *, decode_threads: int = 4):
         self.source = source
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        self._budget: PixelBudget | None = None
 
     def classify(self, photos: Sequence[tuple[str, bytes | None]], top_k: Sequence[int]) -> BatchReport:
         """Classify `photos` (each a `(sha256, bytes or None when missing)`), asking `top_k[i]` labels for each.
@@ -156,7 +187,10 @@ class BatchClassifier:
         report.distinct = len(distinct)
 
         started = time.perf_counter()
-        decoded = dict(zip(distinct, self._pool.map(self._decode, distinct.values(), repeat(predictor))))
+        budget = self._budget_for(predictor.preprocessing.max_pixels)
+        decoded = dict(
+            zip(distinct, self._pool.map(self._decode, distinct.values(), repeat(predictor), repeat(budget)))
+        )
         report.decode_ms = (time.perf_counter() - started) * 1000
 
         good = [digest for digest, image in decoded.items() if isinstance(image, np.ndarray)]
@@ -186,12 +220,18 @@ class BatchClassifier:
                 report.outcomes.append(decoded[digest])
         return report
 
+    def _budget_for(self, max_pixels: int) -> PixelBudget:
+        if self._budget is None or self._budget.capacity != max_pixels:
+            self._budget = PixelBudget(max_pixels)
+        return self._budget
+
     @staticmethod
-    def _decode(photo: bytes | None, predictor) -> np.ndarray | Exception:
+    def _decode(photo: bytes | None, predictor, budget: PixelBudget) -> np.ndarray | Exception:
         if photo is None:
             return PhotoRejected("The photo expired before it could be classified; please send it again.")
         try:
-            return load_image(photo, predictor.preprocessing)
+            with budget.hold(pixel_count(photo)):
+                return load_image(photo, predictor.preprocessing)
         except ImageRejected as exc:
             return PhotoRejected(str(exc))
         except Exception:
