@@ -6,14 +6,20 @@ SQLite, and on PostgreSQL when CARBOT_TEST_DATABASE_URL points to one.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
 import sqlalchemy
+from PIL import Image
+from rq import Queue
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from bots import Conversation, Sender, Store
 from carbot.photos import PhotoStore
@@ -159,6 +165,24 @@ async def test_rate_limit_per_person(conversation):
     limited = await conversation.photo(ALICE, "m6", jpeg_bytes(20))
     assert "5 a minute" in limited.text
     assert (await conversation.photo(BRUNO, "m7", jpeg_bytes(21))).buttons  # others are not affected
+
+
+async def test_one_person_flooding_big_photos_stores_only_what_the_rate_limit_lets_through(conversation, redis_url):
+    # A hundred photos of 2 MB at once from one person (20 MB each in the telling: smaller here
+    # only to keep the test fast; what is checked is how many reach Redis, not how big they are).
+    rng = np.random.default_rng(0)
+    photos = []
+    for _ in range(100):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (800, 900, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
+        photos.append(buffer.getvalue())
+    replies = await asyncio.gather(*(conversation.photo(ALICE, f"f{i}", photo) for i, photo in enumerate(photos)))
+    limited = [reply for reply in replies if "5 a minute" in reply.text]
+    assert len(limited) == 95
+    # Only the five let through ever became jobs, so only their bytes were ever stored in Redis.
+    queue = Queue("classify", connection=redis.Redis.from_url(redis_url))
+    assert FinishedJobRegistry(queue=queue).count + FailedJobRegistry(queue=queue).count == 5
+    assert (await conversation.photo(BRUNO, "b1", jpeg_bytes(30))).buttons  # somebody else is answered
 
 
 async def test_replies_in_brazilian_portuguese(conversation):
