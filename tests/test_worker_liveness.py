@@ -257,17 +257,16 @@ async def test_a_hot_swap_during_a_burst_answers_every_photo_once_and_waits_for_
     answered_once(redis_url, [o.job_id for o in before + after + tail])
 
 
-@pytest.mark.parametrize("skew_s", [60, -60])
 async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each_photo_once(
-    skew_s, redis_url, model_registry, tmp_path
+    redis_url, model_registry, tmp_path
 ):
-    """Two workers, one clock a minute off (both ways) and one right; the client's clock is right."""
+    """Two workers, one clock a minute ahead and one a minute behind; the client's clock is right."""
     site = tmp_path / "skewed-clock"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SKEW)
     connection = redis.Redis.from_url(redis_url)
     workers = []
-    for name, skew in (("skewed", skew_s), ("straight", 0)):
+    for name, skew in (("ahead", 60), ("behind", -60)):
         env = worker_env(redis_url, model_registry, tmp_path / "data")
         env.update(PYTHONPATH=str(site), CLOCK_SKEW_S=str(skew))
         workers.append(WorkerProcess(env, tmp_path / f"{name}.log", name))
@@ -283,7 +282,7 @@ async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each
             worker.stop()
     assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
     answered_once(redis_url, [o.job_id for o in outcomes])
-    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} >= {"skewed"}
+    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {"ahead", "behind"}
 
 
 def test_the_worker_survives_a_redis_restart(tmp_path: Path, model_registry: Path) -> None:
