@@ -85,6 +85,11 @@ def planted_env(redis_url: str, registry: Path, tmp_path: Path, markers: Path) -
     return env
 
 
+def queue_served_by(command: str, redis_url: str) -> Queue:
+    name = "classify" if command == "worker" else "train"
+    return Queue(name, connection=redis.Redis.from_url(redis_url), serializer=SERIALIZER)
+
+
 def wait_until_failed(queue: Queue, job_ids: list[str], timeout: float = 60) -> None:
     registry = FailedJobRegistry(queue=queue)
     deadline = time.monotonic() + timeout
@@ -98,8 +103,8 @@ def test_planted_jobs_are_refused_and_nothing_they_name_runs(
     command: str, redis_url: str, model_registry: Path, tmp_path: Path, markers: Path
 ) -> None:
     env = planted_env(redis_url, model_registry, tmp_path, markers)
-    connection = redis.Redis.from_url(redis_url)
-    queue = Queue("classify" if command == "worker" else "train", connection=connection, serializer=SERIALIZER)
+    queue = queue_served_by(command, redis_url)
+    connection = queue.connection
     worker = start(command, env, tmp_path, "guard")
     try:
         jobs = [queue.enqueue_call(**spec) for _, spec in attacks(markers)]
@@ -121,9 +126,9 @@ def test_an_abandoned_job_with_a_callback_is_refused_without_calling_it(
 ) -> None:
     """RQ's cleanup of a dead worker's jobs calls the failure callback a job names: a forged "abandoned" job."""
     env = planted_env(redis_url, model_registry, tmp_path, markers)
-    connection = redis.Redis.from_url(redis_url)
+    queue = queue_served_by(command, redis_url)
+    connection = queue.connection
     func = CLASSIFY_FUNC if command == "worker" else RETRAIN_FUNC
-    queue = Queue("classify" if command == "worker" else "train", connection=connection, serializer=SERIALIZER)
     job = Job.create(func, kwargs={"run_id": 1}, connection=connection, serializer=SERIALIZER, origin=queue.name,
                      on_failure=Callback("planted.on_failure"), status="started")  # fmt: skip
     job.retries_left = 1
