@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench worker clean
+.PHONY: demo test lint bench loadtest faults fuzz worker clean
 
 $(BIN)/carbot: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,18 @@ lint: $(BIN)/carbot
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The measurement tools (bench/, not part of the product): `$(BIN)/python -m bench --help` lists them all.
 bench: $(BIN)/carbot  ## the serving benchmark: ratios measured side by side in one run
-	$(BIN)/carbot bench --json bench-results.json
+	$(BIN)/python -m bench serving --json bench-results.json
+
+loadtest: $(BIN)/carbot  ## many chat users at once through the real conversation, Redis and workers
+	$(BIN)/python -m bench loadtest
+
+faults: $(BIN)/carbot  ## the load test with one part broken on purpose, every setting at its default
+	$(BIN)/python -m bench faults
+
+fuzz: $(BIN)/carbot  ## mutated pictures through the photo decoder
+	$(BIN)/python -m bench fuzz
 
 worker: $(BIN)/carbot
 	$(BIN)/carbot worker

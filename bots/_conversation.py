@@ -49,7 +49,7 @@ HINT_KINDS = ("sticker", "video", "voice", "animation", "document", "text", "oth
 # so pressing again after "try again" is always safe.
 STORE_PATIENCE_S = 10.0
 # Redis connections one bot process opens at most; a burst of chats beyond it waits its turn. redis-py's own
-# asyncio pool stops at 100 and raises "Too many connections" past that (`carbot loadtest`, 500 people at once).
+# asyncio pool stops at 100 and raises "Too many connections" past that (the load test, 500 people at once).
 REDIS_CONNECTIONS = 64
 
 

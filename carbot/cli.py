@@ -347,33 +347,6 @@ def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_f
                    f"(report: {artefact.path / 'report.md'})")  # fmt: skip
 
 
-@main.command("bench-training")
-@click.option("--photos", type=int, default=600, show_default=True, help="640x480 JPEGs to read per pipeline.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Save results here.")
-def bench_training(photos: int, json_path: Path | None) -> None:
-    """The training input pipeline against Keras' ImageDataGenerator, and training-step throughput, side by side."""
-    from training._input_bench import format_table, run_input_benchmark
-
-    results = run_input_benchmark(photos=photos)
-    click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-
-
-@main.command("bench-store")
-@click.option("--senders", type=click.IntRange(2), default=200, show_default=True, help="People at once.")
-@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Bursts per set-up.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Save results here.")
-def bench_store(senders: int, rounds: int, json_path: Path | None) -> None:
-    """The bots' SQLite store under a burst: write-ahead log against rollback journal, side by side."""
-    from bots._store_bench import format_table, run_store_benchmark
-
-    results = run_store_benchmark(senders=senders, rounds=rounds)
-    click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-
-
 @main.command("purge-photos")
 def purge_photos() -> None:
     """Delete stored photos older than the retention setting (the bots also do this when they start)."""
@@ -384,93 +357,6 @@ def purge_photos() -> None:
     settings = get_settings()
     deleted = asyncio.run(Store.from_settings(settings).purge_photos())
     click.echo(f"deleted {deleted} photos older than {settings.photo_retention_days} days")
-
-
-@main.command()
-@click.option("--photos", type=int, default=192, show_default=True, help="Photos per measured method.")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--backbone", default="resnet50", show_default=True)
-@click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
-)
-def bench(photos: int, image_size: int, backbone: str, json_path: Path | None) -> None:
-    """Measure this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side."""
-    from carbot._bench import run_benchmark
-
-    results = run_benchmark(get_settings(), photos=photos, image_size=image_size, backbone=backbone)
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
-
-
-@main.command()
-@click.option("--users", type=click.IntRange(1), default=500, show_default=True, help="Chat users at once.")
-@click.option("--photos-per-user", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="`carbot worker` processes.")
-@click.option("--queue-limit", type=click.IntRange(1), help="Queued photos beyond which people hear busy.")
-@click.option("--timeout-s", type=float, help="A request's deadline (default: setting).")
-@click.option("--ramp-s", type=float, default=2.0, show_default=True, help="Users arrive spread over this long.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--database-url", help="Record answers here (a scratch database) instead of a fresh SQLite file.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
-def loadtest(users: int, photos_per_user: int, workers: int, queue_limit: int | None, timeout_s: float | None,
-             ramp_s: float, seed: int, database_url: str | None, json_path: Path | None) -> None:  # fmt: skip
-    """Many chat users at once through the conversation, a private Redis and worker processes.
-
-    Prints throughput, latency percentiles, batch sizes, busy replies, errors and lost photos.
-    """
-    from carbot._loadtest import LoadConfig, run_loadtest, save_json
-
-    config = LoadConfig(users=users, photos_per_user=photos_per_user, workers=workers, queue_limit=queue_limit,
-                        request_timeout_s=timeout_s, ramp_s=ramp_s, seed=seed)  # fmt: skip
-    results = run_loadtest(_settings(), config, database_url=database_url)
-    if json_path:
-        save_json(results, json_path)
-        click.echo(f"saved {json_path}")
-    if results["lost"]:
-        sys.exit(1)
-
-
-@main.command()
-@click.option("--scenario", "scenarios", multiple=True, help="worker-sigkill, redis-restart, db-outage, disk-full, "
-              "corrupt-model (repeatable; default: all).")  # fmt: skip
-@click.option("--users", type=click.IntRange(1), default=100, show_default=True, help="Chat users per scenario.")
-@click.option("--photos-per-user", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--db-outage-s", type=float, default=20.0, show_default=True, help="How long the database is locked.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
-def faults(scenarios: tuple[str, ...], users: int, photos_per_user: int, db_outage_s: float,
-           json_path: Path | None) -> None:  # fmt: skip
-    """The load test with one part broken on purpose; each scenario reports submitted/answered/errors/lost."""
-    from carbot._faults import SCENARIOS, FaultConfig, run_faults, save_json
-
-    unknown = set(scenarios) - set(SCENARIOS)
-    if unknown:
-        raise click.BadParameter(f"unknown {sorted(unknown)}; known: {', '.join(SCENARIOS)}", param_hint="--scenario")
-    config = FaultConfig(users=users, photos_per_user=photos_per_user, db_outage_s=db_outage_s)
-    results = run_faults(_settings(), scenarios or SCENARIOS, config)
-    if json_path:
-        save_json(results, json_path)
-        click.echo(f"saved {json_path}")
-    reports = results["scenarios"].values()
-    if any(not all(report["checks"].values()) for report in reports if "checks" in report):
-        sys.exit(1)
-
-
-@main.command()
-@click.option("--seconds", type=float, default=300, show_default=True, help="How long to fuzz.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Save failing inputs here.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
-def fuzz(seconds: float, seed: int, save_dir: Path | None, json_path: Path | None) -> None:
-    """Feed mutated pictures to the photo decoder: no crash, no hang, bounded memory per photo."""
-    from carbot._fuzz import run_fuzz
-
-    results = run_fuzz(seconds, seed=seed, save_dir=save_dir)
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
-    if results["failures"]:
-        sys.exit(1)
 
 
 @main.command()

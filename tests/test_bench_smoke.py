@@ -1,11 +1,11 @@
-"""`carbot bench` end to end at a tiny size: a tiny backbone at 32 px, a handful of photos, real workers."""
+"""`python -m bench serving` end to end at a tiny size: a tiny backbone at 32 px, a handful of photos, real workers."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from carbot._bench import run_benchmark
+from bench.serving import run_benchmark
 from carbot.settings import Settings
 
 

@@ -8,6 +8,7 @@ class, pyproject's dependencies. So none of them can drift from the code unnotic
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -273,3 +274,15 @@ def test_build_context_leaves_secrets_and_local_state_out() -> None:
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"  # an allow-list: a new file (a .env, a database, a dataset) stays out unless named
     assert not any(".env" in line or "data" in line for line in lines[1:])
+
+
+def test_the_measurement_tools_are_not_shipped() -> None:
+    """bench/ drives the product from outside: it is in neither the wheel nor the images."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert not any(fnmatch.fnmatch("bench", pattern) for pattern in packages["include"])
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert "*" in dockerignore and not any(line.lstrip("!").startswith("bench") for line in dockerignore)
+    shipped = [ROOT / name for name in ("carbot", "bots", "worker", "model", "training")]
+    importers = [path for folder in shipped for path in folder.rglob("*.py") if "import bench" in path.read_text()
+                 or "from bench" in path.read_text()]  # fmt: skip
+    assert importers == []

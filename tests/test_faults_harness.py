@@ -1,4 +1,4 @@
-"""`carbot faults` on a small load: each real fault, and what the people in the chat got.
+"""`python -m bench faults` on a small load: each real fault, and what the people in the chat got.
 
 One rig (a persistent private Redis, two supervised `carbot worker` processes, the
 tiny test model) runs every scenario in turn; each scenario drives chat users
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from carbot._faults import SCENARIOS, FaultConfig, run_faults
+from bench.faults import SCENARIOS, FaultConfig, run_faults
 from carbot.settings import Settings
 
 SMALL = FaultConfig(
@@ -101,9 +101,9 @@ async def test_a_vote_while_the_database_is_locked_gets_try_again_and_is_recorde
 
     import redis.asyncio as aioredis
 
+    from bench.faults import _hold_exclusive_lock
     from bots import Conversation, Sender, Store
     from bots._texts import text
-    from carbot._faults import _hold_exclusive_lock
     from carbot.photos import PhotoStore
     from worker import ClassifyClient
 

@@ -2,12 +2,12 @@
 
 Each example is a valid seed picture (every accepted format, with EXIF rotation,
 alpha, palettes, 16-bit and float samples, animation) with a few mutations that
-Hypothesis chooses and shrinks. `carbot._fuzz.check` holds the promises: the
+Hypothesis chooses and shrinks. `bench.fuzz.check` holds the promises: the
 result is a `(32, 32, 3)` uint8 array or an `ImageRejected`, the call ends in time,
 and the address space may not grow past a bound derived from the pixel limit
 (RLIMIT_AS makes a runaway allocation fail at once). The pixel limit is lowered
 to 4 megapixels so the bound is tight (192 MB); serving's 50 megapixels are what
-`carbot fuzz --seconds N` runs with, for as long as one likes.
+`python -m bench fuzz --seconds N` runs with, for as long as one likes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import carbot._fuzz as fuzz
-from carbot._fuzz import OPS, FuzzFailure, check, memory_bound, mutate, seed_pictures, watchdog
+import bench.fuzz as fuzz
+from bench.fuzz import OPS, FuzzFailure, check, memory_bound, mutate, seed_pictures, watchdog
 from model import Preprocessing
 
 PREPROCESSING = Preprocessing(image_size=32, max_pixels=4_000_000)

@@ -1,4 +1,4 @@
-"""`carbot loadtest` on small runs: its invariants, not its figures.
+"""`python -m bench loadtest` on small runs: its invariants, not its figures.
 
 The harness drives the real conversation (rate limit, ClassifyClient, SQL store),
 a private redis-server and real `carbot worker` processes with the tiny test
@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from carbot import cli
-from carbot._loadtest import BAD_KINDS, LoadConfig, Rig, drive, make_photo_plan, summarize
+from bench import __main__ as cli
+from bench.loadtest import BAD_KINDS, LoadConfig, Rig, drive, make_photo_plan, summarize
 from carbot.settings import Settings, get_settings
 
 

@@ -1,4 +1,4 @@
-"""`carbot bench-store` in miniature: both set-ups run, record everything, and the table says so."""
+"""`python -m bench store` in miniature: both set-ups run, record everything, and the table says so."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 from click.testing import CliRunner
 
-from carbot.cli import main
+from bench.__main__ import main
 
 
 def test_bench_store_compares_both_journals_and_records_every_answer(tmp_path):
     saved = tmp_path / "store.json"
-    result = CliRunner().invoke(main, ["bench-store", "--senders", "12", "--rounds", "1", "--json", str(saved)])
+    result = CliRunner().invoke(main, ["store", "--senders", "12", "--rounds", "1", "--json", str(saved)])
 
     assert result.exit_code == 0, result.output
     assert "| journal |" in result.output and "| wal |" in result.output

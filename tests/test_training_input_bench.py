@@ -1,11 +1,11 @@
-"""`training._input_bench` at a tiny size: both pipelines, plain and augmented, cached epochs, one training backbone."""
+"""`bench.training_input` at a tiny size: both pipelines, plain and augmented, cached epochs, one training backbone."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from training._input_bench import format_table, run_input_benchmark
+from bench.training_input import format_table, run_input_benchmark
 
 
 def _positive(value: float) -> bool:

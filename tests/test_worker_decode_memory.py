@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from carbot._fuzz import memory_bound
+from bench.fuzz import memory_bound
 from model import Preprocessing
 
 MEASURE = """

@@ -16,7 +16,7 @@ to `load_image`. Each call must:
   it reached (Linux's VmHWM, reset before each call) is reported.
 
 `tests/test_fuzz.py` drives `check` with Hypothesis for a bounded number of
-examples; `carbot fuzz --seconds N` drives it with random mutations for as long as
+examples; `python -m bench fuzz --seconds N` drives it with random mutations for as long as
 asked and saves any failing input.
 """
 
@@ -238,7 +238,7 @@ def run_fuzz(
 def format_report(results: dict[str, Any]) -> str:
     outcomes = ", ".join(f"{name} {count}" for name, count in results["outcomes"].items())
     return (
-        f"carbot fuzz: {results['inputs']} mutated pictures in {results['seconds']:g} s "
+        f"python -m bench fuzz: {results['inputs']} mutated pictures in {results['seconds']:g} s "
         f"({results['inputs_per_s']}/s): {outcomes}\n"
         f"slowest call {results['slowest_call_ms']} ms; largest resident peak per call "
         f"{results['largest_peak_rss_growth_mb']} MB (bound {results['memory_bound_mb']} MB for "

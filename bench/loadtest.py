@@ -1,4 +1,4 @@
-"""`carbot loadtest`: many chat users at once, through the real conversation, Redis and worker processes.
+"""`python -m bench loadtest`: many chat users at once, through the real conversation, Redis and worker processes.
 
 What a bot process does for each photo is what this harness does: it calls
 `Conversation.photo` (rate limit, submit through `ClassifyClient`, await the
@@ -26,7 +26,7 @@ of sizes and formats (JPEG, PNG), some are exact duplicates of other users'
 photos, and some are bad files (a truncated JPEG, a text file, random bytes).
 
 `Rig` (Redis + supervised workers + a copy of the model) and `drive` are also
-what `carbot faults` (`carbot._faults`) builds its scenarios on: a scenario is a
+what `python -m bench faults` (`bench.faults`) builds its scenarios on: a scenario is a
 drive with a fault injected while it runs.
 """
 
@@ -54,7 +54,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from carbot._bench import _batch_log, _jpeg, _peak_rss_mb, _scene, _worker_env
+from bench.serving import _batch_log, _jpeg, _peak_rss_mb, _scene, _worker_env
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
 
@@ -871,7 +871,7 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(
         [
             "",
-            f"carbot loadtest: {config['users']} users x {config['photos_per_user']} photos, "
+            f"python -m bench loadtest: {config['users']} users x {config['photos_per_user']} photos, "
             f"{config['workers']} workers, "
             f"queue limit {config['queue_limit']}, model {config['model']}, {config['cpus']} CPUs",
             f"submitted {results['submitted']}  answered {results['answered']}  "

@@ -1,6 +1,6 @@
-"""`carbot faults`: the load test with one thing broken on purpose, and what the people in the chat got.
+"""`python -m bench faults`: the load test with one thing broken on purpose, and what the people in the chat got.
 
-Each scenario drives chat users through the real conversation (`carbot._loadtest`)
+Each scenario drives chat users through the real conversation (`bench.loadtest`)
 and, part-way through, breaks one real part:
 
 - `worker-sigkill`: a worker holding a batch is SIGKILLed (its process manager, played
@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 
-from carbot._loadtest import (
+from bench.loadtest import (
     ANSWERED,
     UNRECORDED,
     LoadConfig,
@@ -598,7 +598,7 @@ def format_table(results: dict[str, Any]) -> str:
     changed = [f"{name}={config[name]}" for name in _SETTINGS if config.get(name) is not None]
     lines = [
         "",
-        f"carbot faults: {config['users']} users x {config['photos_per_user']} photos per scenario, "
+        f"python -m bench faults: {config['users']} users x {config['photos_per_user']} photos per scenario, "
         f"{config['workers']} workers, model {config.get('model', '?')}",
         f"settings: {', '.join(changed) if changed else 'the defaults that ship'}",
         f"{'scenario':<16}{'submitted':>10}{'answered':>10}{'w/ error':>10}{'lost':>6}  checks",

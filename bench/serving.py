@@ -1,4 +1,4 @@
-"""`carbot bench`: this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side.
+"""`python -m bench serving`: this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side.
 
 One run builds one model (ResNet50 at 224 px by default, random weights: the
 weights change nothing about speed), saves it as an artefact in a throw-away
@@ -719,7 +719,7 @@ def format_table(results: dict[str, Any]) -> str:
     latency, shares = d["latency_ms"], results["shares"]
     lines = [
         "",
-        f"carbot bench: {config['backbone']} at {config['image_size']} px, random weights, "
+        f"python -m bench serving: {config['backbone']} at {config['image_size']} px, random weights, "
         f"{config['photos']} photos ({config['photo_mix']}), JPEG quality {JPEG_QUALITY}",
         f"machine: {machine['cpu_count']} CPUs, {machine['platform']}, Python {machine['python']}, "
         f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, {machine['date']}",

@@ -1,6 +1,6 @@
 """The bot's store under a burst: SQLite's write-ahead log against its rollback journal, side by side.
 
-`carbot bench-store` has N people send a photo and press 👍 on the answer, all at
+`python -m bench store` has N people send a photo and press 👍 on the answer, all at
 once, through `Store` as the conversation calls it (the SQL row and the photo
 file, the reply's message id; then the answer looked up and the vote written),
 on a fresh SQLite file per run, with two set-ups:
