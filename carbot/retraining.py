@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from carbot.db import RetrainRun, utcnow
-from worker import SERIALIZER
+from carbot.jobs import SERIALIZER
 
 log = logging.getLogger(__name__)
 
