@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 
+from carbot.connections import redis_connection
 from carbot.settings import Settings
 
 # Unix socket paths are limited to about 107 bytes; beyond that the socket goes to /tmp.
@@ -62,7 +63,7 @@ def _socket_path(run_dir: Path) -> Path:
 
 def _answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        return bool(redis_connection(url, timeout_s=0.5).ping())
     except (redis.RedisError, OSError):
         return False
 
