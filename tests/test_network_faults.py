@@ -1,0 +1,184 @@
+"""A network that dies silently: nobody waits forever, and everything works again once it is back.
+
+Redis is reached through `BlackholeProxy` (tests/netproxy.py), which can stop forwarding
+without closing a connection, the way a pulled cable or a frozen host looks to a client:
+no error, no reply, nothing. Only the clients' own timeouts (carbot.connections) notice.
+Everything runs at the default settings a user gets, except the tests' worker maintenance
+interval of 1 s (tests/conftest.py's `worker_env`, to find abandoned jobs quickly), which
+also makes the worker's connection timeout 1 + 10 s instead of 5 + 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from bots import Conversation, Sender, Store
+from bots._conversation import connect_redis
+from bots._texts import text
+from carbot.connections import SOCKET_TIMEOUT_S
+from carbot.photos import PhotoStore
+from carbot.settings import Settings
+from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
+from tests.netproxy import BlackholeProxy
+from worker import SERIALIZER, ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout, Prediction
+
+ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
+BRUNO = Sender(platform="telegram", user_id="2", chat_id="200", language_code="pt-BR")
+# A reply that hangs is caught this long past the request's deadline (the promise is: by the deadline).
+HANG_MARGIN_S = 20
+
+
+def labels_in(reply_text: str) -> list[str]:
+    return [label for label in TEST_LABELS if label in reply_text]
+
+
+@pytest.fixture
+def proxy(redis_server, redis_url):
+    with BlackholeProxy(str(redis_server.socket)) as running:
+        yield running
+
+
+def start_worker_at(url: str, model_registry, tmp_path, name: str, *, direct_url: str) -> WorkerProcess:
+    worker = WorkerProcess(worker_env(url, model_registry, tmp_path / "data"), tmp_path / f"{name}.log", name)
+    worker.wait_until_listening(redis.Redis.from_url(direct_url))
+    return worker
+
+
+async def test_a_person_hears_back_by_the_deadline_when_redis_goes_silent_and_is_answered_after(
+    proxy, redis_url, model_registry, tmp_path
+):
+    """The bot's side (conversation, classify client, result listener) behind a silent network, default settings."""
+    settings = Settings(model_registry=model_registry, data_dir=tmp_path)
+    deadline_s = settings.request_timeout_s
+    store = Store(f"sqlite:///{tmp_path / 'carbot.db'}", PhotoStore(tmp_path / "photos", 90))
+    store.migrate()
+    connection = connect_redis(proxy.url)
+    queue = Queue(settings.classify_queue, connection=redis.Redis.from_url(redis_url), serializer=SERIALIZER)
+    loop = asyncio.get_running_loop()
+    first = await loop.run_in_executor(None, start_worker_at, redis_url, model_registry, tmp_path, "w1",
+                                       **{"direct_url": redis_url})  # fmt: skip
+    try:
+        async with ClassifyClient.from_settings(settings, proxy.url) as client:
+            conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings)
+            before = await conversation.photo(ALICE, "m1", jpeg_bytes(1))
+            assert len(labels_in(before.text)) == 3
+
+            # A photo is queued and its answer awaited; then the network goes silent and a worker answers it.
+            await loop.run_in_executor(None, first.stop)
+            waiting_started = time.monotonic()
+            waiting = asyncio.ensure_future(conversation.photo(ALICE, "m2", jpeg_bytes(2)))
+            while queue.count == 0:
+                await asyncio.sleep(0.01)
+            proxy.blackhole()
+            # Another person sends a photo while the network is silent.
+            silent_started = time.monotonic()
+            during = asyncio.ensure_future(conversation.photo(BRUNO, "m3", jpeg_bytes(3)))
+            second = await loop.run_in_executor(None, start_worker_at, redis_url, model_registry, tmp_path, "w2",
+                                                **{"direct_url": redis_url})  # fmt: skip
+            try:
+                reply_during = await asyncio.wait_for(during, deadline_s + HANG_MARGIN_S)
+                during_s = time.monotonic() - silent_started
+                reply_waiting = await asyncio.wait_for(waiting, deadline_s + HANG_MARGIN_S)
+                waiting_s = time.monotonic() - waiting_started
+                # Its answer was computed, but could not reach the bot: the person is told, in time.
+                assert queue.count == 0
+                assert reply_waiting.text in (text("timeout", "en"), text("failed", "en")), reply_waiting.text
+                assert reply_during.text in (text("timeout", "pt-BR"), text("failed", "pt-BR")), reply_during.text
+                assert not reply_waiting.buttons and not reply_during.buttons
+
+                proxy.restore()
+                restored = time.monotonic()
+                after = await conversation.photo(ALICE, "m4", jpeg_bytes(4))
+                after_s = time.monotonic() - restored
+                assert len(labels_in(after.text)) == 3, after.text
+                again = await conversation.photo(BRUNO, "m5", jpeg_bytes(5))
+                assert len(labels_in(again.text)) == 3, again.text
+            finally:
+                await loop.run_in_executor(None, second.stop)
+    finally:
+        await connection.aclose()
+        await store.close()
+    print(f"\nsilent network: a photo sent during it answered '{reply_during.text}' after {during_s:.1f} s; "
+          f"one awaiting its answer '{reply_waiting.text}' after {waiting_s:.1f} s (deadline {deadline_s:g} s); "
+          f"first photo after the network came back answered in {after_s:.1f} s")  # fmt: skip
+
+
+async def test_the_result_listener_recovers_after_its_connection_went_silent(proxy, redis_url, model_registry,
+                                                                             tmp_path):  # fmt: skip
+    """The client alone: a waiter whose listener can read nothing gets ClassifyTimeout, later photos are answered."""
+    worker = start_worker_at(redis_url, model_registry, tmp_path, "w1", direct_url=redis_url)
+    try:
+        async with ClassifyClient(proxy.url) as client:  # default deadline (30 s)
+            assert isinstance(await client.classify(jpeg_bytes(1)), Prediction)
+            accepted = proxy.accepted
+            proxy.blackhole()
+            outcome = await asyncio.wait_for(
+                asyncio.gather(client.classify(jpeg_bytes(2)), return_exceptions=True), client.timeout_s + HANG_MARGIN_S
+            )
+            assert isinstance(outcome[0], ClassifyFailed | ClassifyTimeout), outcome
+            assert "try again" in str(outcome[0])
+            proxy.restore()
+            answers = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(3, 13)))
+            assert all(isinstance(answer, Prediction) for answer in answers)
+            assert proxy.accepted > accepted  # the connections that timed out were replaced by new ones
+    finally:
+        worker.stop()
+
+
+def noisy_photo(seed: int) -> bytes:
+    """A noisy phone-size JPEG: a batch of them takes long enough to cut the network in the middle of it."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_once_redis_is_back(
+    proxy, redis_url, model_registry, tmp_path
+):
+    """RQ's loop ends when Redis fails outside its idle dequeue; the worker process starts it again, model loaded."""
+    loop = asyncio.get_running_loop()
+    worker = await loop.run_in_executor(None, start_worker_at, proxy.url, model_registry, tmp_path, "cut",
+                                        **{"direct_url": redis_url})  # fmt: skip
+    direct = redis.Redis.from_url(redis_url)
+    started_jobs = StartedJobRegistry(queue=Queue("classify", connection=direct, serializer=SERIALIZER))
+    photos = [noisy_photo(seed) for seed in range(40)]
+    try:
+        async with ClassifyClient(redis_url) as client:  # the bot's side is not cut off; default deadline
+            burst = asyncio.gather(*(client.classify(photo) for photo in photos), return_exceptions=True)
+            while not started_jobs.get_job_ids():  # a batch is in the worker's hands
+                await asyncio.sleep(0.001)
+            proxy.blackhole()
+            silent_since = time.monotonic()
+            # RQ's loop gives up on the silent connection (its socket timeout) and ends.
+            while "quitting" not in worker.log() and worker.process.poll() is None:
+                assert time.monotonic() - silent_since < 120, worker.log()
+                await asyncio.sleep(0.2)
+            proxy.restore()
+            restored = time.monotonic()
+            outcomes = await asyncio.wait_for(burst, client.timeout_s + HANG_MARGIN_S)
+            # Every photo of the burst ends: answered, or a clear error (its answer came too late).
+            assert all(isinstance(o, Prediction | ClassifyError) for o in outcomes), outcomes
+            fresh = await client.classify(jpeg_bytes(99))
+            back_s = time.monotonic() - restored
+            assert isinstance(fresh, Prediction)
+            assert fresh.timings["batch_size"] >= 1
+    finally:
+        alive = worker.process.poll() is None
+        worker.stop()
+    assert alive, worker.log()
+    log = worker.log()
+    assert "starting it again once Redis answers" in log and "Redis answers again" in log
+    answered = sum(isinstance(o, Prediction) for o in outcomes)
+    print(f"\nworker cut off mid-batch for {restored - silent_since:.1f} s: {answered} of {len(photos)} photos "
+          f"answered, the rest told to try again; a new photo answered {back_s:.1f} s after the network was back "
+          f"(socket timeout {SOCKET_TIMEOUT_S:g} s + the blocking dequeue)")  # fmt: skip
