@@ -81,18 +81,37 @@ class PrivateRedis:
     Nothing is persisted unless `persistent`: then every write goes to an append-only file in
     `run_dir`, fsynced before Redis answers (`appendfsync always`), so a server stopped or killed
     and started again on the same folder still holds every queued job and photo it acknowledged.
+    `supervised`: a server that dies is started again on the same socket (`SupervisedProcess`);
+    what it held in memory is gone, and the clients reconnect.
     """
 
-    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False,
+                 supervised: bool = False) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.persistent = persistent
         self.socket = _socket_path(run_dir)
         self.url = f"unix://{self.socket}"
         self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._supervisor: SupervisedProcess | None = None
+        self._supervised = supervised
 
     def start(self) -> PrivateRedis:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._supervised:
+            self._supervisor = SupervisedProcess("redis-server", self._spawn).start()
+            self._process = self._supervisor.process
+        else:
+            self._process = self._spawn()
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not _answers(self.url):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RedisUnavailable(f"redis-server did not start; see {self.run_dir / 'redis.log'}")
+            time.sleep(0.02)
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.socket.unlink(missing_ok=True)
         command = [
             find_redis_server(),
@@ -105,17 +124,15 @@ class PrivateRedis:
             "--dir", str(self.run_dir),
             "--logfile", str(self.run_dir / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + self._startup_timeout_s
-        while not _answers(self.url):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RedisUnavailable(f"redis-server did not start; see {self.run_dir / 'redis.log'}")
-            time.sleep(0.02)
-        return self
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, *, crash: bool = False) -> None:
         """Stop the server (SIGTERM); `crash` kills it with SIGKILL instead, as a power cut would."""
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout_s=5, kill=crash)
+            self._supervisor = self._process = None
+            self.socket.unlink(missing_ok=True)
+            return
         if self._process is None:
             return
         if crash:
@@ -145,7 +162,8 @@ def redis_url(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    private = PrivateRedis(settings.data_dir.resolve() / "run")
+    # Supervised: the chat and its workers outlive a crash of the server (what it held in memory is lost).
+    private = PrivateRedis(settings.data_dir.resolve() / "run", supervised=True)
     if _answers(private.url):
         yield private.url
         return
@@ -220,7 +238,7 @@ class SupervisedProcess:
             lived = time.monotonic() - self._started_at
             if lived >= self._healthy_after_s:
                 backoff = self._first_backoff_s
-            log.warning("%s (pid %d) exited with status %s after %.0f s; starting it again in %.0f s",
+            log.warning("%s (pid %d) exited with status %s after %.0f s; starting it again in %.1f s",
                         self.name, process.pid, status, lived, backoff)  # fmt: skip
             if self._stopping.wait(backoff):
                 return
@@ -238,15 +256,18 @@ class SupervisedProcess:
             log.warning("%s started again (pid %d, restart %d)", self.name, self.process.pid, self.restarts)
             backoff = min(backoff * 2, self._max_backoff_s)
 
-    def stop(self, *, timeout_s: float = 30.0) -> None:
-        """SIGTERM the child (a worker's warm shutdown: it finishes what it holds), SIGKILL it after `timeout_s`."""
+    def stop(self, *, timeout_s: float = 30.0, kill: bool = False) -> None:
+        """SIGTERM the child (a worker's warm shutdown: it finishes what it holds), SIGKILL it after `timeout_s`.
+
+        `kill`: SIGKILL at once.
+        """
         with self._lock:
             self._stopping.set()
             process = self._process
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
