@@ -22,6 +22,7 @@ import redis
 from PIL import Image
 from rq import Queue
 from rq.registry import StartedJobRegistry
+from rq.results import Result
 
 from bots import Conversation, Sender, Store
 from bots._conversation import connect_redis
@@ -188,3 +189,33 @@ async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_on
     answered = sum(isinstance(o, Prediction) for o in outcomes)
     print(f"\nworker cut off mid-batch for {silent_s:.1f} s: {answered} of {len(photos)} photos answered, "
           f"the rest told to try again; a photo sent as the network came back answered in {back_s:.1f} s")  # fmt: skip
+
+
+async def test_an_unreadable_answer_fails_only_its_own_photo_and_the_listener_keeps_serving(
+    redis_url, model_registry, tmp_path
+):
+    """A result stream holding what RQ never writes: that photo hears ClassifyFailed, the others get answers."""
+    queue = Queue("classify", connection=redis.Redis.from_url(redis_url), serializer=SERIALIZER)
+    async with ClassifyClient(redis_url) as client:  # default deadline
+        spoiled = asyncio.ensure_future(client.classify(jpeg_bytes(1)))
+        while queue.count == 0:
+            await asyncio.sleep(0.01)
+        [spoiled_id] = queue.job_ids
+        # Answered by a worker started only later (10-20 s here): a longer deadline so a busy machine can't fail it.
+        healthy = asyncio.ensure_future(client.classify(jpeg_bytes(2), timeout_s=120))
+        while queue.count < 2:
+            await asyncio.sleep(0.01)
+        queue.connection.xadd(Result.get_key(spoiled_id), {"garbage": "1"})
+        # Before the code that answers it this way, the listener died and the photo waited for its deadline.
+        [outcome] = await asyncio.wait_for(
+            asyncio.gather(spoiled, return_exceptions=True), client.timeout_s + HANG_MARGIN_S
+        )
+        worker = await asyncio.get_running_loop().run_in_executor(
+            None, start_worker_at, redis_url, redis_url, model_registry, tmp_path, "w1"
+        )
+        try:
+            answers = await asyncio.gather(healthy, client.classify(jpeg_bytes(3)), return_exceptions=True)
+        finally:
+            worker.stop()
+    assert isinstance(outcome, ClassifyFailed) and "try again" in str(outcome), outcome
+    assert all(isinstance(answer, Prediction) for answer in answers), answers

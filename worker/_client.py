@@ -292,7 +292,17 @@ class _ResultListener:
             return
         for entry_id, payload in entries:
             pending.last_id = entry_id.decode()
-            result = Result.restore(pending.job_id, pending.last_id, payload, connection=None, serializer=SERIALIZER)
+            try:
+                result = Result.restore(pending.job_id, pending.last_id, payload, connection=None,
+                                        serializer=SERIALIZER)  # fmt: skip
+            except Exception as exc:  # not what RQ writes: this photo's answer is lost, nobody else's
+                log.warning("unreadable result for job %s: %r", pending.job_id, exc)
+                del self._pending[key]
+                if not pending.future.done():
+                    failed = ClassifyFailed("The answer could not be read; please try again.")
+                    failed.__cause__ = exc
+                    pending.future.set_exception(failed)
+                return
             # RETRIED means another attempt is coming: keep waiting for it.
             if result.type != Result.Type.RETRIED:
                 del self._pending[key]
