@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -27,6 +29,7 @@ from rq.results import Result
 from bots import Conversation, Sender, Store
 from bots._conversation import connect_redis
 from bots._texts import language_of, text
+from carbot.connections import SOCKET_TIMEOUT_S, redis_connection
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
@@ -219,3 +222,29 @@ async def test_an_unreadable_answer_fails_only_its_own_photo_and_the_listener_ke
             worker.stop()
     assert isinstance(outcome, ClassifyFailed) and "try again" in str(outcome), outcome
     assert all(isinstance(answer, Prediction) for answer in answers), answers
+
+
+def test_every_redis_client_comes_from_the_one_factory():
+    """Only `carbot.connections` builds Redis clients, so none is left without timeouts, keepalive or health checks.
+
+    The one exception is the benchmark's plain-RQ baseline (c), a worker as RQ's own users write it.
+    """
+    root = Path(__file__).parent.parent
+    builders = re.compile(r"Redis\.from_url\(|\bRedis\(|from_pool\(|ConnectionPool\.from_url\(|StrictRedis")
+    offenders = []
+    for package in ("bots", "carbot", "worker", "training", "model"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "connections.py" and path.parent.name == "carbot":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if builders.search(line) and "SimpleWorker([queue], connection=redis.Redis.from_url(url)" not in line:
+                    offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    # What the factory gives: a socket timeout past the longest block, keepalive on TCP, health checks.
+    for url in ("redis://127.0.0.1:6379/0", "unix:///tmp/redis.sock"):
+        for asyncio_client in (False, True):
+            client = redis_connection(url, asyncio=asyncio_client, blocking_s=5)
+            options = client.connection_pool.connection_kwargs
+            assert options["socket_timeout"] == 5 + SOCKET_TIMEOUT_S
+            assert options["health_check_interval"] > 0
+            assert options.get("socket_keepalive", False) is url.startswith("redis:")
