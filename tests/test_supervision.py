@@ -44,9 +44,17 @@ def registered_pids(connection, queue_name: str) -> set[int]:
     return {worker.pid for worker in Worker.all(queue=Queue(queue_name, connection=connection, serializer=SERIALIZER))}
 
 
-def redis_servers() -> list[psutil.Process]:
-    """This test's private redis-server (a child of this process)."""
-    return [p for p in psutil.Process().children() if "redis-server" in p.name()]
+def redis_servers(settings: Settings) -> list[psutil.Process]:
+    """The embedded redis-server of `settings`' data folder (a child of this process, on its socket)."""
+    socket = str(services.PrivateRedis(settings.data_dir.resolve() / "run").socket)
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "redis-server" in child.name() and socket in " ".join(child.cmdline()):  # its title names it
+                found.append(child)
+        except psutil.NoSuchProcess:  # reaped meanwhile
+            continue
+    return found
 
 
 def answers(url: str) -> bool:
@@ -95,9 +103,10 @@ def test_a_killed_worker_child_is_restarted_and_the_next_photo_answered(embedded
                    what="the new train worker registered")  # fmt: skip
 
         # The private redis-server itself: killed, started again on the same socket; the workers reconnect.
-        [server] = redis_servers()
+        [server] = redis_servers(settings)
         server.kill()
-        wait_until(lambda: [p.pid for p in redis_servers()] not in ([], [server.pid]), what="redis-server restarted")
+        wait_until(lambda: [p.pid for p in redis_servers(settings)] not in ([], [server.pid]),
+                   what="redis-server restarted")  # fmt: skip
         wait_until(lambda: answers(url), what="the new redis-server answers")
         [outcome] = classify_files_sync(lambda: ClassifyClient.from_settings(settings, url), [jpeg_bytes(2)])
         assert isinstance(outcome, Prediction), outcome
@@ -107,7 +116,7 @@ def test_a_killed_worker_child_is_restarted_and_the_next_photo_answered(embedded
     assert (classify_worker.restarts, train_worker.restarts) == (1, 1)
     deaths = [r.getMessage() for r in caplog.records if "exited with status -9" in r.getMessage()]
     assert len(deaths) == 3, caplog.text
-    assert not redis_servers()  # the private server stopped with the block
+    assert not redis_servers(settings)  # the private server stopped with the block
     print(f"\nworker SIGKILLed: restarted, a photo submitted right after the kill answered in {answered_s:.1f} s")
 
 
