@@ -58,6 +58,7 @@ from bench.loadtest import (
     save_json,
     summarize,
 )
+from carbot.connections import redis_connection
 from carbot.settings import Settings
 
 SCENARIOS = ("worker-sigkill", "redis-restart", "db-outage", "disk-full", "corrupt-model")
@@ -133,7 +134,7 @@ def _ready(rig: Rig) -> None:
     """Every worker slot alive and registered, the queue empty: each scenario starts from a healthy system."""
     for slot in range(len(rig.pool.slots)):
         rig.pool.wait_registered(slot)
-    connection = redis.Redis.from_url(rig.url)
+    connection = redis_connection(rig.url)
     try:
         deadline = time.monotonic() + 60
         while connection.llen(f"rq:queue:{rig.run_settings.classify_queue}") and time.monotonic() < deadline:
@@ -187,7 +188,7 @@ async def worker_sigkill(rig: Rig, config: FaultConfig, index: int, say: Callabl
 
     from worker import SERIALIZER
 
-    connection = redis.Redis.from_url(rig.url)
+    connection = redis_connection(rig.url)
     queue = Queue(rig.run_settings.classify_queue, connection=connection, serializer=SERIALIZER)
     started_key = StartedJobRegistry(queue=queue).key
     in_flight: list[str] = []
@@ -525,7 +526,7 @@ def _count_rows(database: Path, table: str) -> int:
 
 def _missing_jobs(rig: Rig, job_ids: list[str]) -> int:
     """How many of `job_ids` Redis no longer knows (their job hash is gone)."""
-    connection = redis.Redis.from_url(rig.url)
+    connection = redis_connection(rig.url)
     try:
         with connection.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
@@ -537,7 +538,7 @@ def _missing_jobs(rig: Rig, job_ids: list[str]) -> int:
 
 def _queued_jobs(rig: Rig) -> list[str]:
     """The ids of the jobs waiting in the classify queue."""
-    connection = redis.Redis.from_url(rig.url)
+    connection = redis_connection(rig.url)
     try:
         return [job.decode() for job in connection.lrange(f"rq:queue:{rig.run_settings.classify_queue}", 0, -1)]
     finally:

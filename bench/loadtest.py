@@ -55,6 +55,7 @@ import redis
 from PIL import Image
 
 from bench.serving import _batch_log, _jpeg, _peak_rss_mb, _scene, _worker_env
+from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
 
@@ -227,7 +228,7 @@ class WorkerPool:
         self._spawned_at[slot] = time.monotonic()
 
     def wait_registered(self, slot: int, timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
-        connection = redis.Redis.from_url(self.url)
+        connection = redis_connection(self.url)
         deadline = time.monotonic() + timeout_s
         try:
             while not connection.exists(f"rq:worker:{self.names[slot]}"):
@@ -418,7 +419,7 @@ class Rig:
     def stats(self) -> dict[str, int]:
         from worker import STATS_KEY
 
-        connection = redis.Redis.from_url(self.url)
+        connection = redis_connection(self.url)
         try:
             return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
         finally:
@@ -800,7 +801,7 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def memory_figures(rig: Rig) -> dict[str, Any]:
-    connection = redis.Redis.from_url(rig.url)
+    connection = redis_connection(rig.url)
     try:
         redis_peak = int(connection.info("memory").get("used_memory_peak", 0))
     except redis.RedisError:

@@ -67,6 +67,7 @@ import numpy as np
 import redis
 from PIL import Image, ImageDraw
 
+from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
 
@@ -415,7 +416,7 @@ def measure_batch_worker(
     and give the model's speed inside the worker at that very moment: d/a against it is free
     of the machine's drift.
     """
-    connection = redis.Redis.from_url(url)
+    connection = redis_connection(url)
     stats_before, log_offset = _stats(connection), worker.log_size()
     run = _classify_concurrently(settings, url, jpegs)
     stats_after, log = _stats(connection), worker.log_since(log_offset)
@@ -561,7 +562,7 @@ class _WorkerProcess:
 
     def wait_ready(self, settings: Settings, jpegs: Sequence[bytes], *, queue: str | None = None) -> None:
         """Wait until the worker has registered, then warm it: a full batch of distinct photos, then one alone."""
-        connection = redis.Redis.from_url(self.env["REDIS_URL"])
+        connection = redis_connection(self.env["REDIS_URL"])
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while not connection.exists(f"rq:worker:{self.name}"):
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -30,6 +30,7 @@ from bots._retrain import RetrainDesk
 from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
 from carbot import _metrics as metrics
+from carbot.connections import redis_connection
 from carbot.db import RetrainRun
 from carbot.retraining import RunEvent
 from carbot.settings import Settings
@@ -55,9 +56,7 @@ REDIS_CONNECTIONS = 64
 
 def connect_redis(url: str) -> aioredis.Redis:
     """The conversation's Redis client: a bounded pool where a burst of chats waits for a free connection."""
-    return aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=20)
-    )
+    return redis_connection(url, asyncio=True, max_connections=REDIS_CONNECTIONS, pool_timeout=20)
 
 
 class Conversation:

@@ -29,6 +29,7 @@ from rq import Queue
 
 from bots._messages import Sender
 from carbot import retraining
+from carbot.connections import redis_connection
 from carbot.db import RetrainRun
 from carbot.jobs import RETRAIN_FUNC
 from carbot.retraining import RunEvent
@@ -66,9 +67,9 @@ class RetrainDesk:
         self.settings = settings
         self.registry = ModelRegistry(settings.registry_dir)
         self._engine = engine
-        self._sync = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
-        # Reads block for up to _BLOCK_MS: the socket timeout (redis-py's async default is 5 s) must be longer.
-        self._async = aioredis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self._sync = redis_connection(redis_url)
+        # Reads block for up to _BLOCK_MS: the socket timeout must be longer.
+        self._async = redis_connection(redis_url, asyncio=True, blocking_s=_BLOCK_MS / 1000)
         self._queue = Queue(settings.train_queue, connection=self._sync, serializer=SERIALIZER)
         self.closed = False
 

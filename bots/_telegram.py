@@ -62,6 +62,7 @@ from bots._conversation import Conversation, connect_redis
 from bots._messages import Notice, Reply, Sender, is_admin
 from bots._retrain import RetrainDesk, follow_retrains
 from bots._texts import language_of, text
+from carbot.connections import redis_connection
 from carbot.retraining import RunEvent
 from carbot.settings import Settings
 
@@ -285,7 +286,7 @@ def run_telegram(settings: Settings) -> None:
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(services.redis_url(settings))
         try:
-            listening = workers_listening(redis.Redis.from_url(url, socket_connect_timeout=5), settings.classify_queue)
+            listening = workers_listening(redis_connection(url), settings.classify_queue)
         except (redis.RedisError, OSError) as exc:
             raise SystemExit(f"Redis is unreachable ({exc}): check REDIS_URL.") from None
         if not settings.redis_url:

@@ -21,11 +21,11 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from carbot import _metrics
+from carbot.connections import redis_connection
 from carbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def redis_answers(url: str | Callable[[], str | None]) -> Check:
         if where is None:
             raise ConnectionError("no Redis server is running for this data folder")
         # A fresh connection each time: a pooled one would hide a server that restarted or went away.
-        client = redis.Redis.from_url(where, socket_connect_timeout=CHECK_TIMEOUT_S, socket_timeout=CHECK_TIMEOUT_S)
+        client = redis_connection(where, timeout_s=CHECK_TIMEOUT_S)
         try:
             client.ping()
         finally:

