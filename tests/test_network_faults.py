@@ -156,7 +156,7 @@ def noisy_photo(seed: int) -> bytes:
 async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_once_redis_is_back(
     proxy, redis_url, model_registry, tmp_path
 ):
-    """RQ's loop ends when Redis fails outside its idle dequeue; the worker process starts it again, model loaded."""
+    """Redis goes silent mid-batch: the worker stays up, model loaded, and answers once Redis is back."""
     loop = asyncio.get_running_loop()
     worker = await loop.run_in_executor(None, start_worker_at, proxy.url, redis_url, model_registry, tmp_path, "cut")
     direct = redis.Redis.from_url(redis_url)
@@ -169,8 +169,8 @@ async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_on
                 await asyncio.sleep(0.001)
             proxy.blackhole()
             silent_since = time.monotonic()
-            # RQ's loop gives up on the silent connection (its socket timeout) and ends.
-            while "quitting" not in worker.log() and worker.process.poll() is None:
+            # The worker's socket timeout notices the silent connection; the batch is left to the rescue.
+            while "Redis failed" not in worker.log() and worker.process.poll() is None:
                 assert time.monotonic() - silent_since < 120, worker.log()
                 await asyncio.sleep(0.2)
             proxy.restore()
@@ -188,7 +188,7 @@ async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_on
         worker.stop()
     log = worker.log_path.read_text(errors="replace")
     assert alive, log
-    assert "starting it again once Redis answers" in log and "Redis answers again" in log
+    assert "Redis failed during a batch" in log
     answered = sum(isinstance(o, Prediction) for o in outcomes)
     print(f"\nworker cut off mid-batch for {silent_s:.1f} s: {answered} of {len(photos)} photos answered, "
           f"the rest told to try again; a photo sent as the network came back answered in {back_s:.1f} s")  # fmt: skip
