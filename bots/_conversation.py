@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable
@@ -31,7 +30,7 @@ from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
 from carbot import _metrics as metrics
 from carbot.db import RetrainRun
-from carbot.retraining import RunEvent
+from carbot.retraining import FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
 from worker import ClassifyClient, ClassifyError, ClassifyTimeout, PhotoRejected, Prediction, QueueBusy
@@ -358,29 +357,55 @@ class Conversation:
             await self.retrain.set_progress_message(run_id, reference)
 
     async def retrain_notices(self, event: RunEvent) -> list[Notice]:
-        """What the admin who asked for run `event.run_id` should see now: an edited progress message, a summary."""
-        lang = event.language if event.language in ("en", "pt") else "en"
-        progress = await self.retrain.progress_message(event.run_id) if self.retrain is not None else None
+        """What the admin who asked for run `event.run_id` should see now: an edited progress message, a summary.
+
+        An event read from Redis is only trusted for its run id, its kind and progress numbers: who is told,
+        in which language, the error and the report picture all come from the run's record in SQL and
+        the registry. A forged event for a run that does not exist, that belongs to another platform, or
+        that says it finished while its record says otherwise, makes nothing at all.
+        """
+        run = await self.retrain.get_run(event.run_id) if self.retrain is not None else None
+        if run is None or run.requested_by.partition(":")[0] != event.platform:
+            return []
+        lang = run.language if run.language in ("en", "pt") else "en"
+        chat_id = run.chat_id
+        progress = await self.retrain.progress_message(event.run_id)
         if event.kind in ("started", "progress"):
-            line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
-                        run=event.run_id) + _progress_line(event.data, lang)  # fmt: skip
-            return [Notice(event.chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
-        if event.kind == "failed":
-            final = Reply(text("retrain_failed", lang, run=event.run_id, error=event.data.get("error", "?")))
-            message = final
-        elif event.kind == "finished" and self.retrain is not None:
-            run = await self.retrain.get_run(event.run_id)
-            if run is None:
+            if run.status not in ("queued", "running"):
                 return []
+            line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
+                        run=event.run_id) + _progress_line(_numbers(event.data), lang)  # fmt: skip
+            return [Notice(chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
+        if event.kind == "failed" and run.status == "failed":
+            final = Reply(text("retrain_failed", lang, run=run.id, error=(run.error or "?")[:_ERROR_SHOWN]))
+            message = final
+        elif event.kind == "finished" and run.status in FINAL_STATUSES and run.status != "failed":
             final = Reply(text("retrain_done", lang, run=run.id, minutes=_minutes(run)))
-            message = self._summary(run, event, lang)
+            message = self._summary(run, lang)
         else:
             return []
         # The progress message ends with the outcome; a new message carries the news (edits do not notify).
-        edited = [Notice(event.chat_id, final, edit=progress)] if progress else []
-        return edited + [Notice(event.chat_id, message)]
+        edited = [Notice(chat_id, final, edit=progress)] if progress else []
+        return edited + [Notice(chat_id, message)]
 
-    def _summary(self, run: RetrainRun, event: RunEvent, lang: str) -> Reply:
+    def report_picture(self, run: RetrainRun) -> str | None:
+        """The report picture of run `run`'s candidate: found from its version name, and only inside the registry.
+
+        The name is checked as a version name, and the resolved path (links followed) must lie in the
+        registry's folder: a link planted in a version folder cannot make the bot send another file.
+        """
+        if not run.candidate_version:
+            return None
+        try:
+            path = (self.registry.path_for(run.candidate_version) / REPORT_IMAGE).resolve(strict=True)
+        except (ValueError, OSError):
+            return None
+        if not path.is_relative_to(self.registry.root.resolve()) or not path.is_file():
+            log.warning("run %s: the report picture %s is not a file in the registry; not sent", run.id, path)
+            return None
+        return str(path)
+
+    def _summary(self, run: RetrainRun, lang: str) -> Reply:
         reason = text(f"reason_{run.reason}", lang) if run.reason else ""
         if run.candidate_version is None:  # nothing was trained, so there is nothing to compare or decide
             return Reply(text("summary_nothing", lang, run=run.id, reason=reason, base=run.base_version))
@@ -400,8 +425,7 @@ class Conversation:
         if run.status == "rejected":
             buttons = ((Button(text("button_promote", lang), f"r:{run.id}:p"),
                         Button(text("button_discard", lang), f"r:{run.id}:x")),)  # fmt: skip
-        picture = event.data.get("report_image")
-        return Reply("\n".join(lines), buttons=buttons, photo_path=picture if _readable(picture) else None)
+        return Reply("\n".join(lines), buttons=buttons, photo_path=self.report_picture(run))
 
     @staticmethod
     def _awaiting_key(sender: Sender) -> str:
@@ -416,6 +440,8 @@ class Conversation:
 ADMIN_COMMANDS = ("stats", "model", "retrain", "rollback")
 # Commands that change something: given an argument they do nothing, rather than guess.
 ACTING_COMMANDS = ("forget", "retrain", "rollback")
+_PROGRESS_FIELDS = ("epoch", "epochs", "loss", "accuracy", "eta_s")
+_ERROR_SHOWN = 300  # characters of a failed run's error the admin is shown
 _COUNTS = ("base_train", "feedback_train", "oversample", "base_holdout", "feedback_holdout", "feedback_skipped")
 # ASCII digits only, the whole string: data a client sends back is exactly what we wrote, or it is stale.
 _BUTTON = re.compile(r"(?P<kind>[vcr]):(?P<id>\d{1,18}):(?P<value>[udpx]|\d{1,4})", re.ASCII)
@@ -443,8 +469,12 @@ def _minutes(run: RetrainRun) -> int:
     return max(1, round((run.duration_s or 0) / 60))
 
 
-def _readable(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(path)
+def _numbers(data: object) -> dict:
+    """The numbers of a progress event's data, nothing else (it was read from Redis)."""
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items()
+            if key in _PROGRESS_FIELDS and isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
 
 
 def _bar(probability: float, width: int = 10) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -512,10 +513,16 @@ async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_butto
         retraining.update_run(engine, 1, status="rejected", reason="not_better_on_feedback", base_version="tiny-test",
                               candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
                               duration_s=120.0, counts={"feedback_train": 40, "feedback_holdout": 10})  # fmt: skip
-        picture = bot.settings.data_dir / "report.png"
+        # The picture is found from the run's candidate version, in the registry (events carry no paths).
+        picture = bot.settings.registry_dir / "r1-test" / retraining.REPORT_IMAGE
+        picture.parent.mkdir()
         picture.write_bytes(jpeg_bytes(1))
-        retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished", report_image=str(picture)))
-        [photo] = await fake.wait_for("sendPhoto")
+        try:
+            retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished"))
+            [photo] = await fake.wait_for("sendPhoto")
+        finally:  # the registry is the session's
+            shutil.rmtree(picture.parent)
+        assert photo.params["photo"] == jpeg_bytes(1)
         [summary] = await fake.wait_for("sendMessage", lambda call: "not promoted" in call.params["text"])
         assert str(photo.params["chat_id"]) == str(summary.params["chat_id"]) == str(boss["id"])
         assert "not better on the held-out feedback" in summary.params["text"]

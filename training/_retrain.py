@@ -64,7 +64,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import ModelRegistry, Preprocessing, load_artefact, save_artefact
+from carbot.retraining import REPORT_IMAGE
+from model import ModelRegistry, Preprocessing, RegistryConflict, load_artefact, save_artefact
 from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
@@ -83,7 +84,6 @@ from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
 
 log = logging.getLogger(__name__)
 
-REPORT_IMAGE = "retrain_report.png"
 
 # The gate's verdicts (RetrainOutcome.reason).
 BETTER = "better"
@@ -305,14 +305,11 @@ def retrain(
 
     promoted = False
     if promote and reason == BETTER:
-        current = registry.active_version()
-        if current == base.version:
-            registry.activate(version)
+        try:  # only if an admin did not activate another version meanwhile: checked and done under one lock
+            registry.activate(version, expect_active=base.version)
             promoted = True
-        else:
-            log.warning(
-                "not activating %s: the active version changed from %s to %s meanwhile", version, base.version, current
-            )
+        except RegistryConflict as exc:
+            log.warning("not activating %s: %s", version, exc)
     duration = time.monotonic() - started
     log.info("retrain %s: %s, %s in %.1f s", version, reason, "promoted" if promoted else "not promoted", duration)
     return RetrainOutcome(

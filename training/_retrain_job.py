@@ -112,8 +112,8 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
         finished_at=finished,
         duration_s=(finished - started).total_seconds(),
     )
-    report = str(outcome.report_image) if outcome.report_image is not None else None
-    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status, report_image=report))
+    # Ids only: each bot reads the run's record and finds the report picture in its own registry.
+    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status))
     log.info("retrain run %s: %s (%s), candidate %s", run_id, status, outcome.reason, version)
     return {"run": run_id, "status": status, "reason": outcome.reason, "candidate": version if saved else None}
 
