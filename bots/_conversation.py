@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bots._labels import match_label
 from bots._messages import Button, ButtonAnswer, Notice, Reply, Sender
@@ -33,7 +33,15 @@ from carbot.db import RetrainRun
 from carbot.retraining import FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
-from worker import ClassifyClient, ClassifyError, ClassifyTimeout, PhotoRejected, Prediction, QueueBusy
+from worker import (
+    PHOTO_KEY_PREFIX,
+    ClassifyClient,
+    ClassifyError,
+    ClassifyTimeout,
+    PhotoRejected,
+    Prediction,
+    QueueBusy,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,11 +91,15 @@ class Conversation:
     # -- photos ---------------------------------------------------------------------------------------------
 
     @metrics.observe_photo
-    async def photo(self, sender: Sender, message_id: str | None, photo: bytes) -> Reply:
-        """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error)."""
+    async def photo(self, sender: Sender, message_id: str | None, photo: bytes, *, sent_by: str | None = None) -> Reply:
+        """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error).
+
+        `sent_by`: the platform user id of whoever sent the photo when the sender only asks about it (a
+        /top3 reply, Discord's "Identify car"); the photo is then recorded as theirs too, for their /forget.
+        """
         lang = language_of(sender)
         try:
-            await self.remember_photo(sender, photo)
+            await self.remember_photo(sender, photo, sent_by=sent_by)
             allowed = await self.limiter.allow(sender)
         except (RedisError, OSError):
             # Redis is down or restarting: nothing was submitted. An apology now beats no answer at all.
@@ -116,6 +128,7 @@ class Conversation:
                 model_version=prediction.model_version,
                 top_k=[{"label": c.label, "probability": c.probability} for c in prediction.top_k],
                 latency_ms=latency_ms,
+                photo_sent_by=sent_by,
             ))  # fmt: skip
         except StoreUnavailable:
             # The person still gets the answer; without a stored prediction there is nothing to vote on.
@@ -123,20 +136,55 @@ class Conversation:
             prediction_id = None
         return self._answer(prediction, prediction_id, lang)
 
-    async def top3(self, sender: Sender, message_id: str | None, photo: bytes | None) -> Reply:
-        """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat."""
+    async def top3(
+        self, sender: Sender, message_id: str | None, photo: bytes | None, *, sent_by: str | None = None
+    ) -> Reply:
+        """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat.
+
+        `sent_by` as for `photo`; the chat's last photo is recorded as its own sender's.
+        """
         if photo is None:
-            photo = await self.last_photo(sender)
-            if photo is None:
+            last = await self.last_photo(sender)
+            if last is None:
                 return Reply(text("no_photo_yet", language_of(sender)))
-        return await self.photo(sender, message_id, photo)
+            photo, sent_by = last
+        return await self.photo(sender, message_id, photo, sent_by=sent_by)
 
-    async def remember_photo(self, sender: Sender, photo: bytes) -> None:
-        """Keep the chat's last photo for a while, so `/top3` alone can classify it."""
-        await self.redis.set(self._last_photo_key(sender), photo, ex=3600)
+    async def remember_photo(self, sender: Sender, photo: bytes, *, sent_by: str | None = None) -> None:
+        """Keep the chat's last photo for a while, so `/top3` alone can classify it; and whose it is, for /forget."""
+        owner = sent_by if sent_by is not None else sender.user_id
+        key = self._last_photo_key(sender)
+        index = self._last_photos_of_key(sender.platform, owner)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping={"by": owner, "photo": photo})
+            pipe.expire(key, _LAST_PHOTO_TTL_S)
+            # Where this person's photos may be the last one: their /forget looks there, nowhere else.
+            pipe.sadd(index, sender.chat_id)
+            pipe.expire(index, _LAST_PHOTO_TTL_S)
+            await pipe.execute()
 
-    async def last_photo(self, sender: Sender) -> bytes | None:
-        return await self.redis.get(self._last_photo_key(sender))
+    async def last_photo(self, sender: Sender) -> tuple[bytes, str | None] | None:
+        """The chat's last photo and the user id of its sender, or None."""
+        try:
+            found = await self.redis.hmget(self._last_photo_key(sender), ["photo", "by"])
+        except ResponseError:  # a value of another type under the key (an older bot's): no usable photo
+            return None
+        photo, owner = found
+        if photo is None:
+            return None
+        return photo, owner.decode() if owner is not None else None
+
+    async def _forget_in_redis(self, sender: Sender, photo_hashes: list[str]) -> None:
+        """/forget's Redis side: the photos no longer recorded anywhere, and the chats' last photos the person sent."""
+        index = self._last_photos_of_key(sender.platform, sender.user_id)
+        chats = {chat.decode() for chat in await self.redis.smembers(index)} | {sender.chat_id}
+        for chat in sorted(chats):
+            key = self._last_photo_key(Sender(sender.platform, sender.user_id, chat))
+            # Only if it is still theirs: someone else's photo may have come since.
+            await self.redis.eval(_DELETE_IF_SENT_BY, 1, key, sender.user_id)
+        keys = [PHOTO_KEY_PREFIX + sha for sha in photo_hashes]
+        await self.redis.delete(index, self._awaiting_key(sender), *keys)
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""
@@ -248,7 +296,7 @@ class Conversation:
             return Reply(text("takes_no_argument", lang, command=name))
         if name == "forget":
             counts = await self.store.forget(sender)
-            await self.redis.delete(self._awaiting_key(sender), self._last_photo_key(sender))
+            await self._forget_in_redis(sender, counts.pop("photo_hashes"))
             return Reply(text("forgotten", lang, **counts))
         if name == "retrain":
             return await self._retrain(sender, lang)
@@ -434,9 +482,21 @@ class Conversation:
 
     @staticmethod
     def _last_photo_key(sender: Sender) -> str:
+        # A hash: "photo" (its bytes) and "by" (its sender's user id).
         return f"carbot:last-photo:{sender.platform}:{sender.chat_id}"
 
+    @staticmethod
+    def _last_photos_of_key(platform: str, user_id: str) -> str:
+        # A set: the chats whose last photo this person may have sent.
+        return f"carbot:last-photos-of:{platform}:{user_id}"
 
+
+_LAST_PHOTO_TTL_S = 3600  # how long /top3 alone finds the chat's last photo
+# Delete KEYS[1] (a chat's last photo) only if its sender is ARGV[1]: checked and done in one step.
+_DELETE_IF_SENT_BY = """
+if redis.call('HGET', KEYS[1], 'by') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 ADMIN_COMMANDS = ("stats", "model", "retrain", "rollback")
 # Commands that change something: given an argument they do nothing, rather than guess.
 ACTING_COMMANDS = ("forget", "retrain", "rollback")

@@ -349,14 +349,14 @@ async def test_forget_deletes_a_person_and_only_their_own_photos(store: Store, d
     shared_sha = (await store.get_prediction(bob_shared)).photo_sha256
     own_sha = (await store.get_prediction(alice_own)).photo_sha256
 
-    assert await store.forget(ALICE) == {"predictions": 2, "votes": 2, "photos": 1}
+    assert await store.forget(ALICE) == {"predictions": 2, "votes": 2, "photos": 1, "photo_hashes": [own_sha]}
 
     assert store.photos.get(shared_sha) == shared
     assert not store.photos.path(own_sha).exists()
     assert query(database_url, "SELECT id FROM predictions") == [(bob_shared,)]
     assert query(database_url, "SELECT prediction_id, vote FROM feedback") == [(bob_shared, "up")]
     assert query(database_url, "SELECT platform_user_id FROM people") == [(BOB.user_id,)]
-    assert await store.forget(ALICE) == {"predictions": 0, "votes": 0, "photos": 0}
+    assert await store.forget(ALICE) == {"predictions": 0, "votes": 0, "photos": 0, "photo_hashes": []}
 
 
 async def test_purge_deletes_photos_past_retention(store: Store) -> None:
