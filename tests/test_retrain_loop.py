@@ -36,6 +36,10 @@ from worker import ClassifyClient
 
 ADMIN = Sender(platform="telegram", user_id="42", chat_id="900", language_code="en", is_admin=True)
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
+# A crowd of people giving feedback: what one person can put into a retrain is capped.
+CROWD = tuple(
+    Sender(platform="telegram", user_id=str(n), chat_id=str(100 + n), language_code="en") for n in range(1, 7)
+)
 PHOTO_SIZE = (96, 72)  # like the demo's photos: twice its 48 px input, 4:3
 
 
@@ -258,24 +262,28 @@ def edge_photo(label: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-async def give_feedback(chat: Conversation, photos: list[tuple[str, bytes]], *, say=lambda truth: truth) -> dict:
-    """Alice sends each photo, then confirms a right answer (👍) or types what it really was (👎, "another model").
+async def give_feedback(
+    chat: Conversation, photos: list[tuple[str, bytes]], *, say=lambda truth: truth, senders=(ALICE,)
+) -> dict:
+    """People send each photo, then confirm a right answer (👍) or type what it really was (👎, "another model").
 
-    `say(truth)` is the label she gives; returns {"wrong": [(truth, photo), ...], "versions": {...}}.
+    `senders` take turns, photo by photo (a crowd: one person's feedback is capped per retrain).
+    `say(truth)` is the label given; returns {"wrong": [(truth, photo), ...], "versions": {...}}.
     """
     wrong, versions = [], set()
     for number, (truth, photo) in enumerate(photos):
-        reply = await chat.photo(ALICE, f"m{number}", photo)
+        sender = senders[number % len(senders)]
+        reply = await chat.photo(sender, f"m{number}", photo)
         record = await chat.store.get_prediction(reply.prediction_id)
         versions.add(record.model_version)
         label = say(truth)
         if record.top_k[0]["label"] == label:
-            await chat.button(ALICE, f"v:{record.id}:u")
+            await chat.button(sender, f"v:{record.id}:u")
             continue
         wrong.append((truth, photo))
-        await chat.button(ALICE, f"v:{record.id}:d")
-        await chat.button(ALICE, f"c:{record.id}:x")
-        assert "Recorded as" in (await chat.text(ALICE, label)).text
+        await chat.button(sender, f"v:{record.id}:d")
+        await chat.button(sender, f"c:{record.id}:x")
+        assert "Recorded as" in (await chat.text(sender, label)).text
     return {"wrong": wrong, "versions": versions}
 
 
@@ -313,7 +321,7 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
     try:
         labels = base["labels"]
         feedback = await give_feedback(
-            chat, [(label, edge_photo(label, seed)) for label in labels for seed in range(20)]
+            chat, [(label, edge_photo(label, seed)) for label in labels for seed in range(20)], senders=CROWD
         )
         assert len(feedback["wrong"]) >= 60, "the base model should get the new style mostly wrong"
         assert feedback["versions"] == {base_version}

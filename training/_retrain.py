@@ -510,7 +510,7 @@ def _feedback_groups(photos: Sequence[FeedbackPhoto], oversample: int) -> list[t
     for photo in photos:
         repeats = max(1, round(photo.weight * oversample))
         groups.setdefault(repeats, []).append(Sample(Path(photo.path), photo.label))
-    return sorted(groups.items(), key=lambda group: group[0], reverse=True)
+    return [(samples, repeats) for repeats, samples in sorted(groups.items(), reverse=True)]
 
 
 def _training_dataset(
