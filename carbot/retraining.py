@@ -63,7 +63,12 @@ def candidate_version(run_id: int, when: datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class RunEvent:
-    """One step of a run, addressed to the admin who asked (platform, chat, language)."""
+    """One step of a run, addressed to the admin who asked (platform, chat, language).
+
+    Ids and numbers only, never a path: whoever can write to Redis can forge one. A bot acts on the
+    run id, the kind, the platform and progress numbers; whom to tell, the error and the report picture
+    it reads from the run's record (`bots._conversation.Conversation.retrain_notices`).
+    """
 
     run_id: int
     kind: str  # "started" | "progress" | "finished" | "failed"
