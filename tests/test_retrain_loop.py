@@ -359,8 +359,8 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
         await close_conversation(chat)
 
     # The run's record: who, what data, both models' metrics, the decision.
-    assert (run.status, run.reason, run.requested_by, run.base_version) == ("promoted", "better", "telegram:42",
-                                                                            base_version), run  # fmt: skip
+    outcome = (run.status, run.reason, run.requested_by, run.base_version)
+    assert outcome == ("promoted", "better", "telegram:42", base_version), (run, run.candidate_metrics)
     assert run.counts["feedback_train"] + run.counts["feedback_holdout"] == len(labels) * 20
     assert run.counts["feedback_holdout"] > 0 and run.counts["base_train"] > 0
     assert run.candidate_metrics["feedback_accuracy"] > run.active_metrics["feedback_accuracy"]

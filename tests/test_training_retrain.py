@@ -182,12 +182,16 @@ def test_the_gate_refuses_a_candidate_that_ruins_one_class_or_is_at_chance_on_on
     # Better overall and on the feedback, bought with class a: refused, and the class is named.
     reason, failing = judge(active, m(0.85, 0.9, a=(20, 0.50), b=(20, 1.0)), num_labels=5)
     assert (reason, failing) == ("worse_on_a_class", {"a": {"n": 20, "active": 0.90, "candidate": 0.50}})
-    # Within the margin (5 points, or one photo of the class: 1/20 here) it passes.
+    # Within the margin (5 points, one photo of the class, and what chance explains on its photos) it passes.
     assert gate(active, m(0.85, 0.9, a=(20, 0.85), b=(20, 1.0)), num_labels=5) == "better"
-    # One photo of a small class may always flip: 2 of 3 -> 1 of 3 is one photo.
-    small = m(0.80, 0.5, a=(3, 2 / 3))
-    assert gate(small, m(0.85, 0.9, a=(3, 1 / 3)), num_labels=5) == "better"
-    assert gate(small, m(0.85, 0.9, a=(3, 0.0)), num_labels=5) == "worse_on_a_class"
+    # A large class: 5 points and the noise of 400 photos (2.5 standard errors, about 5 points here).
+    big = m(0.80, 0.5, a=(400, 0.90))
+    assert gate(big, m(0.85, 0.9, a=(400, 0.86)), num_labels=5) == "better"
+    assert gate(big, m(0.85, 0.9, a=(400, 0.82)), num_labels=5) == "worse_on_a_class"
+    # A small class: 2 of 10 photos lost is within what chance explains, 6 of 10 is not.
+    small = m(0.80, 0.5, a=(10, 1.0))
+    assert gate(small, m(0.85, 0.9, a=(10, 0.8)), num_labels=5) == "better"
+    assert gate(small, m(0.85, 0.9, a=(10, 0.4)), num_labels=5) == "worse_on_a_class"
     # No better than chance (1/5) on a class with at least 3 photos: refused, even if the active model was too.
     at_chance = m(0.80, 0.5, a=(20, 0.9), b=(10, 0.2))
     reason, failing = judge(at_chance, m(0.85, 0.9, a=(20, 0.9), b=(10, 0.2)), num_labels=5)

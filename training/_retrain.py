@@ -38,7 +38,8 @@ and promotes it only when it beats the active one on photos neither model traine
    XLA-compiled, on a CPU in float32, as in the recipe.
 7. **The gate**: the active and the candidate model predict the same hold-out. The
    candidate passes when it is at least as accurate overall, no class of the hold-out lost
-   more than ``class_margin`` of its accuracy (or one photo of it, whichever is more), it is
+   more than ``class_margin`` of its accuracy (nor more than one photo of it, or than chance
+   alone explains on that many photos: 2.5 standard errors), it is
    better than chance (``1 / labels``) on every class with at least 3 hold-out photos, *and*
    it is strictly more accurate on the feedback hold-out (compared to 6 decimals, so float
    noise cannot decide). A few people's corrections cannot buy an overall gain with one
@@ -102,6 +103,9 @@ CHANCE_ON_A_CLASS = "chance_on_a_class"
 
 # A class is judged "no better than chance" only with at least this many hold-out photos.
 _MIN_CLASS_PHOTOS = 3
+# A class's accuracy may fall by this many standard errors of the difference (about 1 % one-sided) before the
+# gate calls it worse: a class with 10 hold-out photos cannot tell a 2-photo wobble from a loss.
+_CLASS_NOISE_Z = 2.5
 
 # model.json lists at most this many skipped photos (a base folder of unknown classes could hold thousands).
 _MAX_LISTED_SKIPPED = 1000
@@ -349,7 +353,8 @@ def judge(
     """The gate's verdict and the classes that decided it (``{label: {"n", "active", "candidate"}}``, else empty).
 
     In order: no feedback hold-out; worse overall; worse on any class of the hold-out by more than
-    `class_margin` (or one photo of that class, whichever is more); no better than chance
+    `class_margin`, one photo of that class, and 2.5 standard errors of the difference of the two
+    accuracies on that many photos (what chance alone could explain); no better than chance
     (``1 / num_labels``) on any class with at least 3 hold-out photos; not strictly better on the
     feedback hold-out. A class's accuracy is the share of its hold-out photos answered right.
     """
@@ -370,8 +375,12 @@ def judge(
     worse = {}
     for label, part in after.items():
         was = before.get(label, {}).get("accuracy")
-        allowed = max(class_margin, 1.0 / part["n"])
-        if was is not None and round(part["accuracy"] - was, _GATE_DECIMALS) < -allowed:
+        if was is None:
+            continue
+        now, n = part["accuracy"], part["n"]
+        # Beyond the margin, one photo of the class, and what chance alone explains on n photos.
+        noise = _CLASS_NOISE_Z * math.sqrt((was * (1 - was) + now * (1 - now)) / n)
+        if round(was - now, _GATE_DECIMALS) > max(class_margin, 1.0 / n, noise):
             worse[label] = row(label)
     if worse:
         return WORSE_ON_A_CLASS, worse
