@@ -361,7 +361,10 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
     # The run's record: who, what data, both models' metrics, the decision.
     outcome = (run.status, run.reason, run.requested_by, run.base_version)
     assert outcome == ("promoted", "better", "telegram:42", base_version), (run, run.candidate_metrics)
-    assert run.counts["feedback_train"] + run.counts["feedback_holdout"] == len(labels) * 20
+    # Every photo entered, but for a correction that only one person made to its label (one voice is not enough).
+    entered = run.counts["feedback_train"] + run.counts["feedback_holdout"]
+    assert entered == len(labels) * 20 - run.counts["feedback_single_source"], run.counts
+    assert run.counts["feedback_single_source"] <= 5 and run.counts["feedback_capped"] == 0, run.counts
     assert run.counts["feedback_holdout"] > 0 and run.counts["base_train"] > 0
     assert run.candidate_metrics["feedback_accuracy"] > run.active_metrics["feedback_accuracy"]
     assert run.candidate_metrics["overall_accuracy"] >= run.active_metrics["overall_accuracy"]

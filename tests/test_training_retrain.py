@@ -211,11 +211,17 @@ def test_one_person_cannot_steer_which_feedback_enters() -> None:
     assert {photo.label for photo in chosen} == {"C"} and len(chosen) == 15
     assert counts["feedback_untrusted"] == 200 and counts["feedback_people_untrusted"] == 1
 
-    # Unconfident answers give no evidence against them: then the caps hold them to 25 corrections.
+    # Unconfident answers give no evidence against them: then the caps hold them to 25 corrections, and those
+    # do not enter either while nobody else says anything is a "B".
     attacker = [_vote(666, photo, "B", p=0.4, minute=photo % 60) for photo in range(200)]
     chosen, counts = choose_feedback(attacker)
-    assert len(chosen) == 25 and counts["feedback_capped"] == 175
-    assert len(choose_feedback(attacker, FeedbackPolicy(corrections_per_person=10))[0]) == 10
+    assert chosen == [] and counts["feedback_capped"] == 175 and counts["feedback_single_source"] == 25
+    one_voice_enough = FeedbackPolicy(min_correctors=1)
+    assert len(choose_feedback(attacker, one_voice_enough)[0]) == 25
+    assert len(choose_feedback(attacker, FeedbackPolicy(corrections_per_person=10, min_correctors=1))[0]) == 10
+    # A second person correcting one photo to "B" is a second voice: the capped 25 enter.
+    chosen, counts = choose_feedback([*attacker, _vote(7, 5000, "B")])
+    assert len(chosen) == 26 and counts["feedback_single_source"] == 0
 
     # People who agree with others and with confident answers weigh fully; a contested photo weighs nothing.
     agreeing = [_vote(person, 1, "C") for person in (1, 2)] + [_vote(person, 2, "A", p=0.95) for person in (1, 2)]
@@ -224,7 +230,8 @@ def test_one_person_cannot_steer_which_feedback_enters() -> None:
     assert [(photo.label, photo.weight) for photo in chosen] == [("C", 1.0), ("A", 1.0)]
     assert counts["feedback_low_weight"] == 1
     # The same photo voted on twice by one person (sent twice) is one voice.
-    assert len(choose_feedback([_vote(1, 5, "C", minute=1), _vote(1, 5, "D", minute=2)])[0]) == 1
+    twice = [_vote(1, 5, "C", minute=1), _vote(1, 5, "D", minute=2)]
+    assert [photo.label for photo in choose_feedback(twice, one_voice_enough)[0]] == ["D"]
 
 
 # --------------------------------------------------------------------------

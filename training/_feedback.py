@@ -14,7 +14,10 @@ handful, must not be able to steer a retrain. :func:`choose_feedback` decides wh
 - **per photo**: the label with the most weighted support wins, and the photo's weight is
   that support minus everyone else's (at most 1): a photo people disagree on weighs
   little, and one under ``min_weight`` is left out. The retrain repeats a photo in
-  proportion to its weight.
+  proportion to its weight;
+- **more than one voice**: a label that only corrections gave a photo enters only when at
+  least ``min_correctors`` people corrected photos to that label: one account alone cannot
+  teach the model that photos are of a class.
 
 What was left out, and why, is counted for the run's record. This module is light on
 purpose (standard library only): the retrain job's parent process and the bots import it
@@ -85,6 +88,7 @@ class FeedbackPolicy:
     confident: float = 0.9  # a prediction this sure is evidence against whoever contradicts it
     min_trust: float = 0.2
     min_weight: float = 0.25
+    min_correctors: int = 2  # a label is taught by corrections only when this many people corrected to it
 
     def __post_init__(self) -> None:
         if self.photos_per_person < 1 or self.corrections_per_person < 0:
@@ -110,13 +114,14 @@ def choose_feedback(
 
     Counts (of votes unless said): ``feedback_capped`` (over a person's caps), ``feedback_untrusted``
     (by a person whose trust is under ``min_trust``), ``feedback_low_weight`` (photos, whose winning
-    label's support minus the others' stays under ``min_weight``), ``feedback_people`` (people whose
-    votes were read), ``feedback_people_untrusted``.
+    label's support minus the others' stays under ``min_weight``), ``feedback_single_source``
+    (photos whose label only corrections gave, and fewer than ``min_correctors`` people corrected any
+    photo to that label), ``feedback_people`` (people whose votes were read), ``feedback_people_untrusted``.
     """
     policy = policy or FeedbackPolicy()
     votes = _latest_per_person_and_photo(votes)
     trust = person_trust(votes, policy.confident)
-    counts = {"feedback_capped": 0, "feedback_untrusted": 0, "feedback_low_weight": 0,
+    counts = {"feedback_capped": 0, "feedback_untrusted": 0, "feedback_low_weight": 0, "feedback_single_source": 0,
               "feedback_people": len(trust),
               "feedback_people_untrusted": sum(value < policy.min_trust for value in trust.values())}  # fmt: skip
 
@@ -125,6 +130,8 @@ def choose_feedback(
         by_person.setdefault(vote.person, []).append(vote)
     support: dict[str, Counter[str]] = {}
     latest: dict[tuple[str, str], datetime] = {}
+    corrected: set[tuple[str, str]] = set()  # (photo, label) that some correction gave
+    correctors: dict[str, set[int]] = {}  # label -> the people whose corrections entered with it
     for person, theirs in by_person.items():
         if trust[person] < policy.min_trust:
             counts["feedback_untrusted"] += len(theirs)
@@ -137,6 +144,9 @@ def choose_feedback(
                 counts["feedback_capped"] += 1
                 continue
             corrections += vote.correction
+            if vote.correction:
+                corrected.add((vote.sha256, vote.label))
+                correctors.setdefault(vote.label, set()).add(person)
             support.setdefault(vote.sha256, Counter())[vote.label] += weight
             key = (vote.sha256, vote.label)
             latest[key] = max(vote.updated, latest.get(key, vote.updated))
@@ -148,6 +158,10 @@ def choose_feedback(
         weight = min(1.0, labels[label] - (sum(labels.values()) - labels[label]))
         if weight < policy.min_weight:
             counts["feedback_low_weight"] += 1
+            continue
+        if (sha, label) in corrected and len(correctors[label]) < policy.min_correctors:
+            # Only one account says photos are of this class: that is not enough to teach it.
+            counts["feedback_single_source"] += 1
             continue
         chosen.append(ChosenPhoto(sha, label, round(weight, 4)))
     return sorted(chosen, key=lambda photo: photo.sha256), counts
