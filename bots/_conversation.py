@@ -455,6 +455,9 @@ class Conversation:
 
     def _summary(self, run: RetrainRun, lang: str) -> Reply:
         reason = text(f"reason_{run.reason}", lang) if run.reason else ""
+        failing = sorted((run.candidate_metrics or {}).get("failing_classes") or {})
+        if failing:  # the classes the gate protected
+            reason += " (" + ", ".join(failing[:5]) + (", …" if len(failing) > 5 else "") + ")"
         if run.candidate_version is None:  # nothing was trained, so there is nothing to compare or decide
             return Reply(text("summary_nothing", lang, run=run.id, reason=reason, base=run.base_version))
         active, candidate = run.active_metrics, run.candidate_metrics

@@ -239,6 +239,19 @@ async def test_a_run_with_nothing_to_train_on_says_so_without_buttons(world, cha
     assert summary.reply.text.startswith(f"🚫 O retreino #{run_id} não treinou nada: não havia fotos utilizáveis")
 
 
+async def test_a_candidate_refused_for_a_class_names_it_to_the_admin(world, chat):
+    engine = chat.store.engine
+    run_id = retraining.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+    metrics = {"overall_accuracy": 0.9, "overall_n": 40, "feedback_accuracy": 0.5, "feedback_n": 10}
+    failing = {"FIAT ARGO": {"n": 20, "active": 0.9, "candidate": 0.2}}
+    retraining.update_run(engine, run_id, status="rejected", reason="worse_on_a_class", base_version="tiny-test",
+                          candidate_version="r1-x", active_metrics=metrics,
+                          candidate_metrics={**metrics, "failing_classes": failing})  # fmt: skip
+    [summary] = await chat.retrain_notices(RunEvent.for_run(retraining.get_run(engine, run_id), "finished"))
+    assert "worse than the active model on one class of the hold-out (or more) (FIAT ARGO)" in summary.reply.text
+    assert summary.reply.photo_path is None  # no such version in the registry: no picture, and no error
+
+
 def test_button_data_for_runs_is_parsed_strictly():
     from bots._conversation import _parse_button
 
