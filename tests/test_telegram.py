@@ -241,6 +241,11 @@ async def test_top3_as_a_reply_as_a_caption_and_alone(bot: Harness, worker: None
     assert len(bot.prediction_rows()) == 3
     # The replied-to photo was downloaded again; /top3 alone used the remembered bytes.
     assert len(fake.downloads) == 2
+    # Caio only asked about Ana's photo: both his answers are recorded as about her photo, for her /forget.
+    with Session(bot.store.engine) as session:
+        ids = {person.platform_user_id: person.id for person in session.exec(select(db.Person))}
+    recorded = sorted((row.person_id, row.photo_sender_id or 0) for row in bot.prediction_rows())
+    assert recorded == sorted([(ids["7"], 0), (ids["9"], ids["7"]), (ids["9"], ids["7"])])
 
     # 👎 in a group: the question goes to the photo's sender, whose typed answer comes back as a reply.
     [[_, down]] = _buttons(by_caption)
