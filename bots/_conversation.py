@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable
@@ -21,7 +20,7 @@ from functools import lru_cache
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bots._labels import match_label
 from bots._messages import Button, ButtonAnswer, Notice, Reply, Sender
@@ -32,10 +31,18 @@ from bots._texts import language_of, text
 from carbot import _metrics as metrics
 from carbot.connections import redis_connection
 from carbot.db import RetrainRun
-from carbot.retraining import RunEvent
+from carbot.retraining import FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
-from worker import ClassifyClient, ClassifyError, ClassifyTimeout, PhotoRejected, Prediction, QueueBusy
+from worker import (
+    PHOTO_KEY_PREFIX,
+    ClassifyClient,
+    ClassifyError,
+    ClassifyTimeout,
+    PhotoRejected,
+    Prediction,
+    QueueBusy,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,8 +90,12 @@ class Conversation:
     # -- photos ---------------------------------------------------------------------------------------------
 
     @metrics.observe_photo
-    async def photo(self, sender: Sender, message_id: str | None, photo: bytes) -> Reply:
-        """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error)."""
+    async def photo(self, sender: Sender, message_id: str | None, photo: bytes, *, sent_by: str | None = None) -> Reply:
+        """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error).
+
+        `sent_by`: the platform user id of whoever sent the photo when the sender only asks about it (a
+        /top3 reply, Discord's "Identify car"); the photo is then recorded as theirs too, for their /forget.
+        """
         lang = language_of(sender)
         try:
             # The rate limit comes first: a refused photo is stored nowhere, not even for /top3.
@@ -116,40 +127,74 @@ class Conversation:
                 model_version=prediction.model_version,
                 top_k=[{"label": c.label, "probability": c.probability} for c in prediction.top_k],
                 latency_ms=latency_ms,
+                photo_sent_by=sent_by,
             ))  # fmt: skip
         except StoreUnavailable:
             # The person still gets the answer; without a stored prediction there is nothing to vote on.
             log.warning("answer given without buttons: the prediction could not be recorded")
             prediction_id = None
-        await self.remember_photo(sender, prediction.photo_sha256)
+        await self.remember_photo(sender, prediction.photo_sha256, sent_by=sent_by)
         return self._answer(prediction, prediction_id, lang)
 
-    async def top3(self, sender: Sender, message_id: str | None, photo: bytes | None) -> Reply:
-        """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat."""
-        if photo is None:
-            photo = await self.last_photo(sender)
-            if photo is None:
-                return Reply(text("no_photo_yet", language_of(sender)))
-        return await self.photo(sender, message_id, photo)
+    async def top3(
+        self, sender: Sender, message_id: str | None, photo: bytes | None, *, sent_by: str | None = None
+    ) -> Reply:
+        """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat.
 
-    async def remember_photo(self, sender: Sender, sha256: str) -> None:
-        """Note the chat's last photo for an hour, so `/top3` alone can classify it again.
-
-        By reference: Redis keeps its SHA-256, the bytes stay in the photo store
-        (where they are kept only as long as the retention setting says).
+        `sent_by` as for `photo`; the chat's last photo is recorded as its own sender's.
         """
+        if photo is None:
+            last = await self.last_photo(sender)
+            if last is None:
+                return Reply(text("no_photo_yet", language_of(sender)))
+            photo, sent_by = last
+        return await self.photo(sender, message_id, photo, sent_by=sent_by)
+
+    async def remember_photo(self, sender: Sender, sha256: str, *, sent_by: str | None = None) -> None:
+        """Note the chat's last photo for an hour, so `/top3` alone can classify it again; and whose it is, for /forget.
+
+        By reference: Redis keeps its SHA-256, the bytes stay in the photo store (where
+        they are kept only as long as the retention setting says).
+        """
+        owner = sent_by if sent_by is not None else sender.user_id
+        key = self._last_photo_key(sender)
+        index = self._last_photos_of_key(sender.platform, owner)
         try:
-            await self.redis.set(self._last_photo_key(sender), sha256, ex=3600)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping={"by": owner, "photo": sha256})
+                pipe.expire(key, _LAST_PHOTO_TTL_S)
+                # Where this person's photos may be the last one: their /forget looks there, nowhere else.
+                pipe.sadd(index, sender.chat_id)
+                pipe.expire(index, _LAST_PHOTO_TTL_S)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("the chat's last photo was not noted: %s", exc)
 
-    async def last_photo(self, sender: Sender) -> bytes | None:
-        """The chat's last photo, if it is still in the photo store."""
-        sha = await self.redis.get(self._last_photo_key(sender))
+    async def last_photo(self, sender: Sender) -> tuple[bytes, str | None] | None:
+        """The chat's last photo (if it is still in the photo store) and the user id of its sender, or None."""
         try:
-            return None if sha is None else await asyncio.to_thread(self.store.photos.get, sha.decode())
+            sha, owner = await self.redis.hmget(self._last_photo_key(sender), ["photo", "by"])
+        except ResponseError:  # a value of another type under the key (an older bot's): no usable photo
+            return None
+        try:
+            photo = None if sha is None else await asyncio.to_thread(self.store.photos.get, sha.decode())
         except (ValueError, UnicodeDecodeError):  # not a digest: never used as a path
             return None
+        if photo is None:
+            return None
+        return photo, owner.decode() if owner is not None else None
+
+    async def _forget_in_redis(self, sender: Sender, photo_hashes: list[str]) -> None:
+        """/forget's Redis side: the photos no longer recorded anywhere, and the chats' last photos the person sent."""
+        index = self._last_photos_of_key(sender.platform, sender.user_id)
+        chats = {chat.decode() for chat in await self.redis.smembers(index)} | {sender.chat_id}
+        for chat in sorted(chats):
+            key = self._last_photo_key(Sender(sender.platform, sender.user_id, chat))
+            # Only if it is still theirs: someone else's photo may have come since.
+            await self.redis.eval(_DELETE_IF_SENT_BY, 1, key, sender.user_id)
+        keys = [PHOTO_KEY_PREFIX + sha for sha in photo_hashes]
+        await self.redis.delete(index, self._awaiting_key(sender), *keys)
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""
@@ -271,7 +316,7 @@ class Conversation:
             return Reply(text("takes_no_argument", lang, command=name))
         if name == "forget":
             counts = await self.store.forget(sender)
-            await self.redis.delete(self._awaiting_key(sender), self._last_photo_key(sender))
+            await self._forget_in_redis(sender, counts.pop("photo_hashes"))
             return Reply(text("forgotten", lang, **counts))
         if name == "retrain":
             return await self._retrain(sender, lang)
@@ -380,30 +425,59 @@ class Conversation:
             await self.retrain.set_progress_message(run_id, reference)
 
     async def retrain_notices(self, event: RunEvent) -> list[Notice]:
-        """What the admin who asked for run `event.run_id` should see now: an edited progress message, a summary."""
-        lang = event.language if event.language in ("en", "pt") else "en"
-        progress = await self.retrain.progress_message(event.run_id) if self.retrain is not None else None
+        """What the admin who asked for run `event.run_id` should see now: an edited progress message, a summary.
+
+        An event read from Redis is only trusted for its run id, its kind and progress numbers: who is told,
+        in which language, the error and the report picture all come from the run's record in SQL and
+        the registry. A forged event for a run that does not exist, that belongs to another platform, or
+        that says it finished while its record says otherwise, makes nothing at all.
+        """
+        run = await self.retrain.get_run(event.run_id) if self.retrain is not None else None
+        if run is None or run.requested_by.partition(":")[0] != event.platform:
+            return []
+        lang = run.language if run.language in ("en", "pt") else "en"
+        chat_id = run.chat_id
+        progress = await self.retrain.progress_message(event.run_id)
         if event.kind in ("started", "progress"):
-            line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
-                        run=event.run_id) + _progress_line(event.data, lang)  # fmt: skip
-            return [Notice(event.chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
-        if event.kind == "failed":
-            final = Reply(text("retrain_failed", lang, run=event.run_id, error=event.data.get("error", "?")))
-            message = final
-        elif event.kind == "finished" and self.retrain is not None:
-            run = await self.retrain.get_run(event.run_id)
-            if run is None:
+            if run.status not in ("queued", "running"):
                 return []
+            line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
+                        run=event.run_id) + _progress_line(_numbers(event.data), lang)  # fmt: skip
+            return [Notice(chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
+        if event.kind == "failed" and run.status == "failed":
+            final = Reply(text("retrain_failed", lang, run=run.id, error=(run.error or "?")[:_ERROR_SHOWN]))
+            message = final
+        elif event.kind == "finished" and run.status in FINAL_STATUSES and run.status != "failed":
             final = Reply(text("retrain_done", lang, run=run.id, minutes=_minutes(run)))
-            message = self._summary(run, event, lang)
+            message = self._summary(run, lang)
         else:
             return []
         # The progress message ends with the outcome; a new message carries the news (edits do not notify).
-        edited = [Notice(event.chat_id, final, edit=progress)] if progress else []
-        return edited + [Notice(event.chat_id, message)]
+        edited = [Notice(chat_id, final, edit=progress)] if progress else []
+        return edited + [Notice(chat_id, message)]
 
-    def _summary(self, run: RetrainRun, event: RunEvent, lang: str) -> Reply:
+    def report_picture(self, run: RetrainRun) -> str | None:
+        """The report picture of run `run`'s candidate: found from its version name, and only inside the registry.
+
+        The name is checked as a version name, and the resolved path (links followed) must lie in the
+        registry's folder: a link planted in a version folder cannot make the bot send another file.
+        """
+        if not run.candidate_version:
+            return None
+        try:
+            path = (self.registry.path_for(run.candidate_version) / REPORT_IMAGE).resolve(strict=True)
+        except (ValueError, OSError):
+            return None
+        if not path.is_relative_to(self.registry.root.resolve()) or not path.is_file():
+            log.warning("run %s: the report picture %s is not a file in the registry; not sent", run.id, path)
+            return None
+        return str(path)
+
+    def _summary(self, run: RetrainRun, lang: str) -> Reply:
         reason = text(f"reason_{run.reason}", lang) if run.reason else ""
+        failing = sorted((run.candidate_metrics or {}).get("failing_classes") or {})
+        if failing:  # the classes the gate protected
+            reason += " (" + ", ".join(failing[:5]) + (", …" if len(failing) > 5 else "") + ")"
         if run.candidate_version is None:  # nothing was trained, so there is nothing to compare or decide
             return Reply(text("summary_nothing", lang, run=run.id, reason=reason, base=run.base_version))
         active, candidate = run.active_metrics, run.candidate_metrics
@@ -422,8 +496,7 @@ class Conversation:
         if run.status == "rejected":
             buttons = ((Button(text("button_promote", lang), f"r:{run.id}:p"),
                         Button(text("button_discard", lang), f"r:{run.id}:x")),)  # fmt: skip
-        picture = event.data.get("report_image")
-        return Reply("\n".join(lines), buttons=buttons, photo_path=picture if _readable(picture) else None)
+        return Reply("\n".join(lines), buttons=buttons, photo_path=self.report_picture(run))
 
     @staticmethod
     def _awaiting_key(sender: Sender) -> str:
@@ -432,12 +505,26 @@ class Conversation:
 
     @staticmethod
     def _last_photo_key(sender: Sender) -> str:
+        # A hash: "photo" (its bytes) and "by" (its sender's user id).
         return f"carbot:last-photo:{sender.platform}:{sender.chat_id}"
 
+    @staticmethod
+    def _last_photos_of_key(platform: str, user_id: str) -> str:
+        # A set: the chats whose last photo this person may have sent.
+        return f"carbot:last-photos-of:{platform}:{user_id}"
 
+
+_LAST_PHOTO_TTL_S = 3600  # how long /top3 alone finds the chat's last photo
+# Delete KEYS[1] (a chat's last photo) only if its sender is ARGV[1]: checked and done in one step.
+_DELETE_IF_SENT_BY = """
+if redis.call('HGET', KEYS[1], 'by') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 ADMIN_COMMANDS = ("stats", "model", "retrain", "rollback")
 # Commands that change something: given an argument they do nothing, rather than guess.
 ACTING_COMMANDS = ("forget", "retrain", "rollback")
+_PROGRESS_FIELDS = ("epoch", "epochs", "loss", "accuracy", "eta_s")
+_ERROR_SHOWN = 300  # characters of a failed run's error the admin is shown
 _COUNTS = ("base_train", "feedback_train", "oversample", "base_holdout", "feedback_holdout", "feedback_skipped")
 # ASCII digits only, the whole string: data a client sends back is exactly what we wrote, or it is stale.
 _BUTTON = re.compile(r"(?P<kind>[vcr]):(?P<id>\d{1,18}):(?P<value>[udpx]|\d{1,4})", re.ASCII)
@@ -470,8 +557,12 @@ def _minutes(run: RetrainRun) -> int:
     return max(1, round((run.duration_s or 0) / 60))
 
 
-def _readable(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(path)
+def _numbers(data: object) -> dict:
+    """The numbers of a progress event's data, nothing else (it was read from Redis)."""
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items()
+            if key in _PROGRESS_FIELDS and isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
 
 
 def _bar(probability: float, width: int = 10) -> str:

@@ -238,7 +238,8 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
         if data is None:
             reply = unreadable(conversation, sender, image)
         else:
-            reply = await conversation.photo(sender, str(message.id), data)
+            # The message's author sent the photo: it is recorded as theirs too, so that their /forget removes it.
+            reply = await conversation.photo(sender, str(message.id), data, sent_by=str(message.author.id))
         await answer_classification(interaction, reply)
 
 

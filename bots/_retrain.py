@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -147,17 +146,21 @@ class RetrainDesk:
         return await asyncio.to_thread(self._decide, run_id, f"{admin.platform}:{admin.user_id}", promote)
 
     def _decide(self, run_id: int, admin: str, promote: bool) -> RetrainRun | None:
-        run = retraining.get_run(self._engine, run_id)
-        if run is None or run.status != "rejected" or not run.candidate_version:
+        status = "promoted_by_admin" if promote else "discarded"
+        # Claimed first, in one conditional UPDATE: a promote and a discard of the same run (two admins, two bots)
+        # cannot both act; the second is told the run is no longer waiting.
+        run = retraining.claim_decision(self._engine, run_id, status, admin)
+        if run is None:
             return None
-        if promote:
-            self.registry.activate(run.candidate_version)
-            status = "promoted_by_admin"
-        else:
-            if self.registry.active_version() != run.candidate_version:
-                shutil.rmtree(self.registry.path_for(run.candidate_version), ignore_errors=True)
-            status = "discarded"
-        retraining.update_run(self._engine, run_id, status=status, decided_by=admin)
+        try:
+            if promote:
+                self.registry.activate(run.candidate_version)
+            elif not self.registry.discard(run.candidate_version):
+                log.warning("run %s: candidate %s is in use, kept on disk", run_id, run.candidate_version)
+        except BaseException:
+            # The registry refused (a damaged candidate, say): the run waits for a decision again.
+            retraining.update_run(self._engine, run_id, status="rejected", decided_by=None)
+            raise
         log.info("retrain run %s: %s by %s", run_id, status, admin)
         return retraining.get_run(self._engine, run_id)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Engine, case, delete, distinct, func, update
+from sqlalchemy import Engine, case, delete, distinct, func, or_, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
@@ -129,15 +129,21 @@ class Store:
         model_version: str,
         top_k: list[dict],
         latency_ms: float,
+        photo_sent_by: str | None = None,
     ) -> int:
         """Keep a classified photo and the answer given; returns the prediction's id.
 
+        `photo_sent_by`: the platform user id of whoever sent the photo, when that is not the sender (who
+        only asked about it: a /top3 reply, Discord's "Identify car"); their /forget deletes it too.
         A photo the disk refuses is logged and skipped: the prediction is recorded anyway.
         """
         candidates = [_candidate(item) for item in top_k]
         message_id = None if message_id is None else str(message_id)  # Telegram's ids are ints; the column is text
+        owner = None
+        if photo_sent_by is not None and str(photo_sent_by) != sender.user_id:
+            owner = Sender(platform=sender.platform, user_id=str(photo_sent_by), chat_id=sender.chat_id)
         return await asyncio.to_thread(
-            self._record_prediction, sender, message_id, photo, model_version, candidates, float(latency_ms)
+            self._record_prediction, sender, message_id, photo, model_version, candidates, float(latency_ms), owner
         )
 
     async def set_reply_message(self, prediction_id: int, reply_message_id: str) -> None:
@@ -176,9 +182,11 @@ class Store:
     # People's data.
 
     async def forget(self, sender: Sender) -> dict:
-        """Delete everything about the sender: their votes, predictions, photos nobody else sent, and them.
+        """Delete everything about the sender: their votes, their predictions and those others asked about photos
+        they sent, the photos nobody else sent, and them.
 
-        Returns counts: {"predictions": n, "votes": n, "photos": n}.
+        Returns counts, {"predictions": n, "votes": n, "photos": n}, and under "photo_hashes" the SHA-256 of
+        every photo no prediction refers to any more (the caller removes its copies elsewhere, e.g. in Redis).
         """
         return await asyncio.to_thread(self._forget, sender)
 
@@ -225,13 +233,15 @@ class Store:
         model_version: str,
         top_k: list[dict],
         latency_ms: float,
+        owner: Sender | None = None,
     ) -> int:
-        sha = self._keep_photo(photo)
+        sha = hashlib.sha256(photo).hexdigest()
 
         def work(session: Session) -> int:
             person = _person(session, sender)
             prediction = Prediction(
                 person_id=person.id,
+                photo_sender_id=_person(session, owner).id if owner is not None else None,
                 platform=sender.platform,
                 chat_id=sender.chat_id,
                 message_id=message_id,
@@ -244,20 +254,24 @@ class Store:
             session.flush()
             return prediction.id
 
-        return self._transaction(work)
+        # The row first, the file after: a row that cannot be written leaves no file behind that no row
+        # (and so no /forget) could ever reach. A file that cannot be written leaves a row without a photo.
+        prediction_id = self._transaction(work)
+        self._keep_photo(photo)
+        return prediction_id
 
-    def _keep_photo(self, photo: bytes) -> str:
+    def _keep_photo(self, photo: bytes) -> None:
         try:
-            return self.photos.put(photo)
+            self.photos.put(photo)
         except PhotoStoreError as exc:
             # The person still gets their answer; only the retraining sample is lost.
             logger.error("Photo not kept for retraining, the prediction is recorded without it: %s", exc)
-            return hashlib.sha256(photo).hexdigest()
 
     def _forget(self, sender: Sender) -> dict:
         counts, photos = self._transaction(lambda session: _delete_person(session, sender))
         # Files go only once the rows are gone for good; a rolled-back forget keeps its photos.
         counts["photos"] = sum(self.photos.delete(sha) for sha in photos)
+        counts["photo_hashes"] = sorted(photos)
         return counts
 
 
@@ -355,12 +369,13 @@ def _delete_person(session: Session, sender: Sender) -> tuple[dict, set[str]]:
     person = _find_person(session, sender)
     if person is None:
         return {"predictions": 0, "votes": 0}, set()
-    theirs = select(Prediction.id).where(Prediction.person_id == person.id)
-    photos = set(session.exec(select(Prediction.photo_sha256).where(Prediction.person_id == person.id).distinct()))
+    # Their predictions, and other people's predictions about photos they sent (a /top3 reply...).
+    theirs = or_(col(Prediction.person_id) == person.id, col(Prediction.photo_sender_id) == person.id)
+    photos = set(session.exec(select(Prediction.photo_sha256).where(theirs).distinct()))
     votes = session.exec(delete(Feedback).where(col(Feedback.person_id) == person.id)).rowcount
     # Other people's votes on these predictions go with them (the cascade would too; explicit is clearer).
-    session.exec(delete(Feedback).where(col(Feedback.prediction_id).in_(theirs)))
-    predictions = session.exec(delete(Prediction).where(col(Prediction.person_id) == person.id)).rowcount
+    session.exec(delete(Feedback).where(col(Feedback.prediction_id).in_(select(Prediction.id).where(theirs))))
+    predictions = session.exec(delete(Prediction).where(theirs)).rowcount
     session.exec(delete(Person).where(col(Person.id) == person.id))
     return {"predictions": predictions, "votes": votes}, photos - _photos_in_use(session, photos)
 

@@ -122,15 +122,17 @@ async def on_top3(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     message = update.effective_message
     bot = _bot(context)
     sender = sender_of(update, bot.settings)
-    photo = None
+    photo, sent_by = None, None
     replied = message.reply_to_message
     if replied is not None and _image_of(replied) is not None:
         photo = await _download(replied, bot, sender)
         if isinstance(photo, Reply):
             await send_reply(message, photo, bot.conversation)
             return
+        # Someone else's photo, maybe: recorded as theirs too, so that their /forget removes it.
+        sent_by = str(replied.from_user.id) if replied.from_user is not None else None
     await _typing(message)
-    reply = await bot.conversation.top3(sender, str(message.message_id), photo)
+    reply = await bot.conversation.top3(sender, str(message.message_id), photo, sent_by=sent_by)
     await send_reply(message, reply, bot.conversation)
 
 

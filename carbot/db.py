@@ -66,6 +66,10 @@ class Prediction(SQLModel, table=True):
     message_id: str | None = Field(default=None, max_length=64)  # the photo's message
     reply_message_id: str | None = Field(default=None, max_length=64)  # the bot's answer, which holds the buttons
     photo_sha256: str = Field(max_length=64, index=True)
+    # Who sent the photo (a people.id), when not the person who asked about it (a /top3 reply, Discord's
+    # "Identify car"): that person's /forget deletes this prediction too. None: the asker sent it. Not a
+    # foreign key (migration 0003 says why); `bots._store` deletes these rows with their sender.
+    photo_sender_id: int | None = Field(default=None, index=True)
     model_version: str = Field(max_length=128, index=True)
     top_k: list[dict] = Field(default_factory=list, sa_type=JSON, nullable=False)  # [{"label", "probability"}]
     latency_ms: float

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 from rq.job import Job, JobStatus
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from carbot.db import RetrainRun, utcnow
@@ -38,6 +38,9 @@ PENDING = "pending"
 PROGRESS_KEY = "carbot:retrain:progress"  # hash: the running retrain's latest progress, for a second /retrain
 EVENTS_KEY = "carbot:retrain:events"  # stream of RunEvent, read by every bot process
 MESSAGES_KEY = "carbot:retrain:messages"  # hash: run id -> the bot message that shows its progress
+# The picture comparing both models, in the candidate's version folder. Events never carry its path:
+# a bot finds it from the run's record (its candidate version), inside its own registry folder.
+REPORT_IMAGE = "retrain_report.png"
 _EVENTS_MAXLEN = 10_000
 _ERROR_LENGTH = 2000  # the column's size
 # Finished statuses: a run in one of these holds no lock and has no job to wait for.
@@ -59,7 +62,12 @@ def candidate_version(run_id: int, when: datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class RunEvent:
-    """One step of a run, addressed to the admin who asked (platform, chat, language)."""
+    """One step of a run, addressed to the admin who asked (platform, chat, language).
+
+    Ids and numbers only, never a path: whoever can write to Redis can forge one. A bot acts on the
+    run id, the kind, the platform and progress numbers; whom to tell, the error and the report picture
+    it reads from the run's record (`bots._conversation.Conversation.retrain_notices`).
+    """
 
     run_id: int
     kind: str  # "started" | "progress" | "finished" | "failed"
@@ -137,6 +145,27 @@ def list_runs(engine: Engine, limit: int = 20) -> list[RetrainRun]:
     """The latest runs, newest first."""
     with Session(engine, expire_on_commit=False) as session:
         return list(session.exec(select(RetrainRun).order_by(col(RetrainRun.id).desc()).limit(limit)))
+
+
+def claim_decision(engine: Engine, run_id: int, status: str, admin: str) -> RetrainRun | None:
+    """Record an admin's decision on a rejected run, if (and only if) it is still waiting for one.
+
+    One conditional UPDATE: of two decisions on the same run, from any processes, exactly one
+    finds it "rejected" and wins; the other gets None. Returns the run as it was before.
+    """
+    if status not in ("promoted_by_admin", "discarded"):
+        raise ValueError(f"not a decision: {status!r}")
+    with Session(engine, expire_on_commit=False) as session:
+        run = session.get(RetrainRun, run_id)
+        if run is None or run.candidate_version is None:
+            return None
+        claimed = session.exec(
+            update(RetrainRun)
+            .where(col(RetrainRun.id) == run_id, col(RetrainRun.status) == "rejected")
+            .values(status=status, decided_by=admin)
+        ).rowcount
+        session.commit()
+        return run if claimed == 1 else None
 
 
 def fail_run(connection: redis.Redis, engine: Engine, run_id: int, error: str) -> None:

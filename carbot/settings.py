@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # The recipe's base rate (fine-tuning runs at 1/5 to 1/10 of it); unset: the one the active model was trained with.
     retrain_learning_rate: float | None = Field(default=None, gt=0)
     retrain_timeout_s: int = Field(default=6 * 3600, ge=60)  # a longer run is stopped and marked failed
+    # What one person can put into one retrain: their latest labelled photos, of which this many corrections at most.
+    retrain_photos_per_person: int = Field(default=100, ge=1)
+    retrain_corrections_per_person: int = Field(default=25, ge=0)
 
     # Chat platforms (used by the bots).
     telegram_token: SecretStr | None = Field(default=None, validation_alias=_alias("TELEGRAM_TOKEN"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
-from ._registry import ModelRegistry
+from ._registry import ModelRegistry, RegistryConflict
 
 if TYPE_CHECKING:
     from ._network import build_classifier
@@ -31,6 +31,7 @@ __all__ = [
     "ImageRejected",
     "LoadedModel",
     "ModelRegistry",
+    "RegistryConflict",
     "Predictor",
     "Preprocessing",
     "build_classifier",

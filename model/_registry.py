@@ -3,15 +3,22 @@
 Layout under ``root``::
 
     root/<version>/   one artefact per version (see _artefact)
-    root/ACTIVE       the active version's name; workers poll it and reload when it changes
-    root/PREVIOUS     the version that was active before, for a rollback
+    root/ACTIVE       the active version's name on its first line; workers poll it and reload when it
+                      changes. A second line, ``previous <name>``, names the version that was active
+                      before, for a rollback.
 
 Every change is a rename, so a worker reading the registry at any moment sees either the
-old state or the new one. Nothing here imports TensorFlow.
+old state or the new one. The active and the previous version are one file, written by one
+rename: a crash can never leave them out of step (older registries kept the previous version
+in a file ``PREVIOUS`` of its own; it is still read until the next activation). Changes that
+read the state first (activate, roll back, discard) take an exclusive lock on the registry
+folder, so two of them, in any processes on this host, never interleave. Nothing here
+imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -25,7 +32,12 @@ from ._artefact import Artefact, ArtefactCorrupt, check_version_name, read_artef
 log = logging.getLogger(__name__)
 
 ACTIVE_FILE = "ACTIVE"
-PREVIOUS_FILE = "PREVIOUS"
+LEGACY_PREVIOUS_FILE = "PREVIOUS"  # registries written before ACTIVE carried the previous version
+_PREVIOUS_PREFIX = "previous "
+
+
+class RegistryConflict(RuntimeError):
+    """The registry is not in the state a change expected (another change came first); nothing was changed."""
 
 
 class ModelRegistry:
@@ -58,10 +70,10 @@ class ModelRegistry:
         return sorted(found, key=lambda artefact: (artefact.created, artefact.version))
 
     def active_version(self) -> str | None:
-        return self._read_pointer(ACTIVE_FILE)
+        return self._pointers()[0]
 
     def previous_version(self) -> str | None:
-        return self._read_pointer(PREVIOUS_FILE)
+        return self._pointers()[1]
 
     def active(self, *, verify: bool = True) -> Artefact | None:
         """The active artefact, or None if none was activated.
@@ -74,24 +86,60 @@ class ModelRegistry:
             return None
         return read_artefact(self.path_for(version), verify=verify)
 
-    def activate(self, version: str) -> None:
-        """Make `version` the active one, after checking it is complete and unaltered."""
-        artefact = read_artefact(self.path_for(version), verify=True)
-        if artefact.version != version:
-            raise ArtefactCorrupt(f"{artefact.path} holds version {artefact.version!r}, not {version!r}")
-        previous = self.active_version()
-        if previous is not None and previous != version:
-            write_text_atomic(self.root / PREVIOUS_FILE, previous + "\n")
-        write_text_atomic(self.root / ACTIVE_FILE, version + "\n")
-        log.info("model version %s is now active (was %s)", version, previous)
+    def activate(self, version: str, *, expect_active: str | None | object = ...) -> None:
+        """Make `version` the active one, after checking it is complete and unaltered.
+
+        With `expect_active`, only if that is still the active version (None: none is): otherwise
+        `RegistryConflict`, and nothing changes. The check and the change hold the registry's lock.
+        """
+        with self.lock():
+            current, previous = self._pointers()
+            if expect_active is not ... and current != expect_active:
+                raise RegistryConflict(f"the active version is {current!r}, not {expect_active!r}")
+            self._activate_locked(version, current, previous)
 
     def rollback(self) -> str:
         """Activate the previously active version again and return its name."""
-        previous = self.previous_version()
-        if previous is None:
-            raise LookupError("no previous model version to roll back to")
-        self.activate(previous)
-        return previous
+        with self.lock():
+            current, previous = self._pointers()
+            if previous is None:
+                raise LookupError("no previous model version to roll back to")
+            self._activate_locked(previous, current, None)
+            return previous
+
+    def discard(self, version: str) -> bool:
+        """Delete the inactive version `version`; False (nothing deleted) if it is active, or the previous one.
+
+        Under the registry's lock: a promotion of the same version cannot slip in between the check and the delete.
+        """
+        path = self.path_for(version)
+        with self.lock():
+            if version in self._pointers():
+                return False
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the registry's exclusive lock (an advisory lock on its folder, released if the process dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _activate_locked(self, version: str, current: str | None, previous: str | None) -> None:
+        artefact = read_artefact(self.path_for(version), verify=True)
+        if artefact.version != version:
+            raise ArtefactCorrupt(f"{artefact.path} holds version {artefact.version!r}, not {version!r}")
+        if current is not None and current != version:
+            previous = current  # re-activating the active version keeps its previous one
+        text = version + "\n" + (f"{_PREVIOUS_PREFIX}{previous}\n" if previous is not None else "")
+        write_text_atomic(self.root / ACTIVE_FILE, text)  # both names in one rename
+        (self.root / LEGACY_PREVIOUS_FILE).unlink(missing_ok=True)  # now superseded by ACTIVE's second line
+        log.info("model version %s is now active (was %s)", version, current)
 
     @contextmanager
     def staging(self, version: str) -> Iterator[Path]:
@@ -111,7 +159,8 @@ class ModelRegistry:
             if artefact.version != version:
                 raise ArtefactCorrupt(f"staged artefact is version {artefact.version!r}, not {version!r}")
             os.chmod(staged, 0o755)  # mkdtemp makes it private to this user
-            self._move_into_place(staged, version)
+            with self.lock():  # not while a discard of the same name is deleting it
+                self._move_into_place(staged, version)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
@@ -133,15 +182,29 @@ class ModelRegistry:
             raise
         shutil.rmtree(old, ignore_errors=True)
 
-    def _read_pointer(self, name: str) -> str | None:
+    def _pointers(self) -> tuple[str | None, str | None]:
+        """(active, previous) as ACTIVE says them; a name that is not a valid version name reads as None."""
         try:
-            text = (self.root / name).read_text(encoding="utf-8").strip()
+            lines = (self.root / ACTIVE_FILE).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            return None
+            return None, None
+        active = self._valid(lines[0].strip() if lines else "", ACTIVE_FILE)
+        previous_lines = [line.strip() for line in lines[1:] if line.startswith(_PREVIOUS_PREFIX)]
+        if previous_lines:
+            previous = self._valid(previous_lines[0].removeprefix(_PREVIOUS_PREFIX).strip(), ACTIVE_FILE)
+        else:
+            try:
+                legacy = (self.root / LEGACY_PREVIOUS_FILE).read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                legacy = ""
+            previous = self._valid(legacy, LEGACY_PREVIOUS_FILE)
+        return active, previous if previous != active else None
+
+    def _valid(self, text: str, source: str) -> str | None:
         if not text:
             return None
         try:
             return check_version_name(text)
         except ValueError:
-            log.warning("ignoring %s: it does not hold a valid version name", self.root / name)
+            log.warning("ignoring %s: it does not hold a valid version name", self.root / source)
             return None

@@ -36,6 +36,10 @@ from worker import ClassifyClient
 
 ADMIN = Sender(platform="telegram", user_id="42", chat_id="900", language_code="en", is_admin=True)
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
+# A crowd of people giving feedback: what one person can put into a retrain is capped.
+CROWD = tuple(
+    Sender(platform="telegram", user_id=str(n), chat_id=str(100 + n), language_code="en") for n in range(1, 7)
+)
 PHOTO_SIZE = (96, 72)  # like the demo's photos: twice its 48 px input, 4:3
 
 
@@ -235,6 +239,19 @@ async def test_a_run_with_nothing_to_train_on_says_so_without_buttons(world, cha
     assert summary.reply.text.startswith(f"🚫 O retreino #{run_id} não treinou nada: não havia fotos utilizáveis")
 
 
+async def test_a_candidate_refused_for_a_class_names_it_to_the_admin(world, chat):
+    engine = chat.store.engine
+    run_id = retraining.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+    metrics = {"overall_accuracy": 0.9, "overall_n": 40, "feedback_accuracy": 0.5, "feedback_n": 10}
+    failing = {"FIAT ARGO": {"n": 20, "active": 0.9, "candidate": 0.2}}
+    retraining.update_run(engine, run_id, status="rejected", reason="worse_on_a_class", base_version="tiny-test",
+                          candidate_version="r1-x", active_metrics=metrics,
+                          candidate_metrics={**metrics, "failing_classes": failing})  # fmt: skip
+    [summary] = await chat.retrain_notices(RunEvent.for_run(retraining.get_run(engine, run_id), "finished"))
+    assert "worse than the active model on one class of the hold-out (or more) (FIAT ARGO)" in summary.reply.text
+    assert summary.reply.photo_path is None  # no such version in the registry: no picture, and no error
+
+
 def test_button_data_for_runs_is_parsed_strictly():
     from bots._conversation import _parse_button
 
@@ -258,24 +275,28 @@ def edge_photo(label: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-async def give_feedback(chat: Conversation, photos: list[tuple[str, bytes]], *, say=lambda truth: truth) -> dict:
-    """Alice sends each photo, then confirms a right answer (👍) or types what it really was (👎, "another model").
+async def give_feedback(
+    chat: Conversation, photos: list[tuple[str, bytes]], *, say=lambda truth: truth, senders=(ALICE,)
+) -> dict:
+    """People send each photo, then confirm a right answer (👍) or type what it really was (👎, "another model").
 
-    `say(truth)` is the label she gives; returns {"wrong": [(truth, photo), ...], "versions": {...}}.
+    `senders` take turns, photo by photo (a crowd: one person's feedback is capped per retrain).
+    `say(truth)` is the label given; returns {"wrong": [(truth, photo), ...], "versions": {...}}.
     """
     wrong, versions = [], set()
     for number, (truth, photo) in enumerate(photos):
-        reply = await chat.photo(ALICE, f"m{number}", photo)
+        sender = senders[number % len(senders)]
+        reply = await chat.photo(sender, f"m{number}", photo)
         record = await chat.store.get_prediction(reply.prediction_id)
         versions.add(record.model_version)
         label = say(truth)
         if record.top_k[0]["label"] == label:
-            await chat.button(ALICE, f"v:{record.id}:u")
+            await chat.button(sender, f"v:{record.id}:u")
             continue
         wrong.append((truth, photo))
-        await chat.button(ALICE, f"v:{record.id}:d")
-        await chat.button(ALICE, f"c:{record.id}:x")
-        assert "Recorded as" in (await chat.text(ALICE, label)).text
+        await chat.button(sender, f"v:{record.id}:d")
+        await chat.button(sender, f"c:{record.id}:x")
+        assert "Recorded as" in (await chat.text(sender, label)).text
     return {"wrong": wrong, "versions": versions}
 
 
@@ -313,7 +334,7 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
     try:
         labels = base["labels"]
         feedback = await give_feedback(
-            chat, [(label, edge_photo(label, seed)) for label in labels for seed in range(20)]
+            chat, [(label, edge_photo(label, seed)) for label in labels for seed in range(20)], senders=CROWD
         )
         assert len(feedback["wrong"]) >= 60, "the base model should get the new style mostly wrong"
         assert feedback["versions"] == {base_version}
@@ -332,6 +353,9 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
                 # A second /retrain while it trains says so, with the progress.
                 again = await chat.command(ADMIN, "retrain")
                 assert "already running (run #1)" in again.text and "epoch 1/30" in again.text
+            if event.kind == "progress" and event.data["epoch"] == 3:
+                # What the admin sees now (a progress event of a run that has ended shows nothing).
+                progress = await chat.retrain_notices(event)
             if event.kind in ("finished", "failed"):
                 break
         assert [event.kind for event in events] == ["started"] + ["progress"] * 30 + ["finished"], events[-1]
@@ -348,9 +372,12 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
         await close_conversation(chat)
 
     # The run's record: who, what data, both models' metrics, the decision.
-    assert (run.status, run.reason, run.requested_by, run.base_version) == ("promoted", "better", "telegram:42",
-                                                                            base_version), run  # fmt: skip
-    assert run.counts["feedback_train"] + run.counts["feedback_holdout"] == len(labels) * 20
+    outcome = (run.status, run.reason, run.requested_by, run.base_version)
+    assert outcome == ("promoted", "better", "telegram:42", base_version), (run, run.candidate_metrics)
+    # Every photo entered, but for a correction that only one person made to its label (one voice is not enough).
+    entered = run.counts["feedback_train"] + run.counts["feedback_holdout"]
+    assert entered == len(labels) * 20 - run.counts["feedback_single_source"], run.counts
+    assert run.counts["feedback_single_source"] <= 5 and run.counts["feedback_capped"] == 0, run.counts
     assert run.counts["feedback_holdout"] > 0 and run.counts["base_train"] > 0
     assert run.candidate_metrics["feedback_accuracy"] > run.active_metrics["feedback_accuracy"]
     assert run.candidate_metrics["overall_accuracy"] >= run.active_metrics["overall_accuracy"]
@@ -365,7 +392,7 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
     # What the admin saw: the progress message edited each epoch, then a summary with the report picture.
     chat = await open_conversation(world)
     try:
-        progress = await chat.retrain_notices(events[3])
+        assert await chat.retrain_notices(events[3]) == []  # the run is over: a stale progress event shows nothing
         assert progress[0].edit == "900:77" and "epoch 3/30" in progress[0].reply.text
         finished = await chat.retrain_notices(events[-1])
         assert finished[0].edit == "900:77" and "finished" in finished[0].reply.text
@@ -410,12 +437,14 @@ async def test_a_worse_candidate_is_not_promoted_and_the_admin_decides(trained_w
     chat = await open_conversation(world)
     try:
         labels = base["labels"]
-        await give_feedback(chat, [(label, edge_photo(label, seed)) for label in labels for seed in range(6)])
+        photos = [(label, edge_photo(label, seed)) for label in labels for seed in range(6)]
+        await give_feedback(chat, photos, senders=CROWD)
         events = await retrain_and_wait(chat)
         assert events[-1].kind == "finished", events[-1]
 
         [run] = runs_table(world)
-        assert run.status == "rejected" and run.reason in ("worse_overall", "not_better_on_feedback")
+        refusals = ("worse_overall", "worse_on_a_class", "chance_on_a_class", "not_better_on_feedback")
+        assert run.status == "rejected" and run.reason in refusals, run
         assert world.registry.active_version() == base_version
         assert world.registry.exists(run.candidate_version)  # kept for the admin's decision
         summary = (await chat.retrain_notices(events[-1]))[-1].reply

@@ -131,6 +131,36 @@ def test_the_migrations_can_be_undone(database_url: str) -> None:
     assert query(database_url, "SELECT version_num FROM alembic_version") == [(head,)]
 
 
+def test_adding_the_photo_sender_keeps_every_row(database_url: str) -> None:
+    # Migration 0003 adds predictions.photo_sender_id in place: a table copy would cascade-delete the feedback.
+    command.upgrade(alembic_config(database_url), "0002")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO people (id, platform, platform_user_id, language, created_at) "
+                    "VALUES (1, 'telegram', '1', 'en', CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO predictions (id, person_id, platform, chat_id, photo_sha256, "
+                    "model_version, top_k, latency_ms, created_at) VALUES (1, 1, 'telegram', '1', "
+                    "'ab', 'v1', '[]', 1.0, CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(text("INSERT INTO feedback (prediction_id, person_id, vote, created_at, updated_at) "
+                                    "VALUES (1, 1, 'up', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))  # fmt: skip
+    finally:
+        engine.dispose()
+    migrate(database_url)
+    assert query(database_url, "SELECT id, photo_sender_id FROM predictions") == [(1, None)]
+    assert query(database_url, "SELECT prediction_id, vote FROM feedback") == [(1, "up")]
+    command.downgrade(alembic_config(database_url), "0002")
+    assert query(database_url, "SELECT prediction_id, vote FROM feedback") == [(1, "up")]
+
+
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
     migrate(database_url)
     engine = make_engine(database_url)
@@ -349,14 +379,14 @@ async def test_forget_deletes_a_person_and_only_their_own_photos(store: Store, d
     shared_sha = (await store.get_prediction(bob_shared)).photo_sha256
     own_sha = (await store.get_prediction(alice_own)).photo_sha256
 
-    assert await store.forget(ALICE) == {"predictions": 2, "votes": 2, "photos": 1}
+    assert await store.forget(ALICE) == {"predictions": 2, "votes": 2, "photos": 1, "photo_hashes": [own_sha]}
 
     assert store.photos.get(shared_sha) == shared
     assert not store.photos.path(own_sha).exists()
     assert query(database_url, "SELECT id FROM predictions") == [(bob_shared,)]
     assert query(database_url, "SELECT prediction_id, vote FROM feedback") == [(bob_shared, "up")]
     assert query(database_url, "SELECT platform_user_id FROM people") == [(BOB.user_id,)]
-    assert await store.forget(ALICE) == {"predictions": 0, "votes": 0, "photos": 0}
+    assert await store.forget(ALICE) == {"predictions": 0, "votes": 0, "photos": 0, "photo_hashes": []}
 
 
 async def test_purge_deletes_photos_past_retention(store: Store) -> None:

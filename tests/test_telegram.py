@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -240,6 +241,11 @@ async def test_top3_as_a_reply_as_a_caption_and_alone(bot: Harness, worker: None
     assert len(bot.prediction_rows()) == 3
     # The replied-to photo was downloaded again; /top3 alone used the remembered bytes.
     assert len(fake.downloads) == 2
+    # Caio only asked about Ana's photo: both his answers are recorded as about her photo, for her /forget.
+    with Session(bot.store.engine) as session:
+        ids = {person.platform_user_id: person.id for person in session.exec(select(db.Person))}
+    recorded = sorted((row.person_id, row.photo_sender_id or 0) for row in bot.prediction_rows())
+    assert recorded == sorted([(ids["7"], 0), (ids["9"], ids["7"]), (ids["9"], ids["7"])])
 
     # 👎 in a group: the question goes to the photo's sender, whose typed answer comes back as a reply.
     [[_, down]] = _buttons(by_caption)
@@ -512,10 +518,16 @@ async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_butto
         retraining.update_run(engine, 1, status="rejected", reason="not_better_on_feedback", base_version="tiny-test",
                               candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
                               duration_s=120.0, counts={"feedback_train": 40, "feedback_holdout": 10})  # fmt: skip
-        picture = bot.settings.data_dir / "report.png"
+        # The picture is found from the run's candidate version, in the registry (events carry no paths).
+        picture = bot.settings.registry_dir / "r1-test" / retraining.REPORT_IMAGE
+        picture.parent.mkdir()
         picture.write_bytes(jpeg_bytes(1))
-        retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished", report_image=str(picture)))
-        [photo] = await fake.wait_for("sendPhoto")
+        try:
+            retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished"))
+            [photo] = await fake.wait_for("sendPhoto")
+        finally:  # the registry is the session's
+            shutil.rmtree(picture.parent)
+        assert photo.params["photo"] == jpeg_bytes(1)
         [summary] = await fake.wait_for("sendMessage", lambda call: "not promoted" in call.params["text"])
         assert str(photo.params["chat_id"]) == str(summary.params["chat_id"]) == str(boss["id"])
         assert "not better on the held-out feedback" in summary.params["text"]

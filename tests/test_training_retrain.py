@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -35,7 +36,8 @@ from training import (
     retrain,
     synthetic_photo,
 )
-from training._retrain import gate, oversample_factor
+from training._feedback import FeedbackPolicy, Vote, choose_feedback
+from training._retrain import gate, judge, oversample_factor
 
 IMAGE_SIZE = 32
 PHOTO_SIZE = (64, 48)
@@ -169,6 +171,67 @@ def test_oversampling_and_gate_rules() -> None:
     assert gate(m(0.8, 0.5), m(0.79, 0.9)) == "worse_overall"
     assert gate(m(0.8, 0.5), m(0.9, 0.5)) == "not_better_on_feedback"
     assert gate(m(0.8, None, 0), m(0.9, None, 0)) == "no_feedback_holdout"
+
+
+def test_the_gate_refuses_a_candidate_that_ruins_one_class_or_is_at_chance_on_one() -> None:
+    def m(overall: float, feedback: float, **per_class: tuple[int, float]) -> dict:
+        classes = {label: {"n": n, "accuracy": accuracy} for label, (n, accuracy) in per_class.items()}
+        return {"overall_accuracy": overall, "feedback_accuracy": feedback, "feedback_n": 10, "per_class": classes}
+
+    active = m(0.80, 0.5, a=(20, 0.90), b=(20, 0.70))
+    # Better overall and on the feedback, bought with class a: refused, and the class is named.
+    reason, failing = judge(active, m(0.85, 0.9, a=(20, 0.50), b=(20, 1.0)), num_labels=5)
+    assert (reason, failing) == ("worse_on_a_class", {"a": {"n": 20, "active": 0.90, "candidate": 0.50}})
+    # Within the margin (5 points, one photo of the class, and what chance explains on its photos) it passes.
+    assert gate(active, m(0.85, 0.9, a=(20, 0.85), b=(20, 1.0)), num_labels=5) == "better"
+    # A large class: 5 points and the noise of 400 photos (2.5 standard errors, about 5 points here).
+    big = m(0.80, 0.5, a=(400, 0.90))
+    assert gate(big, m(0.85, 0.9, a=(400, 0.86)), num_labels=5) == "better"
+    assert gate(big, m(0.85, 0.9, a=(400, 0.82)), num_labels=5) == "worse_on_a_class"
+    # A small class: 2 of 10 photos lost is within what chance explains, 6 of 10 is not.
+    small = m(0.80, 0.5, a=(10, 1.0))
+    assert gate(small, m(0.85, 0.9, a=(10, 0.8)), num_labels=5) == "better"
+    assert gate(small, m(0.85, 0.9, a=(10, 0.4)), num_labels=5) == "worse_on_a_class"
+    # No better than chance (1/5) on a class with at least 3 photos: refused, even if the active model was too.
+    at_chance = m(0.80, 0.5, a=(20, 0.9), b=(10, 0.2))
+    reason, failing = judge(at_chance, m(0.85, 0.9, a=(20, 0.9), b=(10, 0.2)), num_labels=5)
+    assert (reason, list(failing)) == ("chance_on_a_class", ["b"])
+    assert gate(at_chance, m(0.85, 0.9, a=(20, 0.9), b=(10, 0.3)), num_labels=5) == "better"
+
+
+def _vote(person: int, photo: int, label: str, *, model: str = "A", p: float = 0.5, minute: int = 0) -> Vote:
+    return Vote(person, f"{photo:064x}", label, label != model, model, p, datetime(2026, 12, 1, 0, minute, tzinfo=UTC))
+
+
+def test_one_person_cannot_steer_which_feedback_enters() -> None:
+    # 200 corrections of confident answers by one account, next to three honest people.
+    attacker = [_vote(666, photo, "B", p=0.97, minute=photo % 60) for photo in range(200)]
+    honest = [_vote(person, 1000 + person * 10 + n, "C", model="A", p=0.6) for person in (1, 2, 3) for n in range(5)]
+    chosen, counts = choose_feedback(attacker + honest)
+    assert {photo.label for photo in chosen} == {"C"} and len(chosen) == 15
+    assert counts["feedback_untrusted"] == 200 and counts["feedback_people_untrusted"] == 1
+
+    # Unconfident answers give no evidence against them: then the caps hold them to 25 corrections, and those
+    # do not enter either while nobody else says anything is a "B".
+    attacker = [_vote(666, photo, "B", p=0.4, minute=photo % 60) for photo in range(200)]
+    chosen, counts = choose_feedback(attacker)
+    assert chosen == [] and counts["feedback_capped"] == 175 and counts["feedback_single_source"] == 25
+    one_voice_enough = FeedbackPolicy(min_correctors=1)
+    assert len(choose_feedback(attacker, one_voice_enough)[0]) == 25
+    assert len(choose_feedback(attacker, FeedbackPolicy(corrections_per_person=10, min_correctors=1))[0]) == 10
+    # A second person correcting one photo to "B" is a second voice: the capped 25 enter.
+    chosen, counts = choose_feedback([*attacker, _vote(7, 5000, "B")])
+    assert len(chosen) == 26 and counts["feedback_single_source"] == 0
+
+    # People who agree with others and with confident answers weigh fully; a contested photo weighs nothing.
+    agreeing = [_vote(person, 1, "C") for person in (1, 2)] + [_vote(person, 2, "A", p=0.95) for person in (1, 2)]
+    contested = [_vote(3, 3, "C"), _vote(4, 3, "D")]
+    chosen, counts = choose_feedback(agreeing + contested)
+    assert [(photo.label, photo.weight) for photo in chosen] == [("C", 1.0), ("A", 1.0)]
+    assert counts["feedback_low_weight"] == 1
+    # The same photo voted on twice by one person (sent twice) is one voice.
+    twice = [_vote(1, 5, "C", minute=1), _vote(1, 5, "D", minute=2)]
+    assert [photo.label for photo in choose_feedback(twice, one_voice_enough)[0]] == ["D"]
 
 
 # --------------------------------------------------------------------------

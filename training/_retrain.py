@@ -23,8 +23,10 @@ and promotes it only when it beats the active one on photos neither model traine
 5. **The epoch**: the base training photos once, plus the training feedback repeated an
    integer number of times so that it makes up about ``feedback_share`` of the epoch
    (at least once, at most ``max_oversample`` times): a few dozen corrections must be
-   able to move a model trained on thousands of photos. Each photo is decoded once and
-   cached; the repeats are drawn from the cache in a fresh random order every epoch, and
+   able to move a model trained on thousands of photos. A photo whose weight is under 1
+   (people disagree on it, or its voters are little trusted: see
+   ``training._feedback.choose_feedback``) is repeated that share as often, at least once.
+   Each photo is decoded once and cached; the repeats are drawn from the cache in a fresh random order every epoch, and
    augmented (flips, small rotations, zooms, shifts, contrast) like the recipe's.
 6. **Fine-tuning**: the recipe's phase 2 from the active weights: the upper
    ``finetune_fraction`` of the backbone unfrozen (BatchNorm stays frozen in inference
@@ -35,9 +37,14 @@ and promotes it only when it beats the active one on photos neither model traine
    loss, accuracy and the time left. On a GPU the model runs in mixed precision and
    XLA-compiled, on a CPU in float32, as in the recipe.
 7. **The gate**: the active and the candidate model predict the same hold-out. The
-   candidate passes when it is at least as accurate overall *and* strictly more accurate
-   on the feedback hold-out (compared to 6 decimals, so float noise cannot decide). With
-   no feedback hold-out it cannot show it learnt anything and is never promoted.
+   candidate passes when it is at least as accurate overall, no class of the hold-out lost
+   more than ``class_margin`` of its accuracy (nor more than one photo of it, or than chance
+   alone explains on that many photos: 2.5 standard errors), it is
+   better than chance (``1 / labels``) on every class with at least 3 hold-out photos, *and*
+   it is strictly more accurate on the feedback hold-out (compared to 6 decimals, so float
+   noise cannot decide). A few people's corrections cannot buy an overall gain with one
+   class's ruin. With no feedback hold-out it cannot show it learnt anything and is never
+   promoted. The classes that failed it are recorded with the candidate's metrics.
 8. **The candidate** is saved in the registry as `version` either way (model.json records
    where it came from, the counts, both models' metrics and the gate's decision), with the
    usual evaluation report and ``retrain_report.png``, a picture comparing both models for
@@ -64,7 +71,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import ModelRegistry, Preprocessing, load_artefact, save_artefact
+from carbot.retraining import REPORT_IMAGE
+from model import ModelRegistry, Preprocessing, RegistryConflict, load_artefact, save_artefact
 from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
@@ -83,7 +91,6 @@ from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
 
 log = logging.getLogger(__name__)
 
-REPORT_IMAGE = "retrain_report.png"
 
 # The gate's verdicts (RetrainOutcome.reason).
 BETTER = "better"
@@ -91,6 +98,14 @@ WORSE_OVERALL = "worse_overall"
 NOT_BETTER_ON_FEEDBACK = "not_better_on_feedback"
 NO_FEEDBACK_HOLDOUT = "no_feedback_holdout"
 NO_TRAINING_DATA = "no_training_data"
+WORSE_ON_A_CLASS = "worse_on_a_class"
+CHANCE_ON_A_CLASS = "chance_on_a_class"
+
+# A class is judged "no better than chance" only with at least this many hold-out photos.
+_MIN_CLASS_PHOTOS = 3
+# A class's accuracy may fall by this many standard errors of the difference (about 1 % one-sided) before the
+# gate calls it worse: a class with 10 hold-out photos cannot tell a 2-photo wobble from a loss.
+_CLASS_NOISE_Z = 2.5
 
 # model.json lists at most this many skipped photos (a base folder of unknown classes could hold thousands).
 _MAX_LISTED_SKIPPED = 1000
@@ -117,6 +132,9 @@ class RetrainConfig:
     seed: int = 0
     augment: bool = True
     base_test_fraction: float = 0.15  # the base hold-out's share of each class, when the split is first made
+    # The gate refuses a candidate whose accuracy on any class of the hold-out falls by more than this
+    # (or by more than one photo of that class, whichever is more).
+    class_margin: float = 0.05
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_oversample < 1:
@@ -211,6 +229,7 @@ def retrain(
     fb = _feedback_parts(feedback, labels, preprocessing, config.holdout_fraction)
     base_data = _base_parts(base_dataset, split_file, labels, preprocessing, config)
     oversample = oversample_factor(len(base_data.train), len(fb.train), config.feedback_share, config.max_oversample)
+    feedback_groups = _feedback_groups(fb.train_photos, oversample)
     counts = {
         "base_train": len(base_data.train),
         "base_holdout": len(base_data.holdout),
@@ -219,6 +238,8 @@ def retrain(
         "feedback_holdout": len(fb.holdout),
         "feedback_skipped": len(fb.skipped),
         "oversample": oversample,
+        # Trained fewer times than `oversample`: their weight (trust, agreement) is under 1.
+        "feedback_down_weighted": sum(photo.weight < 1.0 for photo in fb.train_photos),
     }
     log.info("retrain data: %s", counts)
     if not base_data.train and not fb.train:
@@ -244,14 +265,16 @@ def retrain(
 
     # 5-6. Fine-tune.
     keras.utils.set_random_seed(config.seed)
-    dataset = _training_dataset(base_data.train, fb.train, oversample, labels, preprocessing, config)
+    dataset = _training_dataset(base_data.train, feedback_groups, labels, preprocessing, config)
     pretrained = _pretrained(base.meta)
     history = _finetune(network, dataset, config, pretrained=pretrained, gpu=gpu, on_epoch=on_epoch, started=started)
 
     # 7. The gate.
     candidate_metrics, evaluation = _evaluate(network, holdout, len(base_data.holdout), **evaluate_args)
-    reason = gate(active_metrics, candidate_metrics)
-    log.info("gate: %s (active %s, candidate %s)", reason, active_metrics, candidate_metrics)
+    reason, failing = judge(active_metrics, candidate_metrics, num_labels=len(labels), class_margin=config.class_margin)
+    if failing:  # which classes, and how each model did on them: the run's record says why
+        candidate_metrics["failing_classes"] = failing
+    log.info("gate: %s %s (active %s, candidate %s)", reason, failing or "", active_metrics, candidate_metrics)
 
     # 8. Save the candidate, with its reports; activate it if it passed.
     metrics: dict[str, Any] = dict(candidate_metrics)
@@ -305,14 +328,11 @@ def retrain(
 
     promoted = False
     if promote and reason == BETTER:
-        current = registry.active_version()
-        if current == base.version:
-            registry.activate(version)
+        try:  # only if an admin did not activate another version meanwhile: checked and done under one lock
+            registry.activate(version, expect_active=base.version)
             promoted = True
-        else:
-            log.warning(
-                "not activating %s: the active version changed from %s to %s meanwhile", version, base.version, current
-            )
+        except RegistryConflict as exc:
+            log.warning("not activating %s: %s", version, exc)
     duration = time.monotonic() - started
     log.info("retrain %s: %s, %s in %.1f s", version, reason, "promoted" if promoted else "not promoted", duration)
     return RetrainOutcome(
@@ -320,19 +340,60 @@ def retrain(
     )
 
 
-def gate(active: dict[str, Any], candidate: dict[str, Any]) -> str:
+def gate(
+    active: dict[str, Any], candidate: dict[str, Any], *, num_labels: int | None = None, class_margin: float = 0.05
+) -> str:
     """The verdict on a candidate, from both models' hold-out metrics (see :func:`retrain`, step 7)."""
+    return judge(active, candidate, num_labels=num_labels, class_margin=class_margin)[0]
+
+
+def judge(
+    active: dict[str, Any], candidate: dict[str, Any], *, num_labels: int | None = None, class_margin: float = 0.05
+) -> tuple[str, dict[str, dict[str, float | int]]]:
+    """The gate's verdict and the classes that decided it (``{label: {"n", "active", "candidate"}}``, else empty).
+
+    In order: no feedback hold-out; worse overall; worse on any class of the hold-out by more than
+    `class_margin`, one photo of that class, and 2.5 standard errors of the difference of the two
+    accuracies on that many photos (what chance alone could explain); no better than chance
+    (``1 / num_labels``) on any class with at least 3 hold-out photos; not strictly better on the
+    feedback hold-out. A class's accuracy is the share of its hold-out photos answered right.
+    """
     if not candidate.get("feedback_n"):
-        return NO_FEEDBACK_HOLDOUT
+        return NO_FEEDBACK_HOLDOUT, {}
 
     def score(metrics: dict[str, Any], key: str) -> float:
         return round(float(metrics[key]), _GATE_DECIMALS)
 
     if score(candidate, "overall_accuracy") < score(active, "overall_accuracy"):
-        return WORSE_OVERALL
+        return WORSE_OVERALL, {}
+    before, after = active.get("per_class") or {}, candidate.get("per_class") or {}
+
+    def row(label: str) -> dict[str, float | int]:
+        return {"n": after[label]["n"], "active": before.get(label, {}).get("accuracy", 0.0),
+                "candidate": after[label]["accuracy"]}  # fmt: skip
+
+    worse = {}
+    for label, part in after.items():
+        was = before.get(label, {}).get("accuracy")
+        if was is None:
+            continue
+        now, n = part["accuracy"], part["n"]
+        # Beyond the margin, one photo of the class, and what chance alone explains on n photos.
+        noise = _CLASS_NOISE_Z * math.sqrt((was * (1 - was) + now * (1 - now)) / n)
+        if round(was - now, _GATE_DECIMALS) > max(class_margin, 1.0 / n, noise):
+            worse[label] = row(label)
+    if worse:
+        return WORSE_ON_A_CLASS, worse
+    if num_labels:
+        chance = 1.0 / num_labels
+        judged = {label: part for label, part in after.items() if part["n"] >= _MIN_CLASS_PHOTOS}
+        at_chance = {label: row(label) for label, part in judged.items()
+                     if round(part["accuracy"], _GATE_DECIMALS) <= chance}  # fmt: skip
+        if at_chance:
+            return CHANCE_ON_A_CLASS, at_chance
     if score(candidate, "feedback_accuracy") <= score(active, "feedback_accuracy"):
-        return NOT_BETTER_ON_FEEDBACK
-    return BETTER
+        return NOT_BETTER_ON_FEEDBACK, {}
+    return BETTER, {}
 
 
 def oversample_factor(n_base: int, n_feedback: int, share: float, cap: int) -> int:
@@ -452,18 +513,26 @@ def _base_parts(
     )
 
 
+def _feedback_groups(photos: Sequence[FeedbackPhoto], oversample: int) -> list[tuple[list[Sample], int]]:
+    """The training feedback by how often each photo is repeated: ``oversample`` times its weight, at least once."""
+    groups: dict[int, list[Sample]] = {}
+    for photo in photos:
+        repeats = max(1, round(photo.weight * oversample))
+        groups.setdefault(repeats, []).append(Sample(Path(photo.path), photo.label))
+    return [(samples, repeats) for repeats, samples in sorted(groups.items(), reverse=True)]
+
+
 def _training_dataset(
     base_train: list[Sample],
-    feedback_train: list[Sample],
-    oversample: int,
+    feedback_groups: Sequence[tuple[list[Sample], int]],
     labels: Sequence[str],
     preprocessing: Preprocessing,
     config: RetrainConfig,
 ) -> tf.data.Dataset:
-    """Step 5: one epoch = every base photo once and every feedback photo `oversample` times, mixed, batched."""
+    """Step 5: one epoch = every base photo once and every feedback photo its repeats, mixed, batched."""
     parts: list[tf.data.Dataset] = []
     choices: list[np.ndarray] = []
-    for index, (samples, repeats) in enumerate(((base_train, 1), (feedback_train, oversample))):
+    for index, (samples, repeats) in enumerate(((base_train, 1), *feedback_groups)):
         if not samples:
             continue
         # Decoded once and cached (unique photos only, so repeats cost no memory), reshuffled every pass.
@@ -603,12 +672,26 @@ def _metrics(evaluation: Evaluation | None, n_base: int) -> dict[str, float | in
         "base": Evaluation(evaluation.labels, evaluation.y_true[:n_base], evaluation.probabilities[:n_base]),
         "feedback": Evaluation(evaluation.labels, evaluation.y_true[n_base:], evaluation.probabilities[n_base:]),
     }
-    metrics: dict[str, float | int | None] = {}
+    metrics: dict[str, Any] = {}
     for name, part in parts.items():
         metrics[f"{name}_accuracy"] = part.accuracy if part.num_samples else None
     for name, part in parts.items():
         metrics[f"{name}_n"] = part.num_samples
+    metrics["per_class"] = _per_class(evaluation)
     return metrics
+
+
+def _per_class(evaluation: Evaluation) -> dict[str, dict[str, float | int]]:
+    """Each class of the hold-out: how many photos it has there and the share answered right."""
+    predicted = evaluation.probabilities.argmax(axis=1)
+    classes = {}
+    for index in np.unique(evaluation.y_true):
+        mine = evaluation.y_true == index
+        classes[evaluation.labels[int(index)]] = {
+            "n": int(mine.sum()),
+            "accuracy": float((predicted[mine] == index).mean()),
+        }
+    return classes
 
 
 def _evaluate(
@@ -634,6 +717,8 @@ _VERDICTS = {
     WORSE_OVERALL: "rejected: worse than the active model overall",
     NOT_BETTER_ON_FEEDBACK: "rejected: not better on the feedback hold-out",
     NO_FEEDBACK_HOLDOUT: "not promoted: no held-out feedback photo to show it learnt",
+    WORSE_ON_A_CLASS: "rejected: worse than the active model on a class of the hold-out",
+    CHANCE_ON_A_CLASS: "rejected: no better than chance on a class of the hold-out",
 }
 
 _PARTS = (("overall", "overall"), ("base", "base hold-out"), ("feedback", "feedback hold-out"))

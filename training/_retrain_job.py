@@ -4,8 +4,10 @@ A run, step by step (`run_retrain`, executed in RQ's work horse, a fresh child p
 
 1. mark the run "running" and tell its admin;
 2. collect the feedback photos from SQL (`collect_feedback`): 👍 keeps the predicted label, a
-   correction gives the corrected label, a 👎 without one is not used; one label per photo
-   hash (the most given, the latest on a tie); photos no longer in the photo store are skipped;
+   correction gives the corrected label, a 👎 without one is not used; per-person caps, and each
+   person weighted by how far they agree with others and with the model's confident answers
+   (`training._feedback.choose_feedback`); one label per photo hash, the best supported; photos
+   no longer in the photo store are skipped;
 3. fine-tune the active model on the base dataset and those photos, evaluate candidate and
    active model on the same hold-out, promote the candidate only if the gate passes
    (`training.retrain`), publishing progress each epoch;
@@ -22,8 +24,7 @@ is imported by `training.retrain` inside the work horse only.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -40,7 +41,7 @@ from carbot.retraining import RunEvent
 from carbot.services import database_url
 from carbot.settings import Settings, get_settings
 from model import Artefact, ModelRegistry
-from training._feedback import FeedbackPhoto
+from training._feedback import FeedbackPhoto, FeedbackPolicy, Vote, choose_feedback
 from worker import SERIALIZER
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
     retraining.publish(connection, RunEvent.for_run(run, "started"))
 
     photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
-    feedback, found = collect_feedback(engine, photos)
+    feedback, found = collect_feedback(engine, photos, feedback_policy(settings))
     log.info("retrain run %s: %d feedback photos (%s)", run_id, len(feedback), found)
 
     def on_epoch(progress: RetrainProgress) -> None:
@@ -117,8 +118,8 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
         finished_at=finished,
         duration_s=(finished - started).total_seconds(),
     )
-    report = str(outcome.report_image) if outcome.report_image is not None else None
-    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status, report_image=report))
+    # Ids only: each bot reads the run's record and finds the report picture in its own registry.
+    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status))
     log.info("retrain run %s: %s (%s), candidate %s", run_id, status, outcome.reason, version)
     return {"run": run_id, "status": status, "reason": outcome.reason, "candidate": version if saved else None}
 
@@ -139,37 +140,54 @@ def retrain_config(settings: Settings, active: Artefact | None):
     )
 
 
-def collect_feedback(engine: Engine, photos: PhotoStore) -> tuple[list[FeedbackPhoto], dict[str, int]]:
-    """Every photo people labelled, once, with the label they gave it; and counts of what was left out.
+def collect_feedback(
+    engine: Engine, photos: PhotoStore, policy: FeedbackPolicy | None = None
+) -> tuple[list[FeedbackPhoto], dict[str, int]]:
+    """The photos people labelled that enter this retrain, once each, with their label and weight; and counts.
 
-    Counts: ``feedback_votes`` (feedback rows read), ``feedback_unlabelled`` (👎 without a correction),
-    ``feedback_missing_photo`` (the photo is no longer stored: expired or forgotten).
+    Which votes enter, and with what weight, is `training._feedback.choose_feedback`'s decision
+    (per-person caps, trust, agreement). Counts: ``feedback_votes`` (feedback rows read),
+    ``feedback_unlabelled`` (👎 without a correction), ``feedback_missing_photo`` (the photo is no
+    longer stored: expired or forgotten), and choose_feedback's counts of what it left out.
     """
-    statement = select(Prediction.photo_sha256, Prediction.top_k, Feedback.vote, Feedback.correction,
-                       Feedback.updated_at).join(Feedback, Feedback.prediction_id == Prediction.id)  # fmt: skip
-    labels: dict[str, Counter[str]] = {}
-    latest: dict[tuple[str, str], datetime] = {}
+    statement = select(Feedback.person_id, Prediction.photo_sha256, Prediction.top_k, Feedback.vote,
+                       Feedback.correction, Feedback.updated_at
+                       ).join(Feedback, Feedback.prediction_id == Prediction.id)  # fmt: skip
+    votes: list[Vote] = []
     counts = {"feedback_votes": 0, "feedback_unlabelled": 0, "feedback_missing_photo": 0}
     with Session(engine) as session:
-        for sha, top_k, vote, correction, updated in session.exec(statement):
+        for person, sha, top_k, vote, correction, updated in session.exec(statement):
             counts["feedback_votes"] += 1
-            label = correction or (top_k[0]["label"] if vote == "up" and top_k else None)
+            top1 = top_k[0] if top_k else {}
+            model_label, model_probability = top1.get("label"), float(top1.get("probability", 0.0))
+            label = correction or (model_label if vote == "up" else None)
             if label is None:
                 counts["feedback_unlabelled"] += 1
                 continue
-            labels.setdefault(sha, Counter())[label] += 1
-            latest[sha, label] = max(updated, latest.get((sha, label), updated))
+            votes.append(Vote(person, sha, label, label != model_label, model_label, model_probability,
+                              _aware(updated)))  # fmt: skip
+    chosen, left_out = choose_feedback(votes, policy)
+    counts.update(left_out)
 
-    chosen = []
-    for sha, votes in labels.items():
-        # The label most people gave; on a tie, the one given last.
-        label = max(votes, key=lambda name: (votes[name], latest[sha, name]))
-        path = photos.path(sha)
+    found = []
+    for photo in chosen:
+        path = photos.path(photo.sha256)
         if not path.is_file():
             counts["feedback_missing_photo"] += 1
             continue
-        chosen.append(FeedbackPhoto(sha256=sha, path=path, label=label))
-    return sorted(chosen, key=lambda photo: photo.sha256), counts
+        found.append(FeedbackPhoto(sha256=photo.sha256, path=path, label=photo.label, weight=photo.weight))
+    return found, counts
+
+
+def feedback_policy(settings: Settings) -> FeedbackPolicy:
+    """The per-person caps the settings give (the trust thresholds are the policy's own)."""
+    return FeedbackPolicy(photos_per_person=settings.retrain_photos_per_person,
+                          corrections_per_person=settings.retrain_corrections_per_person)  # fmt: skip
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 # -- the worker ------------------------------------------------------------------------------------------------
