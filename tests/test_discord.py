@@ -889,7 +889,7 @@ async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
     # rolling back or promoting raises, after the interaction was acknowledged.
     registry = tmp_path / "registry"
     registry.mkdir()
-    (registry / "PREVIOUS").write_text("v-gone\n")
+    (registry / "ACTIVE").write_text("v-active\nprevious v-gone\n")
     desk = RetrainDesk(redis_url, settings.model_copy(update={"model_registry": registry}), conversation.store.engine)
     conversation.retrain = desk
     try:
