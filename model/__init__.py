@@ -17,6 +17,16 @@ from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._preprocess import ImageRejected, Preprocessing, load_image
 from ._registry import ModelRegistry
+from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
+from ._variants import (
+    RUNTIMES,
+    VARIANT_RUNTIMES,
+    Variant,
+    VariantsManifest,
+    check_variant_files,
+    export_variants,
+    read_variants,
+)
 
 if TYPE_CHECKING:
     from ._network import build_classifier
@@ -33,10 +43,21 @@ __all__ = [
     "ModelRegistry",
     "Predictor",
     "Preprocessing",
+    "RUNTIMES",
+    "RUNTIME_CHOICES",
+    "RuntimeChoice",
+    "VARIANT_RUNTIMES",
+    "Variant",
+    "VariantsManifest",
     "build_classifier",
+    "check_variant_files",
+    "export_variants",
+    "host_supports",
     "load_artefact",
     "load_image",
+    "load_predictor",
     "read_artefact",
+    "read_variants",
     "save_artefact",
 ]
 

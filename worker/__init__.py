@@ -8,6 +8,7 @@ from worker._batch_worker import BatchWorker
 from worker._client import Candidate, ClassifyClient, Prediction, classify_files_sync
 from worker._contract import (
     CLASSIFY_FUNC,
+    RUNTIME_KEY,
     SERIALIZER,
     STATS_KEY,
     ClassifyError,
@@ -22,6 +23,7 @@ from worker._inference import BatchClassifier, ModelSource
 
 __all__ = [
     "CLASSIFY_FUNC",
+    "RUNTIME_KEY",
     "SERIALIZER",
     "STATS_KEY",
     "BatchClassifier",
