@@ -538,7 +538,7 @@ def _echo_variants(row: dict, percent: Callable[[object], str]) -> None:
     if not row.get("variants"):
         return
     where = row["variants_verified_on"]
-    click.echo(f"    variants, verified against Keras on {where.get('images')} {where.get('source')}:")
+    click.echo(f"    serving variants, verified against Keras on {where.get('images')} images ({where.get('source')}):")
     for name, v in row["variants"].items():
         diff = v.get("max_top3_diff")
         figures = (f"agreement {percent(v.get('agreement'))}, max top-3 diff "
