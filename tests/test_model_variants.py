@@ -20,6 +20,7 @@ from model import (
     export_variants,
     host_supports,
     load_artefact,
+    load_predictor,
     read_artefact,
     read_variants,
     save_artefact,
@@ -120,6 +121,10 @@ def test_a_damaged_variant_is_refused_and_the_report_says_why(exported, tmp_path
                                          env={"CARBOT_MODEL_REGISTRY": str(registry_root)}).output)  # fmt: skip
     assert rows[0]["variants"]["onnxruntime"]["status"] == REFUSED
     assert rows[0]["variants"]["openvino-fp32"]["agreement"] == 1.0
+    # Asked for by name, the refused variant still does not serve.
+    predictor = load_predictor(directory, runtime="onnxruntime", max_batch=2)
+    assert predictor.runtime != "onnxruntime"
+    assert predictor.runtime_choice.skipped["onnxruntime"].startswith("refused at verification: top-1 agreement")
 
 
 def test_a_variant_that_loses_accuracy_is_refused_even_when_it_mostly_agrees():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import redis
@@ -19,7 +20,7 @@ from prometheus_client import generate_latest
 from carbot import _metrics
 from carbot._status import collect_status, format_status
 from carbot.settings import Settings
-from model import RUNTIMES, ModelRegistry, host_supports, load_predictor, read_variants
+from model import RUNTIME_CHOICES, RUNTIMES, ModelRegistry, host_supports, load_predictor, read_variants
 from model._variants import variants_dir
 from tests.conftest import add_version
 from training._synthetic import SYNTHETIC_CLASSES, synthetic_jpeg
@@ -27,6 +28,11 @@ from worker import BatchClassifier, ClassifyClient, ModelSource
 
 # Photos of the demo model's own classes (seeds it never trained on), so its answers are confident ones.
 PHOTOS = [synthetic_jpeg(SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)], seed=10_000 + i) for i in range(24)]
+
+
+def test_the_setting_offers_exactly_the_runtimes_the_model_knows():
+    assert set(get_args(Settings.model_fields["runtime"].annotation)) == set(RUNTIME_CHOICES)
+    assert Settings().runtime == "auto"
 
 
 def servable(directory: Path) -> list[str]:
