@@ -35,6 +35,17 @@ def test_the_setting_offers_exactly_the_runtimes_the_model_knows():
     assert Settings().runtime == "auto"
 
 
+def test_the_serve_image_locks_the_runtimes_and_no_tensorflow():
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    locked = {line.split("==")[0] for line in (root / "requirements" / "serve.txt").read_text().splitlines()
+              if line[:1].isalpha()}  # fmt: skip
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"onnxruntime", "openvino"} <= locked and {"tensorflow", "tensorflow-cpu", "keras"}.isdisjoint(locked)
+    assert {"onnxruntime", "openvino"} <= {requirement.split(">")[0] for requirement in extras["serve"]}
+
+
 def servable(directory: Path) -> list[str]:
     """The runtimes that may serve the version in `directory` on this host: TensorFlow and its verified variants."""
     manifest = read_variants(directory)
@@ -71,7 +82,13 @@ def test_every_runtime_serves_the_demo_model_with_the_answers_of_keras(demo_regi
     assert {"tensorflow", "onnxruntime", "openvino-fp32"} <= set(runtimes)
     for runtime in runtimes:
         source = ModelSource(registry=demo_registry, max_batch=8, runtime=runtime)
-        outcomes = classify(source, PHOTOS)
+        predictor = source.current()
+        # Warmed up as on TensorFlow: each bucket compiled once and timed, the plans made from those times.
+        assert predictor.trace_count == len(predictor.buckets) and set(predictor.bucket_ms) == set(predictor.buckets)
+        outcomes = classify(source, PHOTOS)  # 24 photos: 8 + 8 + 8
+        for size in (3, 5, 7):
+            assert top1(classify(source, PHOTOS[:size])) == top1(keras_answers)[:size]
+        assert predictor.trace_count == len(predictor.buckets), runtime  # no new compilation for any batch size
         assert {outcome["runtime"] for outcome in outcomes} == {runtime}
         assert top1(outcomes) == top1(keras_answers), runtime
         if runtime in ("onnxruntime", "openvino-fp32"):  # the same arithmetic, to float rounding
