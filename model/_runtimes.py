@@ -164,15 +164,20 @@ def _openvino_cpu_capabilities() -> frozenset[str]:
 
 
 def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module left half-imported, or a stand-in without a spec
+        return False
 
 
 def has_gpu() -> bool:
     """Whether TensorFlow is installed and sees a GPU (only then is TensorFlow imported)."""
     if not _installed("tensorflow"):
         return False
-    import tensorflow as tf
-
+    try:
+        import tensorflow as tf
+    except ImportError:  # present but broken: no GPU to serve on through it
+        return False
     return bool(tf.config.list_physical_devices("GPU"))
 
 

@@ -50,7 +50,9 @@ class ModelSource:
     one keeps serving, and replaces it between two batches once it is ready: no
     photo waits for a model to load. Its checksum is verified first: a
     half-written or corrupt artefact never answers a photo, the old model keeps
-    serving instead.
+    serving instead. Each version's runtime (TensorFlow, ONNX Runtime, OpenVINO) is chosen as it loads
+    (`model.load_predictor`, the `runtime` setting); a swap may change runtime, and the predictor
+    behaves the same on all of them.
     """
 
     def __init__(
