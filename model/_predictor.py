@@ -10,6 +10,9 @@ one, or split into smaller ones. Which is cheaper depends on the hardware: a GPU
 grows with the batch, so padding wastes a quarter of the pass where 16 + 4 + 2 + 1 does
 not. `warmup()` times every bucket on the machine at hand and picks, for every batch
 size, the plan with the least measured time; until then batches are padded.
+
+The forward pass is the Keras model's (a ``tf.function`` per bucket) or, for an optimised
+variant, a runtime's (ONNX Runtime, OpenVINO: see `_runtimes`); all the above is the same on each.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ class Predictor:
         """`loaded` (a Keras model) or, for another runtime (see `_runtimes`), `backend` and `artefact`."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        if (loaded is None) == (backend is None):
-            raise ValueError("give a loaded Keras model or a backend, not both")
+        if (loaded is None) == (backend is None) or (backend is not None and artefact is None):
+            raise ValueError("give either a loaded Keras model, or a backend and its artefact")
         self._loaded = loaded
         self._artefact = loaded.artefact if loaded is not None else artefact
         self._backend = backend
