@@ -272,11 +272,12 @@ def export_variants(
 
     reference = run_batched(keras_forward(keras_model), images)  # also builds a model never called yet
     made: dict[str, str] = {}  # runtime -> why it could not be made
+    written: set[str] = set()  # files exported by this call (fp32 and bf16 share theirs)
     for name in runtimes:
         if name not in VARIANT_RUNTIMES:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_RUNTIMES)}")
         try:
-            _export_one(name, keras_model, folder, calibration_images)
+            _export_one(name, keras_model, folder, calibration_images, written)
         except Exception as exc:  # a missing package or an exporter's error costs this variant only
             log.warning("could not export the %s variant: %s", name, exc, exc_info=True)
             made[name] = f"export failed: {exc.__class__.__name__}: {exc}"
@@ -355,22 +356,23 @@ def _verification_set(
     return images, None, source
 
 
-def _export_one(name: str, keras_model: Any, folder: Path, calibration_images: np.ndarray) -> None:
+def _export_one(name: str, keras_model: Any, folder: Path, calibration_images: np.ndarray, written: set[str]) -> None:
     files = VARIANT_FILES[name]
+    if written.issuperset(files):  # bf16 is the fp32 IR compiled differently: exported once
+        return
     if name == ONNXRUNTIME:
         _export_atomic(folder, files, lambda tmp: keras_model.export(str(tmp / files[0]), format="onnx", verbose=False))
     elif name in (OPENVINO_FP32, OPENVINO_BF16):
-        if not (folder / files[0]).is_file():  # bf16 is the same IR, compiled differently
 
-            def write(tmp: Path) -> None:
-                keras_model.export(str(tmp / files[0]), format="openvino", verbose=False)
+        def write(tmp: Path) -> None:
+            keras_model.export(str(tmp / files[0]), format="openvino", verbose=False)
 
-            _export_atomic(folder, files, write)
+        _export_atomic(folder, files, write)
     elif name == OPENVINO_INT8:
-        fp32_xml = folder / VARIANT_FILES[OPENVINO_FP32][0]
-        if not fp32_xml.is_file():
-            _export_one(OPENVINO_FP32, keras_model, folder, calibration_images)
-        _export_atomic(folder, files, lambda tmp: _quantise(fp32_xml, tmp / files[0], calibration_images))
+        fp32_files = VARIANT_FILES[OPENVINO_FP32]
+        _export_one(OPENVINO_FP32, keras_model, folder, calibration_images, written)  # what NNCF quantises
+        _export_atomic(folder, files, lambda tmp: _quantise(folder / fp32_files[0], tmp / files[0], calibration_images))
+    written.update(files)
 
 
 def _export_atomic(folder: Path, files: Sequence[str], write: Callable[[Path], None]) -> None:

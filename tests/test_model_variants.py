@@ -176,3 +176,21 @@ def test_the_demo_model_variants_are_verified_on_its_test_split(demo_registry):
     # The fp32 forms serve on every host that has their runtime.
     assert manifest.variants["onnxruntime"].status == VERIFIED
     assert manifest.variants["openvino-fp32"].status == VERIFIED
+
+
+def test_exporting_again_replaces_the_files_of_the_model_saved_before(exported, tmp_path):
+    import keras
+
+    directory = tmp_path / "again"
+    shutil.copytree(exported, directory)
+    keras.utils.set_random_seed(8)  # another network than the one whose variants are in the directory
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
+    preprocessing = Preprocessing(image_size=TEST_IMAGE_SIZE)
+    save_artefact(network, directory, version="plain", labels=TEST_LABELS, backbone="tiny", preprocessing=preprocessing)
+    before = sha256_of(variants_dir(directory) / "model.bin")
+    manifest = export_variants(network, directory, preprocessing=preprocessing, labels=TEST_LABELS,
+                               runtimes=["openvino-fp32", "openvino-bf16"])  # fmt: skip
+    assert sha256_of(variants_dir(directory) / "model.bin") != before
+    assert manifest.variants["openvino-fp32"].status == VERIFIED
+    assert manifest.variants["openvino-fp32"].figures["agreement"] == 1.0
+    assert set(manifest.variants) == {"openvino-fp32", "openvino-bf16"}
