@@ -3,6 +3,7 @@
 #
 #   docker build -t carbot:cpu .                               bots, migrations, a CPU worker (tensorflow-cpu)
 #   docker build --build-arg VARIANT=gpu -t carbot:gpu .       GPU workers and the retrain worker (TensorFlow + CUDA)
+#   docker build --build-arg VARIANT=serve -t carbot:serve .   a CPU worker without TensorFlow (ONNX / OpenVINO variants)
 #   docker build --target dashboard -t carbot:dashboard .      rq-dashboard, with the workers' own RQ
 #
 # Every dependency is installed pinned and hash-checked from requirements/<variant>.txt
@@ -44,7 +45,8 @@ CMD ["rq-dashboard", "--json"]
 
 # -- the application (the default target) ---------------------------------------------------------------------------
 FROM base AS app
-# cpu: tensorflow-cpu, for the bots (which never import it) and CPU-only workers; gpu: TensorFlow with CUDA.
+# cpu: tensorflow-cpu, for the bots (which never import it) and CPU-only workers; gpu: TensorFlow with CUDA;
+# serve: no TensorFlow, a CPU worker serving the versions' verified ONNX Runtime / OpenVINO variants.
 ARG VARIANT=cpu
 COPY requirements/${VARIANT}.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt && rm /tmp/requirements.txt

@@ -71,12 +71,15 @@ JOBS = Counter(
 )  # fmt: skip
 MODEL = Gauge("carbot_worker_model_info", "The model version this worker serves (value 1).", ["version"],
               registry=WORKER)  # fmt: skip
+RUNTIME = Gauge("carbot_worker_runtime_info", "What runs this worker's forward pass (CARBOT_RUNTIME; value 1).",
+                ["runtime"], registry=WORKER)  # fmt: skip
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0, so rates work from the first scrape
 
 # Failures that are the job's own business, by exception name (worker._contract's FINAL_ERRORS).
 _FAILURE_OUTCOMES = {"PhotoRejected": "rejected", "JobExpired": "expired", "InvalidJob": "invalid"}
 _loaded_version: str | None = None
+_loaded_runtime: dict[str, str] | None = None
 
 
 def observe_queue_waits(waits_ms: Iterable[float]) -> None:
@@ -101,17 +104,25 @@ def observe_batch(size: int, decode_ms: float, inference_ms: float) -> None:
         INFERENCE_TIME.observe(inference_ms / 1000)
 
 
-def model_loaded(version: str) -> None:
-    """The worker now serves `version` (at start, and after each switch to a newly promoted model)."""
-    global _loaded_version
+def model_loaded(version: str, runtime: str = "tensorflow", reason: str = "") -> None:
+    """The worker now serves `version` on `runtime`, chosen for `reason` (at start, and after each switch)."""
+    global _loaded_version, _loaded_runtime
     _loaded_version = version
+    _loaded_runtime = {"runtime": runtime, "reason": reason}
     MODEL.clear()
     MODEL.labels(version).set(1)
+    RUNTIME.clear()
+    RUNTIME.labels(runtime).set(1)
 
 
 def loaded_model_version() -> str | None:
     """The version this process serves, None until a model has been loaded."""
     return _loaded_version
+
+
+def loaded_runtime() -> dict[str, str] | None:
+    """{"runtime", "reason"} of the model this process serves, None until a model has been loaded."""
+    return _loaded_runtime
 
 
 # -- the bots ----------------------------------------------------------------------------------------------------

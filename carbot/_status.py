@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -9,7 +11,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from carbot.connections import redis_connection
 from carbot.settings import Settings
 from model import ModelRegistry
-from worker import SERIALIZER, STATS_KEY
+from worker import RUNTIME_KEY, SERIALIZER, STATS_KEY
 
 
 def collect_status(settings: Settings, redis_url: str | None) -> dict:
@@ -24,6 +26,7 @@ def collect_status(settings: Settings, redis_url: str | None) -> dict:
         queue = Queue(settings.classify_queue, connection=connection, serializer=SERIALIZER)
         counters = {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
         workers = Worker.all(queue=queue)
+        runtimes = connection.hmget(RUNTIME_KEY, [w.name for w in workers]) if workers else []
         report["queue"] = {
             "name": queue.name,
             "queued": queue.count,
@@ -49,12 +52,24 @@ def collect_status(settings: Settings, redis_url: str | None) -> dict:
                 "host": w.hostname,
                 "finished": w.successful_job_count,
                 "failed": w.failed_job_count,
+                "model": _served(served),
             }  # fmt: skip
-            for w in workers
+            for w, served in zip(workers, runtimes)
         ]
     except redis.RedisError as exc:
         report["queue"] = {"error": f"Redis is not answering: {exc.__class__.__name__}"}
     return report
+
+
+def _served(raw: bytes | None) -> dict | None:
+    """A worker's published {version, runtime, reason}, or None when it has not said (or said nonsense)."""
+    try:
+        served = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(served, dict):
+        return None
+    return {key: str(served.get(key, "")) for key in ("version", "runtime", "reason")}
 
 
 def format_status(report: dict) -> str:
@@ -80,4 +95,7 @@ def format_status(report: dict) -> str:
     for w in report["workers"]:
         lines.append(f"          {w['name']} ({w['state']}, pid {w['pid']} on {w['host']}): "
                      f"{w['finished']} finished, {w['failed']} failed")  # fmt: skip
+        if w.get("model"):
+            served = w["model"]
+            lines.append(f"            model {served['version']} on {served['runtime']}: {served['reason']}")
     return "\n".join(lines)

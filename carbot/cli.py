@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,8 +363,13 @@ def purge_photos() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def models(as_json: bool) -> None:
-    """List the model versions in the registry, oldest first; * marks the active one."""
+    """List the model versions in the registry, oldest first; * marks the active one.
+
+    Under each version, its optimised serving variants and their verification against the Keras model.
+    """
     from datetime import UTC
+
+    from model import ArtefactCorrupt, read_variants
 
     registry = _registry()
     active = registry.active_version()
@@ -380,6 +386,15 @@ def models(as_json: bool) -> None:
             "test_top3_accuracy": metrics.get("test_top3_accuracy"),
             "active": artefact.version == active,
         })  # fmt: skip
+        try:
+            manifest = read_variants(artefact.path)
+        except ArtefactCorrupt as exc:
+            rows[-1]["variants_error"] = str(exc)
+            manifest = None
+        if manifest is not None:
+            rows[-1]["variants_verified_on"] = manifest.verified_on
+            rows[-1]["variants"] = {name: {"status": v.status, "reason": v.reason, **v.figures}
+                                    for name, v in manifest.variants.items()}  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -398,7 +413,24 @@ def models(as_json: bool) -> None:
             f"{row['image_size']:>5} {row['labels']:>6} {percent(row['test_accuracy']):>6} "
             f"{percent(row['test_top3_accuracy']):>6}"
         )
+        _echo_variants(row, percent)
     click.echo(f"{len(rows)} version{'s' if len(rows) != 1 else ''} listed; * marks the active one.")
+
+
+def _echo_variants(row: dict, percent: Callable[[object], str]) -> None:
+    """The lines under a version in `carbot models`: each serving variant, whether it may serve, its figures."""
+    if "variants_error" in row:
+        click.echo(f"    variants: unreadable ({row['variants_error']}); only TensorFlow serves this version")
+    if not row.get("variants"):
+        return
+    where = row["variants_verified_on"]
+    click.echo(f"    serving variants, verified against Keras on {where.get('images')} images ({where.get('source')}):")
+    for name, v in row["variants"].items():
+        diff = v.get("max_top3_diff")
+        figures = (f"agreement {percent(v.get('agreement'))}, max top-3 diff "
+                   f"{'—' if diff is None else f'{diff:.4f}'}, accuracy {percent(v.get('accuracy'))}")  # fmt: skip
+        serves = "serves" if v["status"] == "verified" else f"kept out of service: {v['reason']}"
+        click.echo(f"      {name:<14} {v['status']:<9} {figures if v.get('images') else ''}  {serves}")
 
 
 @main.command()

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=32, ge=1, le=1024)
     max_wait_ms: float = Field(default=5.0, ge=0)
     decode_threads: int = Field(default=4, ge=1)
+    # What runs the forward pass (model.RUNTIME_CHOICES): auto serves the fastest verified variant on a CPU
+    # and TensorFlow on a GPU; a named one serves if it can, else the worker falls back and logs why.
+    runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8"] = "auto"
 
     # Backpressure: a full queue answers "busy" at once; a request past its deadline is a timeout.
     queue_limit: int = Field(default=500, ge=1)

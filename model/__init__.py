@@ -17,6 +17,16 @@ from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
 from ._registry import ModelRegistry, RegistryConflict
+from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
+from ._variants import (
+    RUNTIMES,
+    VARIANT_RUNTIMES,
+    Variant,
+    VariantsManifest,
+    check_variant_files,
+    export_variants,
+    read_variants,
+)
 
 if TYPE_CHECKING:
     from ._network import build_classifier
@@ -34,11 +44,22 @@ __all__ = [
     "RegistryConflict",
     "Predictor",
     "Preprocessing",
+    "RUNTIMES",
+    "RUNTIME_CHOICES",
+    "RuntimeChoice",
+    "VARIANT_RUNTIMES",
+    "Variant",
+    "VariantsManifest",
     "build_classifier",
+    "check_variant_files",
+    "export_variants",
+    "host_supports",
     "load_artefact",
     "load_image",
     "pixel_count",
+    "load_predictor",
     "read_artefact",
+    "read_variants",
     "save_artefact",
 ]
 

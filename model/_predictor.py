@@ -10,6 +10,9 @@ one, or split into smaller ones. Which is cheaper depends on the hardware: a GPU
 grows with the batch, so padding wastes a quarter of the pass where 16 + 4 + 2 + 1 does
 not. `warmup()` times every bucket on the machine at hand and picks, for every batch
 size, the plan with the least measured time; until then batches are padded.
+
+The forward pass is the Keras model's (a ``tf.function`` per bucket) or, for an optimised
+variant, a runtime's (ONNX Runtime, OpenVINO: see `_runtimes`); all the above is the same on each.
 """
 
 from __future__ import annotations
@@ -17,36 +20,61 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from ._artefact import Artefact
 from ._preprocess import Preprocessing
-from ._saving import LoadedModel, load_artefact
+
+if TYPE_CHECKING:  # Keras is imported only for a Keras forward pass: a variant serves without TensorFlow
+    import keras
+
+    from ._runtimes import Backend, RuntimeChoice
+    from ._saving import LoadedModel
 
 
 class Predictor:
     """A loaded model that answers batches of preprocessed images (from `load_image`)."""
 
-    def __init__(self, loaded: LoadedModel, *, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel | None,
+        *,
+        max_batch: int = 32,
+        backend: Backend | None = None,
+        artefact: Artefact | None = None,
+    ) -> None:
+        """`loaded` (a Keras model) or, for another runtime (see `_runtimes`), `backend` and `artefact`."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        if (loaded is None) == (backend is None) or (backend is not None and artefact is None):
+            raise ValueError("give either a loaded Keras model, or a backend and its artefact")
         self._loaded = loaded
+        self._artefact = loaded.artefact if loaded is not None else artefact
+        self._backend = backend
+        self.runtime_choice: RuntimeChoice | None = None  # set by `load_predictor`
         self._max_batch = max_batch
         self._buckets = bucket_sizes(max_batch)
         self._plans = cheapest_plans({bucket: 1.0 for bucket in self._buckets}, max_batch)
         self._bucket_ms: dict[int, float] = {}
         self._trace_count = 0
-        self._forward = self._compile_forward()
+        self._forward = backend.forward if backend is not None else self._compile_forward()
 
     @classmethod
     def from_artefact(cls, directory: Path, *, max_batch: int = 32) -> Predictor:
+        from ._saving import load_artefact
+
         return cls(load_artefact(directory), max_batch=max_batch)
 
     @property
     def artefact(self) -> Artefact:
-        return self._loaded.artefact
+        return self._artefact
+
+    @property
+    def runtime(self) -> str:
+        """What computes the forward pass: "tensorflow" (Keras), or a variant's runtime."""
+        return self._backend.name if self._backend is not None else "tensorflow"
 
     @property
     def version(self) -> str:
@@ -85,7 +113,7 @@ class Predictor:
     @property
     def trace_count(self) -> int:
         """How many times the forward pass was traced (compiled); stays put once warm."""
-        return self._trace_count
+        return self._backend.trace_count if self._backend is not None else self._trace_count
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, size, size, 3) uint8 images -> (N, num_classes) float32 probabilities."""
@@ -155,6 +183,8 @@ class Predictor:
         return next(bucket for bucket in self._buckets if bucket >= count)
 
     def _compile_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+        import keras
+
         keras_model = self._loaded.keras_model
         if keras.backend.backend() != "tensorflow":
             return self._eager_forward(keras_model)

@@ -10,6 +10,7 @@ compile() {
         --no-emit-package carbot "$@"
 }
 compile pyproject.toml --extra ml -o requirements/cpu.txt
+compile pyproject.toml --extra serve -c requirements/cpu.txt -o requirements/serve.txt
 compile pyproject.toml requirements/gpu.in -o requirements/gpu.txt
 compile requirements/dashboard.in -o requirements/dashboard.txt
 compile requirements/build.in -o requirements/build.txt

@@ -54,7 +54,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import Artefact, ModelRegistry, Preprocessing, build_classifier, read_artefact, save_artefact
+from model import (
+    Artefact,
+    ModelRegistry,
+    Preprocessing,
+    build_classifier,
+    export_variants,
+    read_artefact,
+    save_artefact,
+)
 from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
@@ -128,6 +136,7 @@ def train(
     progress: bool = True,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     extra: Mapping[str, Any] | None = None,
+    variants: bool = True,
 ) -> Artefact:
     """Train a classifier on `data` (a folder per class, or a ``.csv`` manifest) and save it in the registry.
 
@@ -136,7 +145,8 @@ def train(
     Without one, ``registry_root/.train-<version>`` is used and removed after success.
     `callbacks` are extra Keras callbacks for both phases (run after the recipe's own).
     `extra` is added to what the artefact's ``extra`` records (e.g. where the data came from).
-    Returns the saved artefact.
+    With `variants` the version also gets its optimised serving variants (`model.export_variants`),
+    verified on the test split and calibrated on the training split. Returns the saved artefact.
     """
     data, registry_root = Path(data), Path(registry_root)
     version = version or "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -189,6 +199,13 @@ def train(
         )
         if evaluation is not None:
             _write_report(evaluation, staging_dir, state.history, version)
+        if variants:
+            say("exporting the serving variants and verifying them on the test split")
+            export_variants(
+                network, staging_dir, preprocessing=prepared.preprocessing, labels=labels,
+                verification=[(sample.path, sample.label) for sample in prepared.split.test],
+                calibration=[sample.path for sample in prepared.split.train], say=say,
+            )  # fmt: skip
     if activate:
         registry.activate(version)
     say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")

@@ -72,7 +72,7 @@ import numpy as np
 import tensorflow as tf
 
 from carbot.retraining import REPORT_IMAGE
-from model import ModelRegistry, Preprocessing, RegistryConflict, load_artefact, save_artefact
+from model import ModelRegistry, Preprocessing, RegistryConflict, export_variants, load_artefact, save_artefact
 from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
@@ -196,6 +196,7 @@ def retrain(
     config: RetrainConfig | None = None,
     on_epoch: Callable[[RetrainProgress], None] | None = None,
     promote: bool = True,
+    variants: bool = True,
 ) -> RetrainOutcome:
     """Fine-tune the active model on `feedback` (and `base_dataset`), gate it, and save it as `version`.
 
@@ -207,7 +208,8 @@ def retrain(
     stops the retrain. The candidate is activated only if it passes the gate and `promote`
     is true, and the active version is still the one it started from (a version activated
     meanwhile by an admin is not overridden; the outcome then says "better" but not
-    promoted). A `version` that already exists (and is not active) is replaced.
+    promoted). A `version` that already exists (and is not active) is replaced. With `variants` the
+    candidate gets its optimised serving variants, verified on the hold-out photos.
 
     Raises ``LookupError`` when the registry has no active version, ``ValueError`` for a
     bad `version` (or the active one), and whatever reading the data or training raises.
@@ -325,6 +327,13 @@ def retrain(
             _append_gate_to_report(staging_dir / "report.md", *comparison, counts)
             _plot_comparison(staging_dir / REPORT_IMAGE, *comparison)
             report_image = registry.path_for(version) / REPORT_IMAGE  # where staging moves it
+        if variants:
+            # Verified on the hold-out (photos the candidate never trained on), calibrated on its training photos.
+            export_variants(
+                network, staging_dir, preprocessing=preprocessing, labels=labels,
+                verification=[(sample.path, sample.label) for sample in holdout],
+                calibration=[sample.path for sample in base_data.train + fb.train],
+            )  # fmt: skip
 
     promoted = False
     if promote and reason == BETTER:

@@ -9,6 +9,7 @@ from worker._client import Candidate, ClassifyClient, Prediction, classify_files
 from worker._contract import (
     CLASSIFY_FUNC,
     PHOTO_KEY_PREFIX,
+    RUNTIME_KEY,
     SERIALIZER,
     STATS_KEY,
     ClassifyError,
@@ -24,6 +25,7 @@ from worker._inference import BatchClassifier, ModelSource
 __all__ = [
     "CLASSIFY_FUNC",
     "PHOTO_KEY_PREFIX",
+    "RUNTIME_KEY",
     "SERIALIZER",
     "STATS_KEY",
     "BatchClassifier",

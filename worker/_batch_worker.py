@@ -45,6 +45,7 @@ draining, so the current batch is finished before it exits.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -63,6 +64,7 @@ from carbot import _metrics as metrics
 from carbot.jobs import CLASSIFY_FUNC, OwnJobsOnly, RedisClock, refusal, refuse
 from worker._contract import (
     FINAL_ERRORS,
+    RUNTIME_KEY,
     SERIALIZER,
     STATS_KEY,
     InvalidJob,
@@ -113,6 +115,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         self._in_flight_lock = threading.Lock()
         self._pulse: threading.Thread | None = None
         self._backoff_s = REDIS_BACKOFF_S[0]
+        self._published: dict | None = None  # the model and runtime `carbot status` was last told of
 
     # -- RQ's entry point -------------------------------------------------------------------------------
 
@@ -183,6 +186,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
 
     def work(self, *args, **kwargs) -> bool:
         self._start_pulse()
+        self.publish_runtime()
         return super().work(*args, **kwargs)
 
     # -- maintenance ---------------------------------------------------------------------------------------
@@ -192,6 +196,16 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             super().run_maintenance_tasks()
         self.last_cleaned_at = now()
         self.classifier.source.refresh()  # an idle worker loads a newly activated model before photos come
+        self.publish_runtime()
+
+    def publish_runtime(self) -> None:
+        """Tell `carbot status` which model this worker serves on which runtime, and why, when that changed."""
+        served = self.classifier.source.served()
+        if served is None or served == self._published:
+            return
+        with _unless_redis_fails("publishing the runtime"):
+            self.connection.hset(RUNTIME_KEY, self.name, json.dumps(served))
+            self._published = served
 
     def abandoned_cutoff(self) -> float:
         return self.clock.now()  # the pulse scores jobs on Redis's clock
@@ -444,6 +458,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             pipe.hincrby(STATS_KEY, "rejected", report.rejected)
             pipe.hincrby(STATS_KEY, "expired", expired)
             pipe.execute()
+        self.publish_runtime()
 
 
 @contextlib.contextmanager

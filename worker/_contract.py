@@ -35,6 +35,7 @@ PHOTO_KEY_PREFIX = "carbot:photo:"
 PHOTO_REFS_PREFIX = "carbot:photo-refs:"  # how many jobs still need the photo's bytes
 STARTS_KEY_PREFIX = "carbot:starts:"  # a job's starts that have not ended (yet): see BatchWorker
 STATS_KEY = "carbot:stats"  # a Redis hash of counters the workers keep (batches, images, expired, ...)
+RUNTIME_KEY = "carbot:runtimes"  # a Redis hash: worker name -> JSON {version, runtime, reason} it serves
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # The last job to end deletes the photo's bytes (its TTL is only the backstop of a job nobody ran).

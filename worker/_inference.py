@@ -51,15 +51,20 @@ class ModelSource:
     one keeps serving, and replaces it between two batches once it is ready: no
     photo waits for a model to load. Its checksum is verified first: a
     half-written or corrupt artefact never answers a photo, the old model keeps
-    serving instead.
+    serving instead. Each version's runtime (TensorFlow, ONNX Runtime, OpenVINO) is chosen as it loads
+    (`model.load_predictor`, the `runtime` setting); a swap may change runtime, and the predictor
+    behaves the same on all of them.
     """
 
-    def __init__(self, *, registry: Path | None = None, artefact: Path | None = None, max_batch: int = 32):
+    def __init__(
+        self, *, registry: Path | None = None, artefact: Path | None = None, max_batch: int = 32, runtime: str = "auto"
+    ):
         if (registry is None) == (artefact is None):
             raise ValueError("give exactly one of registry or artefact")
         self._registry = ModelRegistry(registry) if registry is not None else None
         self._artefact = artefact
         self._max_batch = max_batch
+        self._runtime = runtime  # CARBOT_RUNTIME: each version's runtime is chosen as it loads (model.load_predictor)
         self._predictor = None
         self._loaded: tuple[Path, int] | None = None
         self._failed: tuple[Path, int] | None = None  # a model that would not load is not retried every batch
@@ -73,6 +78,14 @@ class ModelSource:
         if self._predictor is None:
             raise RuntimeError("No active model: run `carbot demo-model` or `carbot promote VERSION`.")
         return self._predictor
+
+    def served(self) -> dict[str, str] | None:
+        """{"version", "runtime", "reason"} of the model serving now, None before the first one loads."""
+        predictor = self._predictor
+        if predictor is None:
+            return None
+        choice = predictor.runtime_choice
+        return {"version": predictor.version, "runtime": predictor.runtime, "reason": choice.reason if choice else ""}
 
     def refresh(self) -> None:
         """Switch to a model loaded meanwhile, and start loading the active one if it is new.
@@ -99,8 +112,9 @@ class ModelSource:
 
     def _serve(self, predictor, loaded: tuple[Path, int]) -> None:
         self._predictor, self._loaded = predictor, loaded
-        log.info("now serving model %s", predictor.version)
-        metrics.model_loaded(predictor.version)
+        choice = predictor.runtime_choice
+        log.info("now serving model %s on %s", predictor.version, predictor.runtime)
+        metrics.model_loaded(predictor.version, predictor.runtime, choice.reason if choice else "")
 
     def _wanted(self) -> tuple[Path, int] | None:
         """(directory, checksum file's mtime) of the model that should serve, or None when unknown right now."""
@@ -128,12 +142,13 @@ class ModelSource:
             self._ready, self._loading = (predictor, wanted), None
 
     def _load(self, wanted: tuple[Path, int]):
-        from model import Predictor
+        from model import load_predictor
 
-        predictor = Predictor.from_artefact(wanted[0], max_batch=self._max_batch)
-        predictor.warmup()
+        # Loads, compiles and warms up (times) every runtime that may serve, and keeps the one chosen.
+        predictor = load_predictor(wanted[0], runtime=self._runtime, max_batch=self._max_batch)
         timings = ", ".join(f"{bucket}: {ms:.1f}" for bucket, ms in predictor.bucket_ms.items())
-        log.info("model %s loaded from %s; forward pass ms by batch size: %s", predictor.version, wanted[0], timings)
+        log.info("model %s loaded from %s on %s; forward pass ms by batch size: %s",
+                 predictor.version, wanted[0], predictor.runtime, timings)  # fmt: skip
         return predictor
 
 
@@ -209,6 +224,7 @@ class BatchClassifier:
                 report.outcomes.append(
                     {
                         "model_version": predictor.version,
+                        "runtime": predictor.runtime,
                         "photo": digest,
                         "top_k": [
                             {"label": label, "probability": round(float(p), 6)} for label, p in ranked[digest][:k]

@@ -68,9 +68,9 @@ def run_worker(
     the process: RQ's loop is started again once Redis answers. Returns whether any job ran.
     """
     source = (
-        ModelSource(artefact=artefact, max_batch=settings.max_batch)
+        ModelSource(artefact=artefact, max_batch=settings.max_batch, runtime=settings.runtime)
         if artefact is not None
-        else ModelSource(registry=settings.registry_dir, max_batch=settings.max_batch)
+        else ModelSource(registry=settings.registry_dir, max_batch=settings.max_batch, runtime=settings.runtime)
     )
     source.current()  # load and compile before taking jobs, so the first photo doesn't pay for it
     classifier = BatchClassifier(source, decode_threads=settings.decode_threads)

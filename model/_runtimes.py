@@ -1,0 +1,272 @@
+"""Serving a version on the runtime that suits the host: TensorFlow, ONNX Runtime or OpenVINO.
+
+Each optimised variant (see `_variants`) runs behind one small interface, a *backend*: a
+``forward(uint8 batch) -> probabilities`` the `Predictor` calls in place of its compiled Keras
+pass, so bucketed batches, timed plans, hot swap and rollback are the same on every runtime.
+
+`load_predictor` picks the runtime (the ``CARBOT_RUNTIME`` setting):
+
+- a named runtime serves if its variant was verified, its files match their checksums and the
+  host can run it; otherwise the worker logs why and chooses as ``auto`` does among the rest;
+- ``auto`` on a GPU host: TensorFlow (batching on a GPU is where the gains are);
+- ``auto`` on a CPU: every runtime that may serve (the verified variants the host supports, and
+  TensorFlow when it is installed) is loaded and warmed up on the predictor's buckets; the one
+  whose passes took the least time serves. A variant whose files are missing or altered is
+  skipped, logged; when none is left, TensorFlow serves.
+
+Nothing here imports TensorFlow unless TensorFlow is to be tried: a CPU worker without it serves
+a variant.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._artefact import ArtefactCorrupt, read_artefact
+from ._variants import (
+    ONNXRUNTIME,
+    OPENVINO_BF16,
+    OPENVINO_FP32,
+    OPENVINO_INT8,
+    RUNTIMES,
+    TENSORFLOW,
+    VARIANT_RUNTIMES,
+    check_variant_files,
+    read_variants,
+    variants_dir,
+)
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+RUNTIME_CHOICES = (AUTO, *RUNTIMES)
+
+
+class RuntimeUnavailable(Exception):
+    """The host cannot run this runtime (its package is not installed, or its CPU lacks the instructions)."""
+
+
+@dataclass
+class RuntimeChoice:
+    """Which runtime serves a version, and why."""
+
+    runtime: str
+    reason: str
+    timings_ms: dict[str, float] = field(default_factory=dict)  # warm-up time of each runtime tried
+    skipped: dict[str, str] = field(default_factory=dict)  # runtime -> why it does not serve
+
+
+class Backend:
+    """A variant's forward pass: (N, size, size, 3) uint8 -> (N, classes) float32 probabilities."""
+
+    name: str
+    precision: str
+
+    def __init__(self) -> None:
+        self.trace_count = 0  # compilations, as the Predictor counts TensorFlow's traces
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OnnxBackend(Backend):
+    name, precision = ONNXRUNTIME, "fp32"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+        self._shapes: set[tuple[int, ...]] = set()
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape not in self._shapes:  # ONNX Runtime plans its memory per shape
+            self._shapes.add(batch.shape)
+            self.trace_count += 1
+        return self._session.run(None, {self._input: batch.astype(np.float32)})[0]
+
+
+class OpenVinoBackend(Backend):
+    """An OpenVINO IR compiled for the CPU once per batch shape (static shapes run fastest)."""
+
+    def __init__(self, name: str, xml: Path, precision: str) -> None:
+        super().__init__()
+        import openvino as ov
+
+        self.name, self.precision = name, precision
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(xml))
+        self._config = {"INFERENCE_PRECISION_HINT": precision} if precision in ("bf16", "f32") else {}
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        compiled = self._compiled.get(batch.shape)
+        if compiled is None:
+            with self._lock:
+                model = self._model.clone()
+                model.reshape({model.inputs[0]: list(batch.shape)})
+                compiled = self._core.compile_model(model, "CPU", self._config)
+                self._compiled[batch.shape] = compiled
+                self.trace_count += 1
+        return compiled(batch.astype(np.float32))[0]
+
+
+def open_variant(folder: Path, name: str) -> Backend:
+    """A backend for the variant `name` whose files are in `folder` (no checksum check: see `open_checked`)."""
+    supported, why = host_supports(name)
+    if not supported:
+        raise RuntimeUnavailable(why)
+    if name == ONNXRUNTIME:
+        return OnnxBackend(folder / "model.onnx")
+    if name == OPENVINO_FP32:
+        return OpenVinoBackend(name, folder / "model.xml", "f32")
+    if name == OPENVINO_BF16:
+        return OpenVinoBackend(name, folder / "model.xml", "bf16")
+    if name == OPENVINO_INT8:
+        return OpenVinoBackend(name, folder / "model-int8.xml", "int8")
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def host_supports(runtime: str) -> tuple[bool, str]:
+    """Whether this host can run `runtime`, and if not, why."""
+    if runtime == TENSORFLOW:
+        return (True, "") if _installed("tensorflow") else (False, "TensorFlow is not installed")
+    if runtime == ONNXRUNTIME:
+        return (True, "") if _installed("onnxruntime") else (False, "onnxruntime is not installed")
+    if runtime in (OPENVINO_FP32, OPENVINO_BF16, OPENVINO_INT8):
+        if not _installed("openvino"):
+            return False, "openvino is not installed"
+        needed = {OPENVINO_BF16: "BF16", OPENVINO_INT8: "INT8"}.get(runtime)
+        if needed and needed not in _openvino_cpu_capabilities():
+            return False, f"this CPU has no {needed} instructions OpenVINO uses"
+        return True, ""
+    return False, f"unknown runtime {runtime!r}"
+
+
+@cache
+def _openvino_cpu_capabilities() -> frozenset[str]:
+    import openvino as ov
+
+    return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module left half-imported, or a stand-in without a spec
+        return False
+
+
+def has_gpu() -> bool:
+    """Whether TensorFlow is installed and sees a GPU (only then is TensorFlow imported)."""
+    if not _installed("tensorflow"):
+        return False
+    try:
+        import tensorflow as tf
+    except ImportError:  # present but broken: no GPU to serve on through it
+        return False
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32, warm: bool = True):
+    """A `Predictor` for the artefact in `directory` on the runtime `runtime` chooses, warmed up.
+
+    Its ``runtime_choice`` says which runtime serves and why. Raises ArtefactCorrupt (or
+    FileNotFoundError) if the artefact itself is unreadable, or if no runtime can serve it.
+    """
+    from ._predictor import Predictor
+
+    if runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIME_CHOICES)}")
+    directory = Path(directory)
+    artefact = read_artefact(directory, verify=True)
+    try:
+        manifest = read_variants(directory)
+    except ArtefactCorrupt as exc:
+        log.warning("model %s: ignoring its variants: %s", artefact.version, exc)
+        manifest = None
+    variants = manifest.variants if manifest is not None else {}
+    skipped: dict[str, str] = {}
+
+    def build(name: str) -> Predictor:
+        if name == TENSORFLOW:
+            if not _installed("tensorflow"):
+                raise RuntimeUnavailable("TensorFlow is not installed")
+            return Predictor.from_artefact(directory, max_batch=max_batch)
+        variant = variants.get(name)
+        if variant is None:
+            raise RuntimeUnavailable("this version has no such variant")
+        if not variant.verified:
+            raise RuntimeUnavailable(f"{variant.status} at verification: {variant.reason}")
+        check_variant_files(directory, variant)
+        backend = open_variant(variants_dir(directory), name)
+        return Predictor(None, max_batch=max_batch, backend=backend, artefact=artefact)
+
+    def attempt(name: str, prepare: Callable[[Predictor], None]) -> Predictor | None:
+        try:
+            predictor = build(name)
+            prepare(predictor)
+            return predictor
+        except Exception as exc:  # a missing, altered or unloadable variant: the next runtime serves
+            skipped[name] = f"{exc.__class__.__name__}: {exc}" if not isinstance(exc, RuntimeUnavailable) else str(exc)
+            log.warning("model %s: runtime %s cannot serve: %s", artefact.version, name, skipped[name])
+            return None
+
+    def warmup(predictor: Predictor) -> None:
+        if warm:
+            predictor.warmup()
+
+    prefix = ""
+    if runtime != AUTO:
+        predictor = attempt(runtime, warmup)
+        if predictor is not None:
+            return _chosen(predictor, RuntimeChoice(runtime, f"CARBOT_RUNTIME={runtime}", skipped=skipped))
+        prefix = f"CARBOT_RUNTIME={runtime} cannot serve ({skipped[runtime]}); "
+
+    if has_gpu():
+        predictor = attempt(TENSORFLOW, warmup)
+        if predictor is not None:
+            return _chosen(predictor, RuntimeChoice(TENSORFLOW, prefix + "a GPU: TensorFlow", skipped=skipped))
+    else:
+        # Time every candidate on the buckets (warmup() does) and keep the fastest.
+        best: tuple[float, str, Predictor] | None = None
+        timings: dict[str, float] = {}
+        for name in (TENSORFLOW, *VARIANT_RUNTIMES):
+            if name in skipped:
+                continue
+            if name != TENSORFLOW and name not in variants:
+                skipped[name] = "this version has no such variant"
+                continue
+            predictor = attempt(name, lambda p: p.warmup())
+            if predictor is None:
+                continue
+            timings[name] = round(sum(predictor.bucket_ms.values()), 3)
+            if best is None or timings[name] < best[0]:
+                best = (timings[name], name, predictor)
+        if best is not None:
+            _, name, predictor = best
+            measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+            reason = f"{prefix}fastest on this CPU at warm-up (all buckets once: {measured})"
+            return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
+    raise ArtefactCorrupt(f"no runtime can serve model {artefact.version}: {skipped}")
+
+
+def _chosen(predictor: Any, choice: RuntimeChoice) -> Any:
+    predictor.runtime_choice = choice
+    not_used = "; ".join(f"{name}: {why}" for name, why in choice.skipped.items())
+    log.info("model %s serves on %s: %s%s", predictor.version, choice.runtime, choice.reason,
+             f" (not used: {not_used})" if not_used else "")  # fmt: skip
+    return predictor

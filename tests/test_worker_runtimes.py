@@ -1,0 +1,229 @@
+"""The worker serves the fastest verified variant the host runs, with Keras' answers, and falls back when one is
+missing or altered; hot swap and rollback work across runtimes; `carbot status` and /metrics say which runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import redis
+from prometheus_client import generate_latest
+
+from carbot import _metrics
+from carbot._status import collect_status, format_status
+from carbot.settings import Settings
+from model import RUNTIME_CHOICES, RUNTIMES, ModelRegistry, host_supports, load_predictor, read_variants
+from model._variants import variants_dir
+from tests.conftest import add_version
+from training._synthetic import SYNTHETIC_CLASSES, synthetic_jpeg
+from worker import BatchClassifier, ClassifyClient, ModelSource
+
+# Photos of the demo model's own classes (seeds it never trained on), so its answers are confident ones.
+PHOTOS = [synthetic_jpeg(SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)], seed=10_000 + i) for i in range(24)]
+
+
+def test_the_setting_offers_exactly_the_runtimes_the_model_knows():
+    assert set(get_args(Settings.model_fields["runtime"].annotation)) == set(RUNTIME_CHOICES)
+    assert Settings().runtime == "auto"
+
+
+def test_the_serve_image_locks_the_runtimes_and_no_tensorflow():
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    locked = {line.split("==")[0] for line in (root / "requirements" / "serve.txt").read_text().splitlines()
+              if line[:1].isalpha()}  # fmt: skip
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"onnxruntime", "openvino"} <= locked and {"tensorflow", "tensorflow-cpu", "keras"}.isdisjoint(locked)
+    assert {"onnxruntime", "openvino"} <= {requirement.split(">")[0] for requirement in extras["serve"]}
+
+
+def servable(directory: Path) -> list[str]:
+    """The runtimes that may serve the version in `directory` on this host: TensorFlow and its verified variants."""
+    manifest = read_variants(directory)
+    return [name for name in RUNTIMES if host_supports(name)[0]
+            and (name == "tensorflow" or manifest.variants[name].verified)]  # fmt: skip
+
+
+def classify(source: ModelSource, photos: list[bytes]) -> list[dict]:
+    classifier = BatchClassifier(source, decode_threads=2)
+    try:
+        report = classifier.classify([(f"{i:064x}", photo) for i, photo in enumerate(photos)], [3] * len(photos))
+    finally:
+        classifier.close()
+    return report.outcomes
+
+
+def top1(outcomes: list[dict]) -> list[str]:
+    return [outcome["top_k"][0]["label"] for outcome in outcomes]
+
+
+@pytest.fixture(scope="module")
+def keras_answers(demo_registry) -> list[dict]:
+    """The demo model's answers to PHOTOS from Keras itself (TensorFlow), through the worker's own classifier."""
+    source = ModelSource(registry=demo_registry, max_batch=8, runtime="tensorflow")
+    outcomes = classify(source, PHOTOS)
+    assert {outcome["runtime"] for outcome in outcomes} == {"tensorflow"}
+    return outcomes
+
+
+def test_every_runtime_serves_the_demo_model_with_the_answers_of_keras(demo_registry, keras_answers):
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    runtimes = servable(directory)
+    # This host has ONNX Runtime and OpenVINO (the ml extra installs them): at least the fp32 forms serve.
+    assert {"tensorflow", "onnxruntime", "openvino-fp32"} <= set(runtimes)
+    for runtime in runtimes:
+        source = ModelSource(registry=demo_registry, max_batch=8, runtime=runtime)
+        predictor = source.current()
+        # Warmed up as on TensorFlow: each bucket compiled once and timed, the plans made from those times.
+        assert predictor.trace_count == len(predictor.buckets) and set(predictor.bucket_ms) == set(predictor.buckets)
+        outcomes = classify(source, PHOTOS)  # 24 photos: 8 + 8 + 8
+        for size in (3, 5, 7):
+            assert top1(classify(source, PHOTOS[:size])) == top1(keras_answers)[:size]
+        assert predictor.trace_count == len(predictor.buckets), runtime  # no new compilation for any batch size
+        assert {outcome["runtime"] for outcome in outcomes} == {runtime}
+        assert top1(outcomes) == top1(keras_answers), runtime
+        if runtime in ("onnxruntime", "openvino-fp32"):  # the same arithmetic, to float rounding
+            for ours, theirs in zip(outcomes, keras_answers):
+                assert [c["label"] for c in ours["top_k"]] == [c["label"] for c in theirs["top_k"]]
+                for a, b in zip(ours["top_k"], theirs["top_k"]):
+                    assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
+
+
+def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, caplog):
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    with caplog.at_level(logging.INFO, logger="model"):
+        predictor = load_predictor(directory, max_batch=8)  # the default: auto
+    choice = predictor.runtime_choice
+    # Every runtime that may serve was loaded and timed on the buckets; the least total time serves.
+    assert set(choice.timings_ms) == set(servable(directory))
+    assert choice.runtime == min(choice.timings_ms, key=choice.timings_ms.get) == predictor.runtime
+    assert choice.reason.startswith("fastest on this CPU at warm-up")
+    assert f"model demo serves on {choice.runtime}" in caplog.text
+    assert predictor.bucket_ms and set(predictor.bucket_ms) == set(predictor.buckets)  # plans timed on it
+
+
+def test_a_missing_or_altered_variant_is_not_served_and_the_next_one_is(demo_registry, tmp_path, caplog):
+    directory = tmp_path / "demo"
+    shutil.copytree(ModelRegistry(demo_registry).path_for("demo"), directory)
+    onnx_file = variants_dir(directory) / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    (variants_dir(directory) / "model-int8.bin").unlink()
+
+    with caplog.at_level(logging.INFO, logger="model"):
+        predictor = load_predictor(directory, runtime="onnxruntime", max_batch=4)
+    choice = predictor.runtime_choice
+    assert predictor.runtime not in ("onnxruntime", "openvino-int8")
+    assert choice.reason.startswith("CARBOT_RUNTIME=onnxruntime cannot serve (ArtefactCorrupt")
+    assert "model.onnx does not match its checksum" in choice.skipped["onnxruntime"]
+    if "openvino-int8" in servable(directory):
+        assert "model-int8.bin is missing" in choice.skipped["openvino-int8"]
+    assert "runtime onnxruntime cannot serve" in caplog.text  # logged as a warning
+
+    # With every variant gone (and the manifest unreadable), Keras on TensorFlow serves.
+    (variants_dir(directory) / "variants.json").write_text("{not json")
+    predictor = load_predictor(directory, runtime="openvino-fp32", max_batch=4)
+    assert predictor.runtime == "tensorflow"
+    assert "this version has no such variant" in predictor.runtime_choice.skipped["openvino-fp32"]
+
+
+def test_hot_swap_and_rollback_across_runtimes(demo_registry, keras_answers, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(demo_registry, root)
+    registry = ModelRegistry(root)
+    add_version(registry, "tiny-b")  # saved without variants: only TensorFlow can serve it
+    source = ModelSource(registry=root, max_batch=8, runtime="onnxruntime")
+
+    first = classify(source, PHOTOS)
+    assert {(o["model_version"], o["runtime"]) for o in first} == {("demo", "onnxruntime")}
+    assert top1(first) == top1(keras_answers)
+    assert metric_labels("carbot_worker_runtime_info") == {"onnxruntime"}
+
+    registry.activate("tiny-b")
+    served = serve_until(source, "tiny-b")  # the old model answers while the new one loads in the background
+    assert served.runtime == "tensorflow"
+    assert "CARBOT_RUNTIME=onnxruntime cannot serve (this version has no such variant)" in served.reason
+    assert {(o["model_version"], o["runtime"]) for o in classify(source, PHOTOS[:3])} == {("tiny-b", "tensorflow")}
+    assert metric_labels("carbot_worker_runtime_info") == {"tensorflow"}
+
+    assert registry.rollback() == "demo"
+    serve_until(source, "demo")
+    again = classify(source, PHOTOS)
+    assert {(o["model_version"], o["runtime"]) for o in again} == {("demo", "onnxruntime")}
+    assert [o["top_k"] for o in again] == [o["top_k"] for o in first]
+
+
+class Served:
+    def __init__(self, served: dict) -> None:
+        self.version, self.runtime, self.reason = served["version"], served["runtime"], served["reason"]
+
+
+def serve_until(source: ModelSource, version: str, timeout: float = 120) -> Served:
+    """Let `source` switch (between batches, as the worker does) until it serves `version`."""
+    deadline = time.monotonic() + timeout
+    while source.served()["version"] != version:
+        assert time.monotonic() < deadline, f"still serving {source.served()}"
+        time.sleep(0.1)
+        source.refresh()
+    return Served(source.served())
+
+
+def metric_labels(name: str) -> set[str]:
+    text = generate_latest(_metrics.WORKER).decode()
+    return {line.split('runtime="')[1].split('"')[0] for line in text.splitlines() if line.startswith(name + "{")}
+
+
+def test_a_cpu_worker_without_tensorflow_serves_a_variant(demo_registry, keras_answers, tmp_path):
+    for i, photo in enumerate(PHOTOS):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(photo)
+    # TensorFlow and Keras made unimportable, as in a CPU image that leaves them out; the worker's own classifier.
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.modules["tensorflow"] = None
+sys.modules["keras"] = None
+from worker import BatchClassifier, ModelSource
+source = ModelSource(registry=Path({str(demo_registry)!r}), max_batch=8)
+photos = [path.read_bytes() for path in sorted(Path({str(tmp_path)!r}).glob("*.jpg"))]
+classifier = BatchClassifier(source, decode_threads=2)
+report = classifier.classify([(f"{{i:064x}}", photo) for i, photo in enumerate(photos)], [3] * len(photos))
+heavy = ("tensorflow", "keras")
+loaded = sorted(name for name, module in sys.modules.items() if module and name.split(".")[0] in heavy)
+print(json.dumps({{"served": source.served(), "outcomes": report.outcomes, "loaded": loaded}}))
+"""
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply["loaded"] == []
+    assert reply["served"]["runtime"] in set(servable(ModelRegistry(demo_registry).path_for("demo"))) - {"tensorflow"}
+    assert top1(reply["outcomes"]) == top1(keras_answers)
+
+
+async def test_the_worker_reports_its_runtime_in_status_and_metrics(demo_registry, start_worker, redis_url, tmp_path):
+    # At the default settings (CARBOT_RUNTIME=auto), a real `carbot worker` process.
+    worker = start_worker(model_registry=demo_registry)
+    async with ClassifyClient(redis_url) as client:
+        prediction = await client.classify(PHOTOS[0])
+    assert prediction.model_version == "demo"
+    settings = Settings(model_registry=demo_registry, data_dir=tmp_path / "data")
+    report = collect_status(settings, redis_url)
+    (entry,) = report["workers"]
+    served = entry["model"]
+    assert served["version"] == "demo" and served["runtime"] in servable(ModelRegistry(demo_registry).path_for("demo"))
+    assert served["reason"].startswith("fastest on this CPU at warm-up")
+    assert f"model demo on {served['runtime']}: fastest on this CPU" in format_status(report)
+    assert f"model demo serves on {served['runtime']}" in worker.log()
+    redis.Redis.from_url(redis_url).close()
