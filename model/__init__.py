@@ -15,22 +15,27 @@ from typing import TYPE_CHECKING, Any
 
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
+from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
 from ._preprocess import ImageRejected, Preprocessing, load_image
 from ._registry import ModelRegistry
 
 if TYPE_CHECKING:
-    from ._network import build_classifier
-    from ._predictor import Predictor
+    from ._network import build_classifier, with_features
+    from ._predictor import Answer, Predictor
     from ._saving import LoadedModel, load_artefact, save_artefact
 
 __all__ = [
     "BACKBONES",
     "CHECKSUM_FILE",
+    "DEFAULT_FALSE_REJECTION",
+    "Answer",
     "Artefact",
     "ArtefactCorrupt",
     "ImageRejected",
     "LoadedModel",
     "ModelRegistry",
+    "OodScorer",
+    "OodVerdict",
     "Predictor",
     "Preprocessing",
     "build_classifier",
@@ -38,11 +43,14 @@ __all__ = [
     "load_image",
     "read_artefact",
     "save_artefact",
+    "with_features",
 ]
 
 # Heavy names (they import Keras) and the private module each lives in.
 _LAZY = {
     "build_classifier": "._network",
+    "with_features": "._network",
+    "Answer": "._predictor",
     "save_artefact": "._saving",
     "load_artefact": "._saving",
     "LoadedModel": "._saving",
