@@ -625,6 +625,7 @@ def _fit_phase(
     recipe_callbacks = [
         keras.callbacks.LearningRateScheduler(schedule),
         *([_WarmUp()] if phase == HEAD and initial_epoch == 0 else []),
+        _PreciseBatchNorm(train),
         _OnceLearning(
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
             learning,
@@ -676,6 +677,59 @@ class _WarmUp(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.target is not None:
             self.model.optimizer.learning_rate = self.target
+
+
+class _PreciseBatchNorm(keras.callbacks.Callback):
+    """Before each validation, recompute the trained BatchNorm layers' statistics from training batches.
+
+    The cause of the chance-level runs: BatchNorm layers that train (a random backbone's)
+    normalise each training batch by its own statistics, but validation and serving use moving
+    averages that lag behind weights changing fast, and start from mean 0, variance 1. Early
+    on, and in short runs, those averages are far off: in inference mode the network answers
+    one class for every photo (validation accuracy exactly at chance) while its training loss
+    falls. So, as "precise BN" (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"), the
+    averages are recomputed from up to `batches` training batches with the epoch's final
+    weights: a plain mean over the batches, not an exponential one. Frozen BatchNorm layers
+    (over pretrained statistics) are left alone, so a pretrained backbone costs nothing here.
+    """
+
+    def __init__(self, train: tf.data.Dataset, batches: int = 20) -> None:
+        super().__init__()
+        self.train = train
+        self.batches = batches
+        self.fitting = False
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.fitting = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.fitting = False
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not self.fitting:
+            return
+        layers = [layer for layer in _batchnorm_layers(self.model) if layer.trainable]
+        if not layers:
+            return
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for i, (images, _) in enumerate(self.train.take(self.batches)):
+                for layer in layers:
+                    layer.momentum = i / (i + 1)  # the first batch replaces the statistics, later ones average in
+                self.model(images, training=True)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+
+
+def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(_batchnorm_layers(layer))
+    return found
 
 
 class _Learning:
