@@ -30,16 +30,18 @@ The pieces of :func:`train` (:func:`prepare_data`, :func:`build_network`,
 (``training._tune``) runs for every trial, so a trial is the recipe itself.
 
 Training cannot silently learn nothing (issue 17: two runs in six from random weights stayed
-at chance and were saved as models). Phase 1 warms its learning rate up over its first epoch,
-so the first large gradients do not throw a random network (and its BatchNorm statistics)
-off; early stopping and the plateau cuts only start counting once the validation accuracy
-has left chance, so a network that has not started to learn is not stopped with its
-chance-level weights kept as "the best". After the phases the validation accuracy is checked
-against chance (the share of the largest class): a run that has not reached `MIN_SKILL` of
-the way from chance to perfect is retried with another seed (``attempts`` in all), then
-refused with :class:`TrainingFailed`, and nothing is saved. A version whose *test* accuracy is
-that close to chance is saved but never activated. ``deterministic=True`` makes TensorFlow's
-kernels deterministic, so the same seed and data give the same model.
+at chance and were saved as models). The cause, BatchNorm moving statistics that lag behind a
+random network's fast-changing weights, is removed by recomputing them before every validation
+(:class:`_PreciseBatchNorm`). Phase 1 warms its learning rate up over its first epoch, so
+the first large gradients do not throw a random network off; early stopping and the plateau
+cuts only start counting once the validation accuracy has left chance, so a network that has
+not started to learn is not stopped with its chance-level weights kept as "the best". After
+the phases the validation accuracy is checked against chance (the share of the largest
+class): a run that has not reached `MIN_SKILL` of the way from chance to perfect is retried
+with another seed (``attempts`` in all), then refused with :class:`TrainingFailed`, and nothing
+is saved. A version whose *test* accuracy is that close to chance is saved, never activated.
+``deterministic=True`` makes TensorFlow's kernels deterministic, so the same seed and data give
+the same model.
 
 After training, the out-of-distribution score (``model.OodScorer``) is fitted on the training
 split's penultimate features, calibrated on the validation split and measured on the test split
@@ -83,6 +85,7 @@ from training._dataset import (
     scan_folder,
     stratified_split,
 )
+from training._familiarity import fit_familiarity, markdown_section
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +209,6 @@ def train(
     test_ds = make_tf_dataset(prepared.split.test, labels, prepared.preprocessing, batch_size=config.batch_size)
     metrics, evaluation = _evaluate(network, test_ds, labels, len(prepared.split.test))
     say(f"test accuracy {metrics['test_accuracy']:.3f}, top-3 {metrics['test_top3_accuracy']:.3f}")
-    from training._familiarity import fit_familiarity, markdown_section
-
     ood, ood_calibration = fit_familiarity(
         network,
         labels,
