@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 from carbot import cli
 from carbot.settings import get_settings
-from model import ModelRegistry, load_artefact
+from model import ModelRegistry, build_classifier, load_artefact
 from training import SYNTHETIC_CLASSES, TrainConfig, TrainingFailed, make_synthetic_dataset, train
-from training._recipe import MIN_SKILL, chance_accuracy, skill
+from training._recipe import MIN_SKILL, _PreciseBatchNorm, chance_accuracy, skill
 
 CLASSES = SYNTHETIC_CLASSES[:4]
 
@@ -53,6 +53,36 @@ def test_skill_is_measured_from_chance() -> None:
     assert skill(0.25, 0.25) == 0.0 and skill(1.0, 0.25) == 1.0
     assert skill(0.325, 0.25) == pytest.approx(MIN_SKILL)
     assert chance_accuracy([]) == 0.0
+
+
+def test_batchnorm_statistics_are_recomputed_from_training_batches_before_each_validation() -> None:
+    """The cause of the chance-level runs: moving averages far from the statistics the weights produce."""
+    import keras
+    import tensorflow as tf
+
+    network = build_classifier(3, backbone="tiny", image_size=16)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(24, 16, 16, 3)).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((images, np.zeros(24, np.int32))).batch(8)
+    backbone = network.get_layer("backbone")
+    bn = backbone.get_layer("block1_bn")
+    assert np.all(keras.ops.convert_to_numpy(bn.moving_mean) == 0.0)  # Keras' start: mean 0, variance 1
+
+    callback = _PreciseBatchNorm(batches, batches=3)
+    callback.set_model(network)
+    callback.on_test_begin()  # outside a fit (evaluate, predict): nothing is touched
+    assert np.all(keras.ops.convert_to_numpy(bn.moving_mean) == 0.0)
+    callback.on_train_begin()
+    callback.on_test_begin()  # the validation inside a fit
+
+    conv = keras.Model(backbone.inputs, backbone.get_layer("block1_conv").output)
+    pixels = network.get_layer("pixel_scaling")(images)
+    outputs = [keras.ops.convert_to_numpy(conv(pixels[i : i + 8])) for i in range(0, 24, 8)]
+    expected_mean = np.mean([out.mean(axis=(0, 1, 2)) for out in outputs], axis=0)
+    expected_variance = np.mean([out.var(axis=(0, 1, 2)) for out in outputs], axis=0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), expected_mean, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), expected_variance, rtol=1e-3)
+    assert bn.momentum == 0.9  # the layer's own momentum is back for training
 
 
 @pytest.mark.slow
