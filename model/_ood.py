@@ -12,7 +12,7 @@ detecting out-of-distribution samples"), divided by the number of features so th
 familiar photos score about 1. The features are square-rooted first (keeping their sign):
 pooled ReLU activations are skewed, with long tails, and a Gaussian fits their roots far
 better. On the demo model this is the difference between flagging 30 % and 100 % of the
-unlike photos at the same false-rejection rate. It is fitted on the training split's features and
+unlike photos (``training._unlike``). It is fitted on the training split's features and
 *calibrated* on the validation split: the threshold is the score that a chosen share of
 validation photos exceeds (the false-rejection rate, 2 % by default), so it means the same
 for any dataset or backbone. A photo scoring above the threshold is "unfamiliar".
