@@ -77,15 +77,21 @@ class OodScorer:
         cls, features: np.ndarray, targets: np.ndarray, num_classes: int, *, shrinkage: float = SHRINKAGE
     ) -> OodScorer:
         """Fit on (N, d) training features and their (N,) class indices; the threshold is set by `calibrate`."""
-        x = _transform(np.asarray(features, dtype=np.float64))
+        # float32 features, float64 sums, in chunks: 57,000 ResNet50 feature vectors stay under 0.5 GB.
+        x = _transform(np.asarray(features, dtype=np.float32))
         y = np.asarray(targets).astype(np.int64)
         if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
             raise ValueError(f"need (N, d) features and N targets, N >= 2; got {x.shape} and {y.shape}")
-        overall = x.mean(axis=0)
-        means = np.stack([x[y == c].mean(axis=0) if np.any(y == c) else overall for c in range(num_classes)])
-        centred = x - means[y]
-        covariance = centred.T @ centred / len(x)
-        d = covariance.shape[0]
+        overall = x.mean(axis=0, dtype=np.float64)
+        means = np.stack(
+            [x[y == c].mean(axis=0, dtype=np.float64) if np.any(y == c) else overall for c in range(num_classes)]
+        )
+        d = x.shape[1]
+        covariance = np.zeros((d, d))
+        for start in range(0, len(x), 4096):
+            centred = x[start : start + 4096] - means[y[start : start + 4096]]
+            covariance += centred.T @ centred
+        covariance /= len(x)
         covariance = (1 - shrinkage) * covariance + shrinkage * (np.trace(covariance) / d) * np.eye(d)
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         eigenvalues = np.maximum(eigenvalues, 1e-12 * max(float(eigenvalues.max()), 1e-12))
