@@ -357,10 +357,18 @@ def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_f
     click.echo(f"best hyperparameters (val_accuracy {result.score:.1%}, {len(result.trials)} trials): "
                f"{format_values(result.best)}\nsaved in {result.path}")  # fmt: skip
     if train_best:
-        artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+        from training import TrainingFailed
+
+        try:
+            artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+        except TrainingFailed as exc:
+            raise click.ClickException(str(exc)) from None
         accuracy = artefact.metrics.get("test_accuracy", 0)
         click.echo(f"saved {artefact.version} in {artefact.path}: test accuracy {accuracy:.1%} "
                    f"(report: {artefact.path / 'report.md'})")  # fmt: skip
+        refused = (artefact.meta.get("extra") or {}).get("not_activated")
+        if activate and refused:
+            raise click.ClickException(f"{artefact.version} was saved but NOT activated: {refused}.")
 
 
 @main.command("bench-training")
