@@ -341,7 +341,13 @@ class Conversation:
 
     def _answer(self, prediction: Prediction, prediction_id: int | None, lang: str) -> Reply:
         best = prediction.top_k[0].probability if prediction.top_k else 0.0
-        lines = [text("header_sure" if best >= CONFIDENCE_THRESHOLD else "header_unsure", lang)]
+        if prediction.unfamiliar:
+            # Softmax confidence is high for photos the model cannot know; the feature-space score is not.
+            # The guesses and the buttons stay: a wrongly flagged photo can still be voted on and corrected.
+            header = "header_unfamiliar"
+        else:
+            header = "header_sure" if best >= CONFIDENCE_THRESHOLD else "header_unsure"
+        lines = [text(header, lang)]
         for rank, candidate in enumerate(prediction.top_k, start=1):
             lines.append(f"{rank}. {candidate.label} — {candidate.probability:.0%} {_bar(candidate.probability)}")
         if prediction_id is None:  # not recorded: the answer, but no buttons that could not be honoured

@@ -270,12 +270,21 @@ def stats(as_json: bool) -> None:
 @click.option("--version", help="The new version's name (default: v<UTC timestamp>).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoints, the split and logs; the same folder resumes an interrupted run.")  # fmt: skip
-@click.option("--activate", is_flag=True, help="Make the new version active when it is saved.")
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="Make the new version active when it is saved (never one whose test accuracy is near chance).",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Deterministic TensorFlow kernels: the same seed and data give the same model (slower).",
+)
 def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: int, head_epochs: int,
           finetune_epochs: int, learning_rate: float, seed: int, version: str | None, work_dir: Path | None,
-          activate: bool) -> None:  # fmt: skip
+          activate: bool, deterministic: bool) -> None:  # fmt: skip
     """Train a classifier on DATA (a folder per class, or a CSV manifest `path,label`) with the study's recipe."""
-    from training import TrainConfig
+    from training import TrainConfig, TrainingFailed
     from training import train as run_training
 
     config = TrainConfig(
@@ -287,12 +296,19 @@ def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: 
         finetune_epochs=finetune_epochs,
         learning_rate=learning_rate,
         seed=seed,
+        deterministic=deterministic,
     )
-    artefact = run_training(data, get_settings().registry_dir, config, version=version, work_dir=work_dir,
-                            activate=activate)  # fmt: skip
+    try:
+        artefact = run_training(data, get_settings().registry_dir, config, version=version, work_dir=work_dir,
+                                activate=activate)  # fmt: skip
+    except TrainingFailed as exc:
+        raise click.ClickException(str(exc)) from None
     metrics = artefact.metrics
     click.echo(f"saved {artefact.version} in {artefact.path}: test accuracy {metrics.get('test_accuracy', 0):.1%}, "
                f"top-3 {metrics.get('test_top3_accuracy', 0):.1%} (report: {artefact.path / 'report.md'})")  # fmt: skip
+    refused = (artefact.meta.get("extra") or {}).get("not_activated")
+    if activate and refused:
+        raise click.ClickException(f"{artefact.version} was saved but NOT activated: {refused}.")
 
 
 @main.command()
@@ -342,10 +358,18 @@ def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_f
     click.echo(f"best hyperparameters (val_accuracy {result.score:.1%}, {len(result.trials)} trials): "
                f"{format_values(result.best)}\nsaved in {result.path}")  # fmt: skip
     if train_best:
-        artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+        from training import TrainingFailed
+
+        try:
+            artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+        except TrainingFailed as exc:
+            raise click.ClickException(str(exc)) from None
         accuracy = artefact.metrics.get("test_accuracy", 0)
         click.echo(f"saved {artefact.version} in {artefact.path}: test accuracy {accuracy:.1%} "
                    f"(report: {artefact.path / 'report.md'})")  # fmt: skip
+        refused = (artefact.meta.get("extra") or {}).get("not_activated")
+        if activate and refused:
+            raise click.ClickException(f"{artefact.version} was saved but NOT activated: {refused}.")
 
 
 @main.command("purge-photos")
@@ -531,12 +555,13 @@ def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> li
         except ImageRejected as exc:
             outcomes.append(PhotoRejected(str(exc)))
             continue
-        ranked = predictor.predict_topk(image[None], k=top_k)[0]
+        answer = predictor.predict(image[None], k=top_k)[0]
         outcomes.append(Prediction.from_result("local", {
             "model_version": predictor.version,
             "photo": "",
-            "top_k": [{"label": label, "probability": p} for label, p in ranked],
+            "top_k": [{"label": label, "probability": p} for label, p in answer.top_k],
             "timings": {"total_ms": round((time.perf_counter() - started) * 1000, 1)},
+            **({"ood": answer.ood.to_dict()} if answer.ood is not None else {}),
         }))  # fmt: skip
     return outcomes
 
@@ -553,6 +578,7 @@ def _print_outcomes(images: tuple[Path, ...], outcomes: list, as_json: bool) -> 
                     "model_version": outcome.model_version,
                     "top_k": [{"label": c.label, "probability": c.probability} for c in outcome.top_k],
                     "timings": outcome.timings,
+                    "unfamiliar": outcome.ood.unfamiliar if outcome.ood is not None else None,
                 })  # fmt: skip
         click.echo(json.dumps(rows, indent=2))
         return
@@ -561,6 +587,8 @@ def _print_outcomes(images: tuple[Path, ...], outcomes: list, as_json: bool) -> 
         if isinstance(outcome, Exception):
             click.echo(f"  ✗ {outcome}")
             continue
+        if outcome.unfamiliar:
+            click.echo("  ? unlike the photos this model was trained on; its best guesses:")
         for rank, candidate in enumerate(outcome.top_k, start=1):
             bar = "█" * round(candidate.probability * 20)
             click.echo(f"  {rank}. {candidate.label:<24} {candidate.probability:6.1%}  {bar}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
+from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
 from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
@@ -29,19 +30,23 @@ from ._variants import (
 )
 
 if TYPE_CHECKING:
-    from ._network import build_classifier
-    from ._predictor import Predictor
+    from ._network import build_classifier, with_features
+    from ._predictor import Answer, Predictor
     from ._saving import LoadedModel, load_artefact, save_artefact
 
 __all__ = [
     "BACKBONES",
     "CHECKSUM_FILE",
+    "DEFAULT_FALSE_REJECTION",
+    "Answer",
     "Artefact",
     "ArtefactCorrupt",
     "ImageRejected",
     "LoadedModel",
     "ModelRegistry",
     "RegistryConflict",
+    "OodScorer",
+    "OodVerdict",
     "Predictor",
     "Preprocessing",
     "RUNTIMES",
@@ -61,11 +66,14 @@ __all__ = [
     "read_artefact",
     "read_variants",
     "save_artefact",
+    "with_features",
 ]
 
 # Heavy names (they import Keras) and the private module each lives in.
 _LAZY = {
     "build_classifier": "._network",
+    "with_features": "._network",
+    "Answer": "._predictor",
     "save_artefact": "._saving",
     "load_artefact": "._saving",
     "LoadedModel": "._saving",

@@ -5,7 +5,9 @@ A version directory holds:
 - ``model.weights.h5``: the Keras weights (``Model.save_weights``);
 - ``labels.json``: the class labels, a JSON list of strings, in output order;
 - ``model.json``: how to rebuild the network and what it was trained on (see `write_metadata`);
-- ``checksum.sha256``: ``sha256sum``-style lines for the three files above, written last,
+- ``ood.npz`` (optional): the fitted out-of-distribution score (see ``_ood``), whose threshold
+  and calibration ``model.json`` records under ``"ood"``;
+- ``checksum.sha256``: ``sha256sum``-style lines for the files above, written last,
   so that a half-written or tampered artefact is never served.
 
 Bots and ``carbot status`` read artefacts through this module; building and loading the
@@ -25,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ._ood import OOD_FILE
 from ._preprocess import Preprocessing
 
 FORMAT = 1
@@ -33,6 +36,8 @@ LABELS_FILE = "labels.json"
 META_FILE = "model.json"
 CHECKSUM_FILE = "checksum.sha256"
 CHECKED_FILES = (WEIGHTS_FILE, LABELS_FILE, META_FILE)
+# Files an artefact may have; when present they are checksummed like the others.
+OPTIONAL_FILES = (OOD_FILE,)
 
 # A version name is also a directory name: no separators, no leading dot, no "..".
 _VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -72,6 +77,12 @@ class Artefact:
         return dict(self.meta.get("metrics") or {})
 
     @property
+    def ood(self) -> dict[str, Any] | None:
+        """The out-of-distribution score's threshold and calibration, or None for a version without one."""
+        ood = self.meta.get("ood")
+        return dict(ood) if isinstance(ood, dict) else None
+
+    @property
     def created(self) -> datetime:
         return datetime.fromisoformat(self.meta["created"])
 
@@ -103,6 +114,8 @@ def read_artefact(directory: Path, *, verify: bool = True) -> Artefact:
         verify_checksums(directory)
     labels = _read_labels(directory)
     meta = _read_meta(directory)
+    if meta.get("ood") is not None and not (directory / OOD_FILE).is_file():
+        raise ArtefactCorrupt(f"{directory / META_FILE} describes an out-of-distribution score; {OOD_FILE} is missing")
     if meta["num_classes"] != len(labels):
         raise ArtefactCorrupt(
             f"{directory / META_FILE} says {meta['num_classes']} classes but {LABELS_FILE} has {len(labels)} labels"
@@ -113,7 +126,9 @@ def read_artefact(directory: Path, *, verify: bool = True) -> Artefact:
 def verify_checksums(directory: Path) -> None:
     """Raise ArtefactCorrupt naming the first file that is missing or does not match its checksum."""
     expected = _read_checksums(directory)
-    for name in CHECKED_FILES:
+    # An optional file counts once it is listed or present: dropping one in, or deleting a listed one, is an alteration.
+    optional = tuple(name for name in OPTIONAL_FILES if name in expected or (directory / name).exists())
+    for name in CHECKED_FILES + optional:
         if name not in expected:
             raise ArtefactCorrupt(f"{directory / CHECKSUM_FILE} does not cover {name}")
         path = directory / name
@@ -142,7 +157,8 @@ def write_metadata(directory: Path, meta: dict[str, Any]) -> None:
 def write_checksums(directory: Path) -> None:
     """Write ``checksum.sha256`` for the other files; call it last, once they are complete."""
     directory = Path(directory)
-    lines = [f"{sha256_of(directory / name)}  {name}\n" for name in CHECKED_FILES]
+    names = CHECKED_FILES + tuple(name for name in OPTIONAL_FILES if (directory / name).is_file())
+    lines = [f"{sha256_of(directory / name)}  {name}\n" for name in names]
     write_text_atomic(directory / CHECKSUM_FILE, "".join(lines))
 
 

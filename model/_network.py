@@ -129,6 +129,16 @@ def build_classifier(
     return keras.Model(inputs, outputs, name=f"carbot_{backbone}")
 
 
+def with_features(classifier: keras.Model) -> keras.Model:
+    """The same network (same weights, one forward pass) answering (probabilities, penultimate features).
+
+    The features are the backbone's pooled output, the head's input: what the
+    out-of-distribution score (``model._ood``) measures distances in.
+    """
+    features = classifier.get_layer("head_dropout").input
+    return keras.Model(classifier.inputs, [classifier.outputs[0], features], name=f"{classifier.name}_with_features")
+
+
 def _weights_path(backbone: str, weights: str | Path | None) -> str | None:
     """Resolve `weights` to a local file (or None), fetching ImageNet weights if asked to."""
     if weights is None:

@@ -13,18 +13,23 @@ size, the plan with the least measured time; until then batches are padded.
 
 The forward pass is the Keras model's (a ``tf.function`` per bucket) or, for an optimised
 variant, a runtime's (ONNX Runtime, OpenVINO: see `_runtimes`); all the above is the same on each.
+The same pass also returns the penultimate features, from which the artefact's
+out-of-distribution score (``_ood``) tells, for each photo, whether it looks like
+the photos the model was trained on: `predict` answers both at no second pass.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._artefact import Artefact
+from ._artefact import Artefact, ArtefactCorrupt
+from ._ood import OodVerdict, load_ood
 from ._preprocess import Preprocessing
 
 if TYPE_CHECKING:  # Keras is imported only for a Keras forward pass: a variant serves without TensorFlow
@@ -32,6 +37,18 @@ if TYPE_CHECKING:  # Keras is imported only for a Keras forward pass: a variant 
 
     from ._runtimes import Backend, RuntimeChoice
     from ._saving import LoadedModel
+
+# What the forward pass returns: (probabilities, penultimate features). A variant exported before its
+# network had the second output gives None for the features (and so no out-of-distribution verdict).
+Outputs = tuple[np.ndarray, np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One photo's prediction: the top-k labels with probabilities, and how familiar the photo looks."""
+
+    top_k: list[tuple[str, float]]
+    ood: OodVerdict | None  # None when the model version has no out-of-distribution score
 
 
 class Predictor:
@@ -54,6 +71,17 @@ class Predictor:
         self._artefact = loaded.artefact if loaded is not None else artefact
         self._backend = backend
         self.runtime_choice: RuntimeChoice | None = None  # set by `load_predictor`
+        self._ood = loaded.ood if loaded is not None else load_ood(self._artefact)
+        if loaded is not None:
+            from ._network import with_features  # Keras: only for a Keras forward pass
+
+            self._network = with_features(loaded.keras_model)
+            features = self._network.output_shape[1][-1]
+            if self._ood is not None and self._ood.num_features != features:
+                raise ArtefactCorrupt(
+                    f"the out-of-distribution score of {loaded.artefact.path} expects {self._ood.num_features} "
+                    f"features; the network has {features}"
+                )
         self._max_batch = max_batch
         self._buckets = bucket_sizes(max_batch)
         self._plans = cheapest_plans({bucket: 1.0 for bucket in self._buckets}, max_batch)
@@ -115,27 +143,44 @@ class Predictor:
         """How many times the forward pass was traced (compiled); stays put once warm."""
         return self._backend.trace_count if self._backend is not None else self._trace_count
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, size, size, 3) uint8 images -> (N, num_classes) float32 probabilities."""
+    @property
+    def has_ood(self) -> bool:
+        """Whether this model version scores how familiar a photo looks (versions saved before it did not)."""
+        return self._ood is not None
+
+    def outputs(self, images: np.ndarray) -> Outputs:
+        """(N, size, size, 3) uint8 images -> (N, num_classes) probabilities and (N, d) features, float32."""
         images = self._checked(images)
         chunks, start = [], 0
         for bucket in self.plan(len(images)):
             chunks.append(self._run_padded(images[start : start + bucket], bucket))
             start += bucket
         if not chunks:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(chunks)
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
+        features = None if any(c[1] is None for c in chunks) else np.concatenate([c[1] for c in chunks])
+        return np.concatenate([c[0] for c in chunks]), features
 
-    def predict_topk(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
-        """For each image, the `k` most likely labels with their probabilities, best first."""
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, size, size, 3) uint8 images -> (N, num_classes) float32 probabilities."""
+        return self.outputs(images)[0]
+
+    def predict(self, images: np.ndarray, k: int = 3) -> list[Answer]:
+        """For each image, its `k` most likely labels (best first) and its out-of-distribution verdict."""
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
         k = min(k, len(self.labels))
-        results = []
-        for row in self.probabilities(images):
+        probabilities, features = self.outputs(images)
+        ood = self._ood
+        verdicts = ood.verdicts(features) if ood is not None and features is not None else [None] * len(probabilities)
+        answers = []
+        for row, verdict in zip(probabilities, verdicts):
             best = np.argsort(-row, kind="stable")[:k]
-            results.append([(self.labels[i], float(row[i])) for i in best])
-        return results
+            answers.append(Answer([(self.labels[i], float(row[i])) for i in best], verdict))
+        return answers
+
+    def predict_topk(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each image, the `k` most likely labels with their probabilities, best first."""
+        return [answer.top_k for answer in self.predict(images, k)]
 
     def warmup(self, batch_sizes: Iterable[int] | None = None) -> None:
         """Compile the forward pass for the buckets that `batch_sizes` fall in.
@@ -172,20 +217,21 @@ class Predictor:
             raise ValueError(f"expected uint8 images (from load_image), not {images.dtype}")
         return images
 
-    def _run_padded(self, chunk: np.ndarray, bucket: int) -> np.ndarray:
+    def _run_padded(self, chunk: np.ndarray, bucket: int) -> Outputs:
         count = len(chunk)
         if bucket > count:
             padding = np.zeros((bucket - count, *chunk.shape[1:]), dtype=chunk.dtype)
             chunk = np.concatenate([chunk, padding])
-        return self._forward(chunk)[:count]
+        probabilities, features = self._forward(chunk)
+        return probabilities[:count], None if features is None else features[:count]
 
     def _bucket_for(self, count: int) -> int:
         return next(bucket for bucket in self._buckets if bucket >= count)
 
-    def _compile_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+    def _compile_forward(self) -> Callable[[np.ndarray], Outputs]:
         import keras
 
-        keras_model = self._loaded.keras_model
+        keras_model = self._network
         if keras.backend.backend() != "tensorflow":
             return self._eager_forward(keras_model)
         import tensorflow as tf
@@ -196,30 +242,33 @@ class Predictor:
             # A function per bucket, with its exact shape: each is traced once, and TensorFlow
             # doesn't warn about "retracing" as it does when one function sees several shapes.
             @tf.function(input_signature=[tf.TensorSpec((bucket, size, size, 3), tf.uint8)])
-            def call(images: tf.Tensor) -> tf.Tensor:
+            def call(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                 # Python code here runs only while TensorFlow traces.
                 self._trace_count += 1
-                return tf.cast(keras_model(tf.cast(images, tf.float32), training=False), tf.float32)
+                probabilities, features = keras_model(tf.cast(images, tf.float32), training=False)
+                return tf.cast(probabilities, tf.float32), tf.cast(features, tf.float32)
 
             return call
 
         traced = {bucket: traced_for(bucket) for bucket in self._buckets}
 
-        def forward(batch: np.ndarray) -> np.ndarray:
-            return traced[len(batch)](tf.convert_to_tensor(batch)).numpy()
+        def forward(batch: np.ndarray) -> Outputs:
+            probabilities, features = traced[len(batch)](tf.convert_to_tensor(batch))
+            return probabilities.numpy(), features.numpy()
 
         return forward
 
-    def _eager_forward(self, keras_model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    def _eager_forward(self, keras_model: keras.Model) -> Callable[[np.ndarray], Outputs]:
         # Other backends (JAX on a GPU host) compile inside predict_on_batch, once per shape;
         # count new shapes as the closest equivalent of a trace.
         seen: set[tuple[int, ...]] = set()
 
-        def forward(batch: np.ndarray) -> np.ndarray:
+        def forward(batch: np.ndarray) -> Outputs:
             if batch.shape not in seen:
                 seen.add(batch.shape)
                 self._trace_count += 1
-            return np.asarray(keras_model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
+            probabilities, features = keras_model.predict_on_batch(batch.astype(np.float32))
+            return np.asarray(probabilities, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
         return forward
 

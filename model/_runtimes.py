@@ -66,7 +66,8 @@ class RuntimeChoice:
 
 
 class Backend:
-    """A variant's forward pass: (N, size, size, 3) uint8 -> (N, classes) float32 probabilities."""
+    """A variant's forward pass: (N, size, size, 3) uint8 -> (N, classes) float32 probabilities, and the
+    (N, d) penultimate features when the variant was exported with them (None otherwise)."""
 
     name: str
     precision: str
@@ -74,7 +75,7 @@ class Backend:
     def __init__(self) -> None:
         self.trace_count = 0  # compilations, as the Predictor counts TensorFlow's traces
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
 
@@ -91,11 +92,12 @@ class OnnxBackend(Backend):
         self._input = self._session.get_inputs()[0].name
         self._shapes: set[tuple[int, ...]] = set()
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if batch.shape not in self._shapes:  # ONNX Runtime plans its memory per shape
             self._shapes.add(batch.shape)
             self.trace_count += 1
-        return self._session.run(None, {self._input: batch.astype(np.float32)})[0]
+        outputs = self._session.run(None, {self._input: batch.astype(np.float32)})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 class OpenVinoBackend(Backend):
@@ -112,7 +114,7 @@ class OpenVinoBackend(Backend):
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._lock = threading.Lock()
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         compiled = self._compiled.get(batch.shape)
         if compiled is None:
             with self._lock:
@@ -121,7 +123,8 @@ class OpenVinoBackend(Backend):
                 compiled = self._core.compile_model(model, "CPU", self._config)
                 self._compiled[batch.shape] = compiled
                 self.trace_count += 1
-        return compiled(batch.astype(np.float32))[0]
+        outputs = compiled(batch.astype(np.float32))
+        return outputs[0], outputs[1] if len(compiled.outputs) > 1 else None
 
 
 def open_variant(folder: Path, name: str) -> Backend:

@@ -27,6 +27,7 @@ from ._artefact import (
 )
 from ._backbones import check_backbone
 from ._network import build_classifier
+from ._ood import METHOD, OOD_FILE, OodScorer, load_ood
 from ._preprocess import Preprocessing
 
 
@@ -36,6 +37,7 @@ class LoadedModel:
 
     artefact: Artefact
     keras_model: keras.Model
+    ood: OodScorer | None = None  # None: a version saved without an out-of-distribution score
 
 
 def save_artefact(
@@ -51,8 +53,14 @@ def save_artefact(
     metrics: dict | None = None,
     data_fingerprint: str | None = None,
     extra: dict | None = None,
+    ood: OodScorer | None = None,
+    ood_calibration: dict | None = None,
 ) -> Artefact:
     """Write `keras_model` (built by `build_classifier`) and its description into `directory`.
+
+    `ood` is the fitted and calibrated out-of-distribution score of this very network (its
+    features change with every weight); `ood_calibration` says how it was calibrated (the
+    false-rejection rate, the share of each photo set it flags) and goes into ``model.json``.
 
     The checksum file is written last: until it exists the directory does not read as an artefact.
     """
@@ -65,6 +73,9 @@ def save_artefact(
         raise ValueError(f"preprocessing.image_size is {preprocessing.image_size} but the model takes {image_size} px")
     directory.mkdir(parents=True, exist_ok=True)
     keras_model.save_weights(directory / WEIGHTS_FILE)
+    (directory / OOD_FILE).unlink(missing_ok=True)  # a version saved again in place keeps no stale score
+    if ood is not None:
+        ood.save(directory / OOD_FILE)
     write_labels(directory, labels)
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -80,6 +91,9 @@ def save_artefact(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "keras_version": keras.__version__,
     }
+    if ood is not None:
+        meta["ood"] = {"method": METHOD, "threshold": ood.threshold, "features": ood.num_features,
+                       **dict(ood_calibration or {})}  # fmt: skip
     if extra:
         meta["extra"] = dict(extra)
     write_metadata(directory, meta)
@@ -104,7 +118,7 @@ def load_artefact(directory: Path) -> LoadedModel:
         raise ArtefactCorrupt(
             f"{artefact.weights_path} does not fit the network that model.json describes: {exc}"
         ) from exc
-    return LoadedModel(artefact=artefact, keras_model=keras_model)
+    return LoadedModel(artefact=artefact, keras_model=keras_model, ood=load_ood(artefact))
 
 
 def _checked_labels(labels: Sequence[str], keras_model: keras.Model) -> list[str]:

@@ -224,6 +224,11 @@ def run_batched(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
+def probabilities_of(backend: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A variant backend's probabilities alone (its forward pass also gives the features)."""
+    return lambda batch: backend.forward(batch)[0]
+
+
 def keras_forward(keras_model: Any) -> Callable[[np.ndarray], np.ndarray]:
     """The Keras model's probabilities for a uint8 batch (its first output if it has several)."""
 
@@ -271,13 +276,18 @@ def export_variants(
         calibration_images = generated_images(GENERATED_IMAGES, preprocessing.image_size)
 
     reference = run_batched(keras_forward(keras_model), images)  # also builds a model never called yet
+    # Exported with its penultimate features as a second output, so a variant answers the
+    # out-of-distribution score from the same pass, as the Keras model does (`Predictor`).
+    from ._network import with_features
+
+    exported = with_features(keras_model)
     made: dict[str, str] = {}  # runtime -> why it could not be made
     written: set[str] = set()  # files exported by this call (fp32 and bf16 share theirs)
     for name in runtimes:
         if name not in VARIANT_RUNTIMES:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_RUNTIMES)}")
         try:
-            _export_one(name, keras_model, folder, calibration_images, written)
+            _export_one(name, exported, folder, calibration_images, written)
         except Exception as exc:  # a missing package or an exporter's error costs this variant only
             log.warning("could not export the %s variant: %s", name, exc, exc_info=True)
             made[name] = f"export failed: {exc.__class__.__name__}: {exc}"
@@ -320,7 +330,7 @@ def verify_variants(
             continue
         try:
             backend = open_variant(folder, name)
-            candidate = run_batched(backend.forward, images)
+            candidate = run_batched(probabilities_of(backend), images)
         except Exception as exc:
             log.warning("could not run the %s variant: %s", name, exc, exc_info=True)
             variants[name] = Variant(name, files, FAILED, f"could not run: {exc.__class__.__name__}: {exc}")

@@ -144,10 +144,11 @@ def test_rollback_without_a_previous_version_fails_cleanly(registry):
 def test_train_saves_a_new_version_with_its_report_and_can_activate_it(registry, tmp_path):
     from training import make_synthetic_dataset
 
-    data = make_synthetic_dataset(tmp_path / "photos", per_class=6, size=(64, 48), seed=3)
+    # Enough photos and epochs to learn something: --activate refuses a model at chance (issue 17).
+    data = make_synthetic_dataset(tmp_path / "photos", per_class=50, size=(48, 36), seed=3)
     result = run("train", str(data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-                 "--batch-size", "8", "--head-epochs", "1", "--finetune-epochs", "1", "--version", "trained",
-                 "--activate")  # fmt: skip
+                 "--batch-size", "16", "--head-epochs", "8", "--finetune-epochs", "1", "--learning-rate", "0.05",
+                 "--version", "trained", "--activate")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "saved trained" in result.output and "test accuracy" in result.output
     assert registry.active_version() == "trained"

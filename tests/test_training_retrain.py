@@ -314,6 +314,8 @@ def test_retrain_learns_corrections_and_is_promoted(world: Path, monkeypatch: py
     assert outcome.report_image == registry.path_for("r1") / "retrain_report.png"
     assert outcome.report_image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Retrain gate" in (registry.path_for("r1") / "report.md").read_text()
+    # Its out-of-distribution score is its own, refitted and calibrated on the hold-out.
+    assert meta["ood"]["calibrated_on"] == len(holdout_paths) and (registry.path_for("r1") / "ood.npz").is_file()
 
 
 @pytest.mark.slow

@@ -64,10 +64,17 @@ def test_a_tiny_search_records_its_trials_and_names_values_from_the_space(datase
         tune(dataset, work_dir, tiny_config(), SearchSpace(learning_rate=(0.1,)), max_trials=1, progress=False)
 
 
+@pytest.fixture(scope="module")
+def learnable_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # --train-best --activate needs a model that learned something: one at chance is refused (issue 17).
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tune-learnable"), per_class=50, size=(48, 36), seed=6)
+
+
 @pytest.mark.slow
 def test_carbot_tune_prints_saves_and_trains_the_best(
-    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    learnable_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    dataset = learnable_dataset
     registry_root = tmp_path / "models"
     monkeypatch.setenv("CARBOT_MODEL_REGISTRY", str(registry_root))
     monkeypatch.setenv("CARBOT_DATA_DIR", str(tmp_path / "data"))
@@ -76,7 +83,7 @@ def test_carbot_tune_prints_saves_and_trains_the_best(
         result = CliRunner().invoke(
             cli.main,
             ["tune", str(dataset), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-             "--batch-size", "16", "--head-epochs", "1", "--finetune-epochs", "1", "--trials", "1",
+             "--batch-size", "16", "--head-epochs", "8", "--finetune-epochs", "1", "--trials", "1",
              "--learning-rates", "0.02", "--dropouts", "0.1,0.2", "--finetune-fractions", "1",
              "--work-dir", str(tmp_path / "work"), "--train-best", "--version", "tuned", "--activate"],
         )  # fmt: skip

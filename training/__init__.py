@@ -22,6 +22,8 @@ What is here so far:
   better (``FeedbackPhoto`` and ``is_held_out`` need no TensorFlow);
 - hyperparameter search (:class:`SearchSpace`, :func:`tune`): KerasTuner trials that
   are the recipe itself, scored on the validation split (the optional ``tune`` extra);
+- photos unlike any class (:data:`UNLIKE_KINDS`, :func:`unlike_photo`, :func:`unlike_photos`:
+  scenes, noise, text, textures) on which the out-of-distribution score is measured;
 - :func:`build_demo_model`: trains a small classifier on them with :func:`train` and
   puts it in the model registry as version ``demo``.
 
@@ -48,11 +50,12 @@ from training._dataset import (
 )
 from training._feedback import FeedbackPhoto, is_held_out
 from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_jpeg, synthetic_photo
+from training._unlike import UNLIKE_KINDS, unlike_photo, unlike_photos
 
 if TYPE_CHECKING:
     from training._demo import build_demo_model
     from training._evaluation import Evaluation, evaluate, write_report
-    from training._recipe import TrainConfig, train
+    from training._recipe import TrainConfig, TrainingFailed, train
     from training._retrain import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._tune import SearchSpace, tune
 
@@ -68,6 +71,8 @@ __all__ = [
     "Split",
     "SplitChanged",
     "TrainConfig",
+    "TrainingFailed",
+    "UNLIKE_KINDS",
     "build_demo_model",
     "check_samples",
     "evaluate",
@@ -84,6 +89,8 @@ __all__ = [
     "synthetic_photo",
     "train",
     "tune",
+    "unlike_photo",
+    "unlike_photos",
     "write_report",
 ]
 
@@ -94,6 +101,7 @@ _LAZY = {
     "evaluate": "training._evaluation",
     "write_report": "training._evaluation",
     "TrainConfig": "training._recipe",
+    "TrainingFailed": "training._recipe",
     "train": "training._recipe",
     "SearchSpace": "training._tune",
     "tune": "training._tune",

@@ -29,6 +29,24 @@ The pieces of :func:`train` (:func:`prepare_data`, :func:`build_network`,
 :func:`run_phases`, :func:`predict_scores`) are what the hyperparameter search
 (``training._tune``) runs for every trial, so a trial is the recipe itself.
 
+Training cannot silently learn nothing (issue 17: two runs in six from random weights stayed
+at chance and were saved as models). The cause, BatchNorm moving statistics that lag behind a
+random network's fast-changing weights, is removed by recomputing them before every validation
+(:class:`_PreciseBatchNorm`). Phase 1 warms its learning rate up over its first epoch, so
+the first large gradients do not throw a random network off; early stopping and the plateau
+cuts only start counting once the validation accuracy has left chance, so a network that has
+not started to learn is not stopped with its chance-level weights kept as "the best". After
+the phases the validation accuracy is checked against chance (the share of the largest
+class): a run that has not reached `MIN_SKILL` of the way from chance to perfect is retried
+with another seed (``attempts`` in all), then refused with :class:`TrainingFailed`, and nothing
+is saved. A version whose *test* accuracy is that close to chance is saved, never activated.
+``deterministic=True`` makes TensorFlow's kernels deterministic, so the same seed and data give
+the same model.
+
+After training, the out-of-distribution score (``model.OodScorer``) is fitted on the training
+split's penultimate features, calibrated on the validation split and measured on the test split
+and on generated photos unlike any class (``training._familiarity``), and saved with the artefact.
+
 Both phases stop early when the validation loss stops improving (keeping the best
 weights) and cut the learning rate on plateaus. After every epoch the weights and a small
 JSON state (phase, epoch, history) are written to `work_dir`, so an interrupted run
@@ -45,7 +63,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,6 +93,7 @@ from training._dataset import (
     scan_folder,
     stratified_split,
 )
+from training._familiarity import fit_familiarity, markdown_section
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +103,28 @@ CHECKPOINT_FILE = "checkpoint.weights.h5"
 LOG_DIR = "logs"
 
 HEAD, FINETUNE, DONE = "head", "finetune", "done"
+
+# How far from chance (0) towards perfect (1) a network must be to count as having learned:
+# skill = (accuracy - chance) / (1 - chance). Below it on the validation split a run is retried,
+# on the test split a version is not activated. 5 classes: 28 % accuracy; 190 classes: 10.5 %.
+MIN_SKILL = 0.1
+# Another attempt's seed: far from the first, so its initial weights share nothing with it.
+RETRY_SEED_STEP = 1000
+
+
+class TrainingFailed(RuntimeError):
+    """Every attempt of a run stayed near chance on the validation split: nothing was saved."""
+
+
+def chance_accuracy(samples: Sequence[Sample]) -> float:
+    """The accuracy of always answering the most common label of `samples` (1/classes when balanced)."""
+    counts = Counter(sample.label for sample in samples)
+    return max(counts.values()) / len(samples) if samples else 0.0
+
+
+def skill(accuracy: float, chance: float) -> float:
+    """How far `accuracy` is from `chance` (0) towards perfect (1)."""
+    return (accuracy - chance) / (1.0 - chance) if chance < 1.0 else 0.0
 
 
 @dataclass
@@ -107,6 +148,9 @@ class TrainConfig:
     seed: int = 0
     patience: int = 5
     augment: bool = True
+    attempts: int = 3  # runs whose validation accuracy stays near chance are retried with another seed
+    deterministic: bool = False  # deterministic TensorFlow kernels: the same seed and data give the same model
+    ood_false_rejection: float = 0.02  # share of validation photos the out-of-distribution threshold lets be flagged
 
     def __post_init__(self) -> None:
         if self.head_epochs < 0 or self.finetune_epochs < 0 or self.head_epochs + self.finetune_epochs < 1:
@@ -115,6 +159,10 @@ class TrainConfig:
             raise ValueError(f"finetune_fraction must be in [0, 1], not {self.finetune_fraction}")
         if self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("batch_size must be >= 1 and learning_rate > 0")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if not 0.0 < self.ood_false_rejection < 1.0:
+            raise ValueError(f"ood_false_rejection must be in (0, 1), not {self.ood_false_rejection}")
 
     def to_json(self) -> dict[str, Any]:
         """The config as plain JSON values (paths as str, tuples as lists)."""
@@ -146,33 +194,50 @@ def train(
     `callbacks` are extra Keras callbacks for both phases (run after the recipe's own).
     `extra` is added to what the artefact's ``extra`` records (e.g. where the data came from).
     With `variants` the version also gets its optimised serving variants (`model.export_variants`),
-    verified on the test split and calibrated on the training split. Returns the saved artefact.
+    verified on the test split and calibrated on the training split.
+    Returns the saved artefact. Raises :class:`TrainingFailed` when every attempt stayed near
+    chance; with `activate`, a version whose test accuracy is near chance is saved, not activated.
     """
     data, registry_root = Path(data), Path(registry_root)
     version = version or "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     own_work_dir = work_dir is None
     work_dir = Path(work_dir) if work_dir is not None else registry_root / f".train-{version}"
     say = reporter("train", progress)
+    if config.deterministic:
+        # Process-wide and one-way: every later TensorFlow op in this process is deterministic too.
+        tf.config.experimental.enable_op_determinism()
 
     # 1-4. The photos, split once, streamed, with balanced class weights.
     prepared = prepare_data(data, work_dir, config, say)
     labels = prepared.labels
-    network = build_network(config, len(labels))
 
-    state = _State.load(work_dir, config, prepared.split.fingerprint)
-    resumed_from = None
-    if state.phase != HEAD or state.epoch > 0:
-        resumed_from = {"phase": state.phase, "epoch": state.epoch}
-        network.load_weights(work_dir / CHECKPOINT_FILE)
-        say(f"resuming from {work_dir}: phase {state.phase!r}, {state.epoch} epoch(s) done")
+    # 5-6. The two phases, again with another seed while the network stays near chance.
+    network, state, resumed_from, attempts = _train_until_learned(
+        config, work_dir, prepared, say=say, verbose=1 if progress else 2, callbacks=callbacks
+    )
 
-    # 5-6. The two phases.
-    run_phases(network, config, state, work_dir, prepared, say=say, verbose=1 if progress else 2, callbacks=callbacks)
-
-    # 7. Evaluate on the test split, save, activate.
+    # 7. Evaluate on the test split, fit the out-of-distribution score, save, activate.
     test_ds = make_tf_dataset(prepared.split.test, labels, prepared.preprocessing, batch_size=config.batch_size)
     metrics, evaluation = _evaluate(network, test_ds, labels, len(prepared.split.test))
     say(f"test accuracy {metrics['test_accuracy']:.3f}, top-3 {metrics['test_top3_accuracy']:.3f}")
+    ood, ood_calibration = fit_familiarity(
+        network,
+        labels,
+        prepared.preprocessing,
+        train=prepared.split.train,
+        validation=prepared.split.validation,
+        test=prepared.split.test,
+        batch_size=config.batch_size,
+        false_rejection=config.ood_false_rejection,
+        say=say,
+    )
+    test_chance = chance_accuracy(prepared.split.test)
+    refused = None
+    if skill(metrics["test_accuracy"], test_chance) < MIN_SKILL:
+        refused = (
+            f"test accuracy {metrics['test_accuracy']:.3f} is near chance ({test_chance:.3f}, "
+            f"the most common class's share)"
+        )
     registry = ModelRegistry(registry_root)
     with registry.staging(version) as staging_dir:
         save_artefact(
@@ -193,12 +258,18 @@ def train(
                 "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
                 "history": state.history,
                 "resumed_from": resumed_from,
+                "attempts": attempts,
                 "mixed_precision": on_gpu(),
+                **({"not_activated": refused} if refused else {}),
                 **(extra or {}),
             },
+            ood=ood,
+            ood_calibration=ood_calibration,
         )
         if evaluation is not None:
             _write_report(evaluation, staging_dir, state.history, version)
+            with open(staging_dir / "report.md", "a", encoding="utf-8") as report:
+                report.write("\n" + markdown_section(ood_calibration, ood.threshold))
         if variants:
             say("exporting the serving variants and verifying them on the test split")
             export_variants(
@@ -206,7 +277,11 @@ def train(
                 verification=[(sample.path, sample.label) for sample in prepared.split.test],
                 calibration=[sample.path for sample in prepared.split.train], say=say,
             )  # fmt: skip
-    if activate:
+    if activate and refused:
+        log.warning("version %s is saved but not activated: %s", version, refused)
+        say(f"NOT activating {version!r}: {refused}; it learned next to nothing")
+        activate = False
+    elif activate:
         registry.activate(version)
     say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
     if own_work_dir:
@@ -305,6 +380,57 @@ def build_network(config: TrainConfig, num_classes: int) -> keras.Model:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
+def _train_until_learned(
+    config: TrainConfig,
+    work_dir: Path,
+    prepared: PreparedData,
+    *,
+    say: Callable[[str], None],
+    verbose: int,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> tuple[keras.Model, _State, dict | None, list[dict[str, Any]]]:
+    """Run the phases until the validation accuracy leaves chance, at most ``config.attempts`` times.
+
+    Attempt n > 0 uses seed ``config.seed + n * RETRY_SEED_STEP`` and its own checkpoints in
+    ``work_dir/attempt-n``, so an interrupted run resumes whichever attempt it was in.
+    Returns the network, its state, where the first attempt resumed from, and every attempt's
+    seed and validation accuracy. Raises :class:`TrainingFailed` when none learned.
+    """
+    chance = chance_accuracy(prepared.split.validation)
+    attempts: list[dict[str, Any]] = []
+    resumed_from = None
+    for attempt in range(config.attempts):
+        run_config = config if attempt == 0 else replace(config, seed=config.seed + attempt * RETRY_SEED_STEP)
+        run_dir = work_dir if attempt == 0 else work_dir / f"attempt-{attempt}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        network = build_network(run_config, len(prepared.labels))
+        state = _State.load(run_dir, run_config, prepared.split.fingerprint)
+        if state.phase != HEAD or state.epoch > 0:
+            if attempt == 0:
+                resumed_from = {"phase": state.phase, "epoch": state.epoch}
+            network.load_weights(run_dir / CHECKPOINT_FILE)
+            say(f"resuming from {run_dir}: phase {state.phase!r}, {state.epoch} epoch(s) done")
+        run_phases(network, run_config, state, run_dir, prepared, say=say, verbose=verbose, callbacks=callbacks)
+        accuracy = predict_scores(network, prepared.validation)["accuracy"]
+        attempts.append({"seed": run_config.seed, "validation_accuracy": accuracy})
+        if skill(accuracy, chance) >= MIN_SKILL:
+            return network, state, resumed_from, attempts
+        log.warning("attempt %d (seed %d) stayed near chance: validation accuracy %.3f, chance %.3f",
+                    attempt + 1, run_config.seed, accuracy, chance)  # fmt: skip
+        say(
+            f"attempt {attempt + 1} of {config.attempts} (seed {run_config.seed}) learned nothing: validation "
+            f"accuracy {accuracy:.3f}, chance {chance:.3f}"
+            + ("; trying another seed" if attempt + 1 < config.attempts else "")
+        )
+    tried = ", ".join(f"seed {a['seed']}: {a['validation_accuracy']:.3f}" for a in attempts)
+    raise TrainingFailed(
+        f"the network did not learn: after {len(attempts)} attempt(s) its validation accuracy stayed near chance "
+        f"({tried}; chance {chance:.3f}, the share of the most common class). Nothing was saved. Check that "
+        "each folder holds photos of its own class, then try a lower --learning-rate, more photos, or "
+        "pretrained --weights."
+    )
+
+
 def run_phases(
     network: keras.Model,
     config: TrainConfig,
@@ -333,6 +459,7 @@ def run_phases(
         "verbose": verbose,
         "jit_compile": gpu,
         "extra_callbacks": list(callbacks),
+        "chance": chance_accuracy(prepared.split.validation),
     }
     pretrained = config.weights is not None
     lr = config.learning_rate
@@ -488,8 +615,13 @@ def _fit_phase(
     verbose: int,
     jit_compile: bool,
     extra_callbacks: list[keras.callbacks.Callback],
+    chance: float,
 ) -> None:
-    """Compile `network` for this phase and fit it from ``state.epoch`` up to `epochs`."""
+    """Compile `network` for this phase and fit it from ``state.epoch`` up to `epochs`.
+
+    Phase 1 from its start warms the learning rate up over its first epoch. Early stopping and
+    the plateau cuts wait until the validation accuracy has left chance (`chance`).
+    """
     initial_epoch = state.epoch
     if initial_epoch >= epochs:
         return
@@ -508,10 +640,19 @@ def _fit_phase(
         metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy")],
         jit_compile=jit_compile,
     )
+    learning = _Learning(chance)
     recipe_callbacks = [
         keras.callbacks.LearningRateScheduler(schedule),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, config.patience // 2)),
+        *([_WarmUp()] if phase == HEAD and initial_epoch == 0 else []),
+        _PreciseBatchNorm(train),
+        _OnceLearning(
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+            learning,
+        ),
+        _OnceLearning(
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, config.patience // 2)),
+            learning,
+        ),
         keras.callbacks.ModelCheckpoint(str(work_dir / CHECKPOINT_FILE), save_weights_only=True),
         _SaveState(state),  # after the checkpoint: the state never names an epoch not yet saved
         keras.callbacks.TensorBoard(log_dir=str(work_dir / LOG_DIR / phase)),
@@ -526,6 +667,133 @@ def _fit_phase(
         shuffle=False,  # the pipeline shuffles
         verbose=verbose,
     )
+
+
+class _WarmUp(keras.callbacks.Callback):
+    """Raise the learning rate linearly from almost 0 to the scheduled one over the first epoch's batches.
+
+    Placed after the scheduler, which sets the epoch's rate first, and before anything that reads
+    the rate at the epoch's end: the scheduled rate is back in place by then.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target: float | None = None
+        self.steps = 1
+        self.step = 0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.steps = max(1, int(self.params.get("steps") or 50))
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.target = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.step < self.steps and self.target is not None:
+            self.model.optimizer.learning_rate = self.target * (self.step + 1) / self.steps
+        self.step += 1
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.target is not None:
+            self.model.optimizer.learning_rate = self.target
+
+
+class _PreciseBatchNorm(keras.callbacks.Callback):
+    """Before each validation, recompute the trained BatchNorm layers' statistics from training batches.
+
+    The cause of the chance-level runs: BatchNorm layers that train (a random backbone's)
+    normalise each training batch by its own statistics, but validation and serving use moving
+    averages that lag behind weights changing fast, and start from mean 0, variance 1. Early
+    on, and in short runs, those averages are far off: in inference mode the network answers
+    one class for every photo (validation accuracy exactly at chance) while its training loss
+    falls. So, as "precise BN" (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"), the
+    averages are recomputed from up to `batches` training batches with the epoch's final
+    weights: a plain mean over the batches, not an exponential one. Frozen BatchNorm layers
+    (over pretrained statistics) are left alone, so a pretrained backbone costs nothing here.
+    """
+
+    def __init__(self, train: tf.data.Dataset, batches: int = 20) -> None:
+        super().__init__()
+        self.train = train
+        self.batches = batches
+        self.fitting = False
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.fitting = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.fitting = False
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not self.fitting:
+            return
+        layers = [layer for layer in _batchnorm_layers(self.model) if layer.trainable]
+        if not layers:
+            return
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for i, (images, _) in enumerate(self.train.take(self.batches)):
+                for layer in layers:
+                    layer.momentum = i / (i + 1)  # the first batch replaces the statistics, later ones average in
+                self.model(images, training=True)
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+
+
+def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(_batchnorm_layers(layer))
+    return found
+
+
+class _Learning:
+    """Whether the network has started to learn: its validation accuracy once left chance."""
+
+    def __init__(self, chance: float) -> None:
+        self.chance = chance
+        self.started = False
+
+    def observe(self, logs: dict[str, Any] | None) -> bool:
+        accuracy = (logs or {}).get("val_accuracy")
+        if accuracy is not None and skill(float(accuracy), self.chance) >= MIN_SKILL:
+            self.started = True
+        return self.started
+
+
+class _OnceLearning(keras.callbacks.Callback):
+    """Run `callback` (early stopping, plateau cuts) only from the first epoch the network has learned.
+
+    Before that, a falling validation loss at chance accuracy would be "the best epoch", and
+    a few epochs of a network that has not started yet would stop the run with those weights.
+    """
+
+    def __init__(self, callback: keras.callbacks.Callback, learning: _Learning) -> None:
+        super().__init__()
+        self.callback = callback
+        self.learning = learning
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.callback.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.learning.observe(logs):
+            self.callback.on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.callback.on_train_end(logs)
 
 
 def _unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:

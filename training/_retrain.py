@@ -86,6 +86,7 @@ from training._dataset import (
     stratified_split,
 )
 from training._evaluation import Evaluation, evaluate, write_report
+from training._familiarity import fit_familiarity
 from training._feedback import FeedbackPhoto, is_held_out
 from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
 
@@ -286,6 +287,15 @@ def retrain(
         metrics["test_images"] = candidate_metrics["overall_n"]
         if evaluation is not None:
             metrics["test_top3_accuracy"] = evaluation.top3_accuracy
+    # The candidate's features moved with its weights: its out-of-distribution score is fitted
+    # anew on what it trained on and calibrated on the hold-out (it plays no part in the gate).
+    ood, ood_calibration = None, None
+    familiar_train = base_data.train + fb.train
+    if len(familiar_train) >= 2 and holdout:
+        ood, ood_calibration = fit_familiarity(
+            network, labels, preprocessing, train=familiar_train, validation=holdout, test=holdout,
+            batch_size=config.batch_size,
+        )  # fmt: skip
     report_image = None
     with registry.staging(version) as staging_dir:
         save_artefact(
@@ -319,6 +329,8 @@ def retrain(
                 "history": history,
                 "mixed_precision": gpu,
             },
+            ood=ood,
+            ood_calibration=ood_calibration,
         )
         if evaluation is not None:
             title = f"Model {version} (retrained from {base.version})"

@@ -5,7 +5,7 @@ until a worker actually loads a model.
 """
 
 from worker._batch_worker import BatchWorker
-from worker._client import Candidate, ClassifyClient, Prediction, classify_files_sync
+from worker._client import Candidate, ClassifyClient, Familiarity, Prediction, classify_files_sync
 from worker._contract import (
     CLASSIFY_FUNC,
     PHOTO_KEY_PREFIX,
@@ -35,6 +35,7 @@ __all__ = [
     "ClassifyError",
     "ClassifyFailed",
     "ClassifyTimeout",
+    "Familiarity",
     "JobExpired",
     "ModelSource",
     "PhotoRejected",

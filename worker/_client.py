@@ -63,6 +63,25 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Familiarity:
+    """How much a photo looks like the model's training photos (the result's optional "ood" field)."""
+
+    score: float
+    threshold: float
+    unfamiliar: bool  # the score is above the threshold: probably not a model the classifier knows
+
+    @classmethod
+    def from_result(cls, value: object) -> Familiarity | None:
+        """The parsed field, or None when it is absent or malformed (the top-k is still worth showing)."""
+        if not isinstance(value, dict) or not isinstance(value.get("unfamiliar"), bool):
+            return None
+        try:
+            return cls(float(value["score"]), float(value["threshold"]), value["unfamiliar"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
 class Prediction:
     """A finished classification: the top-k labels, best first, and the model version that produced them."""
 
@@ -71,6 +90,12 @@ class Prediction:
     photo_sha256: str
     top_k: tuple[Candidate, ...]
     timings: dict = field(default_factory=dict)
+    ood: Familiarity | None = None  # None: the model version gives no out-of-distribution verdict
+
+    @property
+    def unfamiliar(self) -> bool:
+        """Whether the photo looks unlike anything the model was trained on."""
+        return self.ood is not None and self.ood.unfamiliar
 
     @classmethod
     def from_result(cls, job_id: str, value: dict) -> Prediction:
@@ -80,6 +105,7 @@ class Prediction:
             photo_sha256=value["photo"],
             top_k=tuple(Candidate(c["label"], float(c["probability"])) for c in value["top_k"]),
             timings=value.get("timings", {}),
+            ood=Familiarity.from_result(value.get("ood")),
         )
 
 

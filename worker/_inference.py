@@ -209,28 +209,29 @@ class BatchClassifier:
         report.decode_ms = (time.perf_counter() - started) * 1000
 
         good = [digest for digest, image in decoded.items() if isinstance(image, np.ndarray)]
-        ranked: dict[str, list[tuple[str, float]]] = {}
+        ranked = {}
         report.computed = len(good)
         if good:
             report.padded = sum(predictor.plan(len(good)))
             started = time.perf_counter()
             batch = np.stack([decoded[digest] for digest in good])
-            predictions = predictor.predict_topk(batch, k=max(top_k))
+            # Top-k and the out-of-distribution verdict come from the same forward pass.
+            predictions = predictor.predict(batch, k=max(top_k))
             report.inference_ms = (time.perf_counter() - started) * 1000
             ranked = dict(zip(good, predictions))
 
         for (digest, _), k in zip(photos, top_k):
             if digest in ranked:
-                report.outcomes.append(
-                    {
-                        "model_version": predictor.version,
-                        "runtime": predictor.runtime,
-                        "photo": digest,
-                        "top_k": [
-                            {"label": label, "probability": round(float(p), 6)} for label, p in ranked[digest][:k]
-                        ],
-                    }
-                )
+                answer = ranked[digest]
+                outcome = {
+                    "model_version": predictor.version,
+                    "runtime": predictor.runtime,
+                    "photo": digest,
+                    "top_k": [{"label": label, "probability": round(float(p), 6)} for label, p in answer.top_k[:k]],
+                }
+                if answer.ood is not None:
+                    outcome["ood"] = answer.ood.to_dict()
+                report.outcomes.append(outcome)
             else:
                 report.rejected += 1
                 report.outcomes.append(decoded[digest])
