@@ -276,18 +276,13 @@ def export_variants(
         calibration_images = generated_images(GENERATED_IMAGES, preprocessing.image_size)
 
     reference = run_batched(keras_forward(keras_model), images)  # also builds a model never called yet
-    # Exported with its penultimate features as a second output, so a variant answers the
-    # out-of-distribution score from the same pass, as the Keras model does (`Predictor`).
-    from ._network import with_features
-
-    exported = with_features(keras_model)
     made: dict[str, str] = {}  # runtime -> why it could not be made
     written: set[str] = set()  # files exported by this call (fp32 and bf16 share theirs)
     for name in runtimes:
         if name not in VARIANT_RUNTIMES:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_RUNTIMES)}")
         try:
-            _export_one(name, exported, folder, calibration_images, written)
+            _export_one(name, keras_model, folder, calibration_images, written)
         except Exception as exc:  # a missing package or an exporter's error costs this variant only
             log.warning("could not export the %s variant: %s", name, exc, exc_info=True)
             made[name] = f"export failed: {exc.__class__.__name__}: {exc}"

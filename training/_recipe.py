@@ -80,6 +80,7 @@ from model import (
     export_variants,
     read_artefact,
     save_artefact,
+    with_features,
 )
 from training._augmentation import augment_batches
 from training._dataset import (
@@ -272,8 +273,9 @@ def train(
                 report.write("\n" + markdown_section(ood_calibration, ood.threshold))
         if variants:
             say("exporting the serving variants and verifying them on the test split")
+            # With the penultimate features as a second output: a variant answers the out-of-distribution score too.
             export_variants(
-                network, staging_dir, preprocessing=prepared.preprocessing, labels=labels,
+                with_features(network), staging_dir, preprocessing=prepared.preprocessing, labels=labels,
                 verification=[(sample.path, sample.label) for sample in prepared.split.test],
                 calibration=[sample.path for sample in prepared.split.train], say=say,
             )  # fmt: skip

@@ -72,7 +72,15 @@ import numpy as np
 import tensorflow as tf
 
 from carbot.retraining import REPORT_IMAGE
-from model import ModelRegistry, Preprocessing, RegistryConflict, export_variants, load_artefact, save_artefact
+from model import (
+    ModelRegistry,
+    Preprocessing,
+    RegistryConflict,
+    export_variants,
+    load_artefact,
+    save_artefact,
+    with_features,
+)
 from training._augmentation import augment_batches
 from training._dataset import (
     Sample,
@@ -340,9 +348,10 @@ def retrain(
             _plot_comparison(staging_dir / REPORT_IMAGE, *comparison)
             report_image = registry.path_for(version) / REPORT_IMAGE  # where staging moves it
         if variants:
-            # Verified on the hold-out (photos the candidate never trained on), calibrated on its training photos.
+            # Verified on the hold-out (photos the candidate never trained on), calibrated on its training photos;
+            # exported with the penultimate features as a second output, for the out-of-distribution score.
             export_variants(
-                network, staging_dir, preprocessing=preprocessing, labels=labels,
+                with_features(network), staging_dir, preprocessing=preprocessing, labels=labels,
                 verification=[(sample.path, sample.label) for sample in holdout],
                 calibration=[sample.path for sample in base_data.train + fb.train],
             )  # fmt: skip
