@@ -29,7 +29,7 @@ from carbot import cli, retraining
 from carbot.db import make_engine
 from carbot.photos import PhotoStore
 from carbot.retraining import RunEvent
-from carbot.settings import Settings
+from carbot.settings import Settings, get_settings
 from model import ModelRegistry
 from tests.conftest import WorkerProcess, add_version, worker_env
 from worker import ClassifyClient
@@ -414,7 +414,8 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
     finally:
         await close_conversation(chat)
 
-    # `carbot runs` lists it.
+    # `carbot runs` lists it (the settings are read afresh: an earlier test may have cached others).
+    get_settings.cache_clear()
     listed = CliRunner().invoke(cli.main, ["runs", "--json"], env={"DATABASE_URL": world.database_url})
     assert listed.exit_code == 0, listed.output
     [row] = json.loads(listed.output)

@@ -21,12 +21,12 @@ import redis
 from PIL import Image
 from rq import Queue
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from worker import SERIALIZER, ClassifyClient, PhotoRejected, Prediction
-from worker._batch_worker import QUARANTINED, BatchWorker
+from worker._batch_worker import QUARANTINED
 from worker._contract import photo_key, photo_refs_key
 
 SKEW = """
@@ -187,46 +187,6 @@ def slow_artefact(registry: ModelRegistry, version: str, image_size: int) -> Non
     with registry.staging(version) as directory:
         save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
                       preprocessing=Preprocessing(image_size=image_size))  # fmt: skip
-
-
-async def test_a_long_batch_is_never_taken_for_dead_nor_run_twice(redis_url, tmp_path):
-    # A batch of eight 1024-pixel images takes seconds here. The worker's heartbeat lapses after 1 s
-    # instead of the default 5 s, so that each batch outlasts it several times while the test stays
-    # short (a batch long enough to outlast 5 s would need a minute of warm-up); the same pulse at
-    # the default 5 s is what lets the SIGKILL test above tell a dead worker from a live one.
-    registry = ModelRegistry(tmp_path / "models")
-    slow_artefact(registry, "slow", 1024)
-    registry.activate("slow")
-    env = worker_env(redis_url, registry.root, tmp_path / "data", max_batch=8, heartbeat_ttl_s=1)
-    connection = redis.Redis.from_url(redis_url)
-    queue = queue_of(redis_url)
-    # Another worker's maintenance, looking for abandoned jobs five times a second all along.
-    janitor = BatchWorker([queue], classifier=None, connection=connection, name="janitor")
-    stop = asyncio.Event()
-
-    async def sweep() -> None:
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            await loop.run_in_executor(None, janitor.clean_registries)
-            await asyncio.sleep(0.2)
-
-    async with ClassifyClient(redis_url, timeout_s=180) as client:
-        answers = [asyncio.ensure_future(client.classify(jpeg_bytes(seed))) for seed in range(16)]
-        while queue.count < 16:
-            await asyncio.sleep(0.01)
-        worker = WorkerProcess(env, tmp_path / "long.log", "long")
-        sweeper = asyncio.ensure_future(sweep())
-        try:
-            outcomes = await asyncio.gather(*answers)
-        finally:
-            stop.set()
-            await sweeper
-            worker.stop()
-    assert all(isinstance(o, Prediction) for o in outcomes)
-    # The precondition: the batches really outlasted the heartbeat's lifetime (1 s) twice over.
-    assert min(o.timings["inference_ms"] for o in outcomes) > 2000
-    answered_once(redis_url, [o.job_id for o in outcomes])
-    assert FinishedJobRegistry(queue=queue).count == 16
 
 
 async def test_a_hot_swap_during_a_burst_answers_every_photo_once_and_waits_for_no_load(

@@ -318,8 +318,9 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             else:
                 outcome["timings"] = self._timings(job, report)
                 finished.append((job, execution, outcome))
-        self.finish_jobs(finished)
+        # Counted before the answers are published: whoever reads an answer finds it counted too.
         self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
+        self.finish_jobs(finished)
 
     def start_jobs(self, batch: list[tuple[Job, Queue]]) -> list[Execution]:
         """RQ's `prepare_execution` + `prepare_job_execution` for every job of the batch, in one round trip.
