@@ -186,7 +186,7 @@ async def worker_sigkill(rig: Rig, config: FaultConfig, index: int, say: Callabl
     from rq.job import Job
     from rq.registry import StartedJobRegistry
 
-    from worker import SERIALIZER
+    from carbot.keys import SERIALIZER
 
     connection = redis_connection(rig.url)
     queue = Queue(rig.run_settings.classify_queue, connection=connection, serializer=SERIALIZER)

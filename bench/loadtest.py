@@ -417,7 +417,7 @@ class Rig:
             await store.close()
 
     def stats(self) -> dict[str, int]:
-        from worker import STATS_KEY
+        from carbot.keys import STATS_KEY
 
         connection = redis_connection(self.url)
         try:

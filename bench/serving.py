@@ -638,7 +638,7 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def _stats(connection: redis.Redis) -> dict[str, int]:
-    from worker import STATS_KEY
+    from carbot.keys import STATS_KEY
 
     return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
 

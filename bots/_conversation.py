@@ -25,17 +25,17 @@ from redis.exceptions import RedisError, ResponseError
 from bots._labels import match_label
 from bots._messages import Button, ButtonAnswer, Notice, Reply, Sender
 from bots._ratelimit import RateLimiter
-from bots._retrain import RetrainDesk
+from bots._retrain_desk import RetrainDesk
 from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
 from carbot import _metrics as metrics
+from carbot import keys
 from carbot.connections import redis_connection
 from carbot.db import RetrainRun
-from carbot.retraining import FINAL_STATUSES, REPORT_IMAGE, RunEvent
+from carbot.retrain_runs import FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
 from worker import (
-    PHOTO_KEY_PREFIX,
     ClassifyClient,
     ClassifyError,
     ClassifyTimeout,
@@ -157,8 +157,8 @@ class Conversation:
         they are kept only as long as the retention setting says).
         """
         owner = sent_by if sent_by is not None else sender.user_id
-        key = self._last_photo_key(sender)
-        index = self._last_photos_of_key(sender.platform, owner)
+        key = keys.last_photo_key(sender.platform, sender.chat_id)
+        index = keys.last_photos_of_key(sender.platform, owner)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
@@ -174,7 +174,7 @@ class Conversation:
     async def last_photo(self, sender: Sender) -> tuple[bytes, str | None] | None:
         """The chat's last photo (if it is still in the photo store) and the user id of its sender, or None."""
         try:
-            sha, owner = await self.redis.hmget(self._last_photo_key(sender), ["photo", "by"])
+            sha, owner = await self.redis.hmget(keys.last_photo_key(sender.platform, sender.chat_id), ["photo", "by"])
         except ResponseError:  # a value of another type under the key (an older bot's): no usable photo
             return None
         try:
@@ -187,14 +187,14 @@ class Conversation:
 
     async def _forget_in_redis(self, sender: Sender, photo_hashes: list[str]) -> None:
         """/forget's Redis side: the photos no longer recorded anywhere, and the chats' last photos the person sent."""
-        index = self._last_photos_of_key(sender.platform, sender.user_id)
+        index = keys.last_photos_of_key(sender.platform, sender.user_id)
         chats = {chat.decode() for chat in await self.redis.smembers(index)} | {sender.chat_id}
         for chat in sorted(chats):
-            key = self._last_photo_key(Sender(sender.platform, sender.user_id, chat))
+            key = keys.last_photo_key(sender.platform, chat)
             # Only if it is still theirs: someone else's photo may have come since.
             await self.redis.eval(_DELETE_IF_SENT_BY, 1, key, sender.user_id)
-        keys = [PHOTO_KEY_PREFIX + sha for sha in photo_hashes]
-        await self.redis.delete(index, self._awaiting_key(sender), *keys)
+        photo_keys = [keys.PHOTO_KEY_PREFIX + sha for sha in photo_hashes]
+        await self.redis.delete(index, keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), *photo_keys)
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""
@@ -243,12 +243,14 @@ class Conversation:
             question = self._choices(prediction_id, others, labels, "which_model", "another_model", lang)
             return ButtonAnswer(notice=text("thanks_down", lang), follow_up=question)
         if kind == "c" and value == "x":
-            await self.redis.set(self._awaiting_key(sender), prediction_id, ex=600)
+            await self.redis.set(
+                keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), prediction_id, ex=600
+            )
             return ButtonAnswer(notice=text("another_model", lang), follow_up=_type_model(labels, lang))
         if kind == "c" and value.isdigit() and int(value) < len(labels):
             label = labels[int(value)]
             await self.store.correct(prediction_id, sender, label)
-            await self.redis.delete(self._awaiting_key(sender))
+            await self.redis.delete(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
             done = text("corrected", lang, label=label)
             return ButtonAnswer(notice=done, edit=Reply(done))
         return ButtonAnswer(notice=text("stale", lang))
@@ -275,7 +277,7 @@ class Conversation:
 
     async def _text(self, sender: Sender, message: str) -> Reply | None:
         lang = language_of(sender)
-        awaiting = await self.redis.get(self._awaiting_key(sender))
+        awaiting = await self.redis.get(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
         record = await self.store.get_prediction(int(awaiting)) if awaiting else None
         if record is None:
             return self.hint(sender, "text")
@@ -283,7 +285,7 @@ class Conversation:
         label, candidates = match_label(message, labels)
         if label is not None:
             await self.store.correct(record.id, sender, label)
-            await self.redis.delete(self._awaiting_key(sender))
+            await self.redis.delete(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
             return Reply(text("corrected", lang, label=label))
         if candidates:
             return self._choices(record.id, candidates, labels, "did_you_mean", "none_of_these", lang)
@@ -503,21 +505,6 @@ class Conversation:
             buttons = ((Button(text("button_promote", lang), f"r:{run.id}:p"),
                         Button(text("button_discard", lang), f"r:{run.id}:x")),)  # fmt: skip
         return Reply("\n".join(lines), buttons=buttons, photo_path=self.report_picture(run))
-
-    @staticmethod
-    def _awaiting_key(sender: Sender) -> str:
-        # Which prediction this person is typing a correction for.
-        return f"carbot:awaiting:{sender.platform}:{sender.chat_id}:{sender.user_id}"
-
-    @staticmethod
-    def _last_photo_key(sender: Sender) -> str:
-        # A hash: "photo" (its bytes) and "by" (its sender's user id).
-        return f"carbot:last-photo:{sender.platform}:{sender.chat_id}"
-
-    @staticmethod
-    def _last_photos_of_key(platform: str, user_id: str) -> str:
-        # A set: the chats whose last photo this person may have sent.
-        return f"carbot:last-photos-of:{platform}:{user_id}"
 
 
 _LAST_PHOTO_TTL_S = 3600  # how long /top3 alone finds the chat's last photo

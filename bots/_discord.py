@@ -43,9 +43,9 @@ from discord import MessageType, app_commands
 
 from bots._conversation import Conversation, connect_redis
 from bots._messages import Button, Notice, Reply, Sender, is_admin
-from bots._retrain import follow_retrains
+from bots._retrain_desk import follow_retrains
 from bots._texts import language_of, text
-from carbot.retraining import RunEvent
+from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
 from model import Preprocessing
 
@@ -633,7 +633,7 @@ def run_discord(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings, store, url: str) -> None:
-    from bots._retrain import RetrainDesk
+    from bots._retrain_desk import RetrainDesk
     from worker import ClassifyClient
 
     connection = connect_redis(url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from bots._messages import Sender
+from carbot import keys
 
 
 class RateLimiter:
@@ -16,7 +17,7 @@ class RateLimiter:
 
     async def allow(self, sender: Sender) -> bool:
         """Count one photo for `sender`; False once they are past the limit for this minute."""
-        key = f"carbot:rate:{sender.platform}:{sender.user_id}"
+        key = keys.rate_key(sender.platform, sender.user_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key, 0, ex=60, nx=True)  # opens the window; a no-op while one is open
             pipe.incr(key)

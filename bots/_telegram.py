@@ -60,10 +60,10 @@ from telegram.ext import (
 
 from bots._conversation import Conversation, connect_redis
 from bots._messages import Notice, Reply, Sender, is_admin
-from bots._retrain import RetrainDesk, follow_retrains
+from bots._retrain_desk import RetrainDesk, follow_retrains
 from bots._texts import language_of, text
 from carbot.connections import redis_connection
-from carbot.retraining import RunEvent
+from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from typing import TextIO
 
 from bots._conversation import Conversation, connect_redis
 from bots._messages import Button, ButtonAnswer, Reply, Sender
-from bots._retrain import follow_retrains
-from carbot.retraining import RunEvent
+from bots._retrain_desk import follow_retrains
+from carbot.retrain_runs import RunEvent
 
 PROMPT = "you> "
 QUIT = ("/quit", "/exit")
@@ -158,7 +158,7 @@ def _looks_like_path(line: str) -> bool:
 def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdout, banner: str = "") -> None:
     """`carbot shell`: the conversation on the embedded defaults (private Redis, SQLite, a background worker)."""
 
-    from bots._retrain import RetrainDesk
+    from bots._retrain_desk import RetrainDesk
     from bots._store import Store
     from carbot import services
     from worker import ClassifyClient

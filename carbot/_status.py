@@ -9,9 +9,9 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from carbot.connections import redis_connection
+from carbot.keys import RUNTIME_KEY, SERIALIZER, STATS_KEY
 from carbot.settings import Settings
 from model import ModelRegistry
-from worker import RUNTIME_KEY, SERIALIZER, STATS_KEY
 
 
 def collect_status(settings: Settings, redis_url: str | None) -> dict:

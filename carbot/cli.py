@@ -62,7 +62,7 @@ def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | No
 def train_worker(burst: bool, name: str | None) -> None:
     """Serve the train queue: each `/retrain` runs in a fresh child process (run it on a GPU host)."""
     from carbot.db import migrate
-    from training._retrain_job import run_train_worker
+    from training._train_worker import run_train_worker
 
     settings = get_settings()
     migrate(services.database_url(settings))  # a run's row must be readable even if no bot has started yet
@@ -77,7 +77,7 @@ def train_worker(burst: bool, name: str | None) -> None:
 def runs(limit: int, as_json: bool) -> None:
     """Retrain runs, newest first: who asked, data counts, both models' accuracy, decision, duration, error."""
     from carbot.db import make_engine, migrate
-    from carbot.retraining import list_runs
+    from carbot.retrain_runs import list_runs
 
     url = services.database_url(get_settings())
     migrate(url)

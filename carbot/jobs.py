@@ -29,7 +29,6 @@ from rq.registry import (
     FinishedJobRegistry,
     ReadyJobRegistry,
 )
-from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker_registration import clean_worker_registry
 
@@ -40,11 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# JSON, never pickle: a compromised Redis must not mean code execution on the GPU host.
-SERIALIZER = JSONSerializer
-# The only functions the workers run, each on its own queue.
-CLASSIFY_FUNC = "worker._tasks.classify_photo"
-RETRAIN_FUNC = "training._retrain_job.run_retrain"
 
 REFUSED = "JobRefused"  # the error name a refused job's failure records
 

@@ -38,6 +38,7 @@ from pydantic import SecretStr
 from bots import Conversation, Store
 from bots._messages import Button, Reply
 from bots._texts import TEXTS
+from carbot import keys
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes
@@ -702,8 +703,8 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
     """
     import redis
 
-    from bots._retrain import RetrainDesk
-    from carbot import retraining
+    from bots._retrain_desk import RetrainDesk
+    from carbot import retrain_runs
 
     store = Store(database_url, PhotoStore(tmp_path / "photos", 90))
     store.migrate()
@@ -724,10 +725,10 @@ async def test_a_retrain_is_a_channel_message_kept_up_to_date_then_a_summary(
             # The gate rejected the candidate: the summary is a new channel message with the two decisions.
             engine, publisher = store.engine, redis.Redis.from_url(redis_url)
             metrics = {"overall_accuracy": 0.8, "overall_n": 50, "feedback_accuracy": 0.5, "feedback_n": 10}
-            retraining.update_run(engine, 1, status="rejected", reason="worse_overall", base_version="tiny-test",
+            retrain_runs.update_run(engine, 1, status="rejected", reason="worse_overall", base_version="tiny-test",
                                   candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
                                   duration_s=60.0)  # fmt: skip
-            retraining.publish(publisher, retraining.RunEvent.for_run(retraining.get_run(engine, 1), "finished"))
+            retrain_runs.publish(publisher, retrain_runs.RunEvent.for_run(retrain_runs.get_run(engine, 1), "finished"))
             for _ in range(500):
                 summary = next((m for m in backend._cur_config.messages.get(channel.id, [])
                                 if "not promoted" in (m.get("content") or "")), None)  # fmt: skip
@@ -750,8 +751,8 @@ async def test_commands_are_acknowledged_before_the_database_or_the_retrain_lock
     bot, discord_api, conversation, settings, redis_url, database_url, monkeypatch
 ):
     """Discord shows "This interaction failed" to a command not acknowledged within 3 s; these wait far longer."""
-    from bots._retrain import RetrainDesk
-    from carbot import retraining
+    from bots._retrain_desk import RetrainDesk
+    from carbot import retrain_runs
 
     config = dpytest.get_config()
     alice, channel = config.members[0], config.channels[0]
@@ -776,14 +777,14 @@ async def test_commands_are_acknowledged_before_the_database_or_the_retrain_lock
 
         # /retrain while another admin's request holds the retrain lock: the desk waits 5 s (its default) for
         # that run's number, then answers that a retrain is starting. Nothing is released: the wait ends by itself.
-        await conversation.redis.set(retraining.LOCK_KEY, retraining.PENDING)
+        await conversation.redis.set(keys.RETRAIN_LOCK_KEY, retrain_runs.PENDING)
         tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
         before, after = await answered_around(discord_api, tasks, lambda: None)
         assert types(before) == thinking and not before[0].ephemeral  # an admin's /retrain is public
         assert [(a.kind, a.content) for a in after] == [("edit", EN["retrain_starting"])]
 
         # /retrain with the lock free, while the database cannot take the new run's row.
-        await conversation.redis.delete(retraining.LOCK_KEY)
+        await conversation.redis.delete(keys.RETRAIN_LOCK_KEY)
         tasks = discord_api.start(bot, COMMAND, command_data("retrain"), user=admin, channel=channel)
         before, after = await answered_around(discord_api, tasks, stuck.hold().release)
         assert types(before) == thinking
@@ -879,8 +880,8 @@ async def test_photos_buttons_menus_and_the_modal_are_acknowledged_before_the_da
 async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
     bot, discord_api, conversation, settings, redis_url, tmp_path
 ):
-    from bots._retrain import RetrainDesk
-    from carbot import retraining
+    from bots._retrain_desk import RetrainDesk
+    from carbot import retrain_runs
 
     config = dpytest.get_config()
     channel = config.channels[0]
@@ -898,8 +899,8 @@ async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
         assert (apology.content, apology.message["id"]) == (EN["failed"], deferred.message["id"])
 
         engine = conversation.store.engine
-        run_id = retraining.create_run(engine, requested_by="discord:1", chat_id=str(channel.id), language="en")
-        retraining.update_run(engine, run_id, status="rejected", candidate_version="r1-gone")
+        run_id = retrain_runs.create_run(engine, requested_by="discord:1", chat_id=str(channel.id), language="en")
+        retrain_runs.update_run(engine, run_id, status="rejected", candidate_version="r1-gone")
         summary = Reply("summary", buttons=((Button("promote", f"r:{run_id}:p"),),))
         message = raw_message(channel.id, (await channel.send(**render(summary))).id)
         await dpytest.empty_queue()

@@ -30,11 +30,12 @@ from bots import Conversation, Sender, Store
 from bots._conversation import connect_redis
 from bots._texts import language_of, text
 from carbot.connections import SOCKET_TIMEOUT_S, redis_connection
+from carbot.keys import SERIALIZER
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from tests.netproxy import BlackholeProxy
-from worker import SERIALIZER, ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout, Prediction
+from worker import ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout, Prediction
 
 T = TypeVar("T")
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")

@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from PIL import Image, ImageFilter
 
 from bots import Conversation, Sender, Store
-from bots._retrain import RetrainDesk
-from carbot import cli, retraining
+from bots._retrain_desk import RetrainDesk
+from carbot import cli, keys, retrain_runs
 from carbot.db import make_engine
 from carbot.photos import PhotoStore
-from carbot.retraining import RunEvent
+from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings, get_settings
 from model import ModelRegistry
 from tests.conftest import WorkerProcess, add_version, worker_env
@@ -158,7 +158,7 @@ async def retrain_and_wait(chat: Conversation) -> list[RunEvent]:
 def runs_table(world: World) -> list:
     engine = make_engine(world.database_url)
     try:
-        return retraining.list_runs(engine)
+        return retrain_runs.list_runs(engine)
     finally:
         engine.dispose()
 
@@ -185,20 +185,20 @@ async def test_admins_sending_retrain_at_once_get_one_run_and_its_number(world, 
         if reply is not queued[0]:
             assert reply.text.startswith(f"⏳ A retrain is already running (run #{run_id})"), reply.text
     connection = redis.Redis.from_url(world.redis_url)
-    assert connection.get(retraining.LOCK_KEY) == str(run_id).encode()
-    assert connection.ttl(retraining.LOCK_KEY) > 600  # held for the run, not for the request
+    assert connection.get(keys.RETRAIN_LOCK_KEY) == str(run_id).encode()
+    assert connection.ttl(keys.RETRAIN_LOCK_KEY) > 600  # held for the run, not for the request
 
 
 async def test_a_request_that_died_holding_the_lock_blocks_retrains_for_seconds_only(world, chat, monkeypatch):
-    monkeypatch.setattr("bots._retrain._PENDING_WAIT_S", 1.0)  # 5 s in real life
+    monkeypatch.setattr("bots._retrain_desk._PENDING_WAIT_S", 1.0)  # 5 s in real life
     connection = redis.Redis.from_url(world.redis_url)
     # A bot stopped between taking the lock and writing its run; the lock lapses (2 minutes in real life, 3 s here).
-    connection.set(retraining.LOCK_KEY, retraining.PENDING, ex=3)
+    connection.set(keys.RETRAIN_LOCK_KEY, retrain_runs.PENDING, ex=3)
 
     reply = await chat.command(ADMIN, "retrain")  # waits for the run's number, then says what it knows
     assert reply.text == "⏳ Another admin is starting a retrain right now; one at a time."
     assert runs_table(world) == []
-    await asyncio.sleep(max(0, connection.pttl(retraining.LOCK_KEY)) / 1000)
+    await asyncio.sleep(max(0, connection.pttl(keys.RETRAIN_LOCK_KEY)) / 1000)
     assert "Retrain #1 queued" in (await chat.command(ADMIN, "retrain")).text
 
 
@@ -212,7 +212,7 @@ async def test_one_retrain_at_a_time_and_a_lost_job_frees_the_lock(world, chat):
 
     # The job vanishes (Redis flushed by an operator, say): the next /retrain finds the lock stale.
     connection = redis.Redis.from_url(world.redis_url)
-    connection.delete(f"rq:job:{retraining.job_id(1)}")
+    connection.delete(f"rq:job:{retrain_runs.job_id(1)}")
     third = await chat.command(ADMIN, "retrain")
     assert "Retrain #2 queued" in third.text
     runs = {run.id: run for run in runs_table(world)}
@@ -232,22 +232,22 @@ async def test_rollback_returns_to_the_previous_version_and_says_so(world, chat)
 
 async def test_a_run_with_nothing_to_train_on_says_so_without_buttons(world, chat):
     engine = chat.store.engine
-    run_id = retraining.create_run(engine, requested_by="telegram:42", chat_id="900", language="pt")
-    retraining.update_run(engine, run_id, status="rejected", reason="no_training_data", base_version="tiny-test")
-    [summary] = await chat.retrain_notices(RunEvent.for_run(retraining.get_run(engine, run_id), "finished"))
+    run_id = retrain_runs.create_run(engine, requested_by="telegram:42", chat_id="900", language="pt")
+    retrain_runs.update_run(engine, run_id, status="rejected", reason="no_training_data", base_version="tiny-test")
+    [summary] = await chat.retrain_notices(RunEvent.for_run(retrain_runs.get_run(engine, run_id), "finished"))
     assert summary.chat_id == "900" and summary.edit is None and not summary.reply.buttons
     assert summary.reply.text.startswith(f"🚫 O retreino #{run_id} não treinou nada: não havia fotos utilizáveis")
 
 
 async def test_a_candidate_refused_for_a_class_names_it_to_the_admin(world, chat):
     engine = chat.store.engine
-    run_id = retraining.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+    run_id = retrain_runs.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
     metrics = {"overall_accuracy": 0.9, "overall_n": 40, "feedback_accuracy": 0.5, "feedback_n": 10}
     failing = {"FIAT ARGO": {"n": 20, "active": 0.9, "candidate": 0.2}}
-    retraining.update_run(engine, run_id, status="rejected", reason="worse_on_a_class", base_version="tiny-test",
+    retrain_runs.update_run(engine, run_id, status="rejected", reason="worse_on_a_class", base_version="tiny-test",
                           candidate_version="r1-x", active_metrics=metrics,
                           candidate_metrics={**metrics, "failing_classes": failing})  # fmt: skip
-    [summary] = await chat.retrain_notices(RunEvent.for_run(retraining.get_run(engine, run_id), "finished"))
+    [summary] = await chat.retrain_notices(RunEvent.for_run(retrain_runs.get_run(engine, run_id), "finished"))
     assert "worse than the active model on one class of the hold-out (or more) (FIAT ARGO)" in summary.reply.text
     assert summary.reply.photo_path is None  # no such version in the registry: no picture, and no error
 

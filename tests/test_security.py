@@ -40,7 +40,7 @@ from rq import Queue
 
 from bots import Conversation, Sender, Store, is_admin
 from bots._conversation import ADMIN_COMMANDS, _parse_button
-from bots._retrain import RetrainDesk
+from bots._retrain_desk import RetrainDesk
 from bots._terminal import TerminalChat
 from bots._texts import text
 from carbot.photos import PhotoStore

@@ -27,9 +27,10 @@ import redis
 import redis.asyncio as aioredis
 
 from bots import Conversation, Sender, Store
-from bots._retrain import RetrainDesk
+from bots._retrain_desk import RetrainDesk
 from bots._texts import text
-from carbot import retraining
+from carbot import keys, retrain_runs
+from carbot.keys import PHOTO_KEY_PREFIX
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from model import ModelRegistry
@@ -38,7 +39,7 @@ from tests import test_telegram as telegram_tests
 from tests.conftest import add_version, jpeg_bytes
 from tests.test_telegram import ADMIN as TELEGRAM_ADMIN
 from tests.test_telegram import Harness
-from worker import PHOTO_KEY_PREFIX, ClassifyClient
+from worker import ClassifyClient
 
 # Fixtures of other modules, reused: pytest knows a fixture by the name it has in this module.
 fake, store, telegram_bot = telegram_tests.fake, telegram_tests.store, telegram_tests.bot
@@ -51,7 +52,7 @@ ADMIN = Sender(platform="telegram", user_id="42", chat_id="900", language_code="
 
 
 async def test_forged_retrain_events_send_no_file_and_nothing_to_other_chats(telegram_bot: Harness, redis_url) -> None:
-    from bots._retrain import follow_retrains
+    from bots._retrain_desk import follow_retrains
     from bots._telegram import deliver_event
 
     bot, fake = telegram_bot, telegram_bot.fake
@@ -61,13 +62,13 @@ async def test_forged_retrain_events_send_no_file_and_nothing_to_other_chats(tel
     assert queued.params["text"].startswith("🛠️ Retrain #1 queued")
     engine = bot.store.engine
     metrics = {"overall_accuracy": 0.8, "overall_n": 50, "feedback_accuracy": 0.5, "feedback_n": 10}
-    retraining.update_run(engine, 1, status="rejected", reason="worse_overall", base_version="tiny-test",
+    retrain_runs.update_run(engine, 1, status="rejected", reason="worse_overall", base_version="tiny-test",
                           candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
                           duration_s=60.0)  # fmt: skip
     # Someone with write access to the registry's folder links the run's report picture to the bot's secrets.
     candidate = bot.settings.registry_dir / "r1-test"
     candidate.mkdir()
-    (candidate / retraining.REPORT_IMAGE).symlink_to("/proc/self/environ")
+    (candidate / retrain_runs.REPORT_IMAGE).symlink_to("/proc/self/environ")
     secrets = Path(bot.settings.data_dir) / ".env"
     secrets.write_text("TELEGRAM_TOKEN=123:SECRET\n")
 
@@ -88,7 +89,7 @@ async def test_forged_retrain_events_send_no_file_and_nothing_to_other_chats(tel
     following = asyncio.create_task(follow_retrains(bot.conversation.retrain, "telegram", deliver))
     try:
         for fields in forged:
-            publisher.xadd(retraining.EVENTS_KEY, fields)
+            publisher.xadd(keys.RETRAIN_EVENTS_KEY, fields)
         # The last one is about a real, finished run: its summary goes to the admin who asked, from the record.
         # Events are handled in order, so once it is there every forged event before it was handled too.
         [summary] = await fake.wait_for("sendMessage", lambda call: "not promoted" in call.params["text"])
@@ -247,8 +248,8 @@ async def test_a_promote_and_a_discard_of_one_run_cannot_both_act(two_bots) -> N
         version = f"r{round_}-candidate"
         add_version(registry, version)
         was_active = registry.active_version()
-        run_id = retraining.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
-        retraining.update_run(engine, run_id, status="rejected", reason="worse_overall", candidate_version=version)
+        run_id = retrain_runs.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+        retrain_runs.update_run(engine, run_id, status="rejected", reason="worse_overall", candidate_version=version)
         # Both press at once: one promotes, the other discards (alternating which bot does which).
         promote_first = round_ % 2 == 0
         promoted, discarded = await asyncio.gather(
@@ -256,7 +257,7 @@ async def test_a_promote_and_a_discard_of_one_run_cannot_both_act(two_bots) -> N
             (discord_desk if promote_first else telegram_desk).decide(run_id, second_admin, promote=False),
         )
         assert (promoted is None) != (discarded is None), (round_, promoted, discarded)
-        run = retraining.get_run(engine, run_id)
+        run = retrain_runs.get_run(engine, run_id)
         if promoted is not None:  # the promotion won: the candidate serves, and is on disk
             assert run.status == "promoted_by_admin" and registry.active_version() == version
             assert registry.exists(version) and registry.previous_version() == was_active

@@ -25,7 +25,8 @@ from rq.callbacks import Callback
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
-from carbot.jobs import CLASSIFY_FUNC, REFUSED, RETRAIN_FUNC, SERIALIZER
+from carbot.jobs import REFUSED
+from carbot.keys import CLASSIFY_FUNC, RETRAIN_FUNC, SERIALIZER
 from tests.conftest import WorkerProcess, jpeg_bytes, worker_env
 from worker import ClassifyClient, Prediction
 

@@ -22,9 +22,10 @@ from rq import Queue, Worker
 
 from carbot import services
 from carbot.connections import redis_connection
+from carbot.keys import SERIALIZER
 from carbot.settings import Settings
 from tests.conftest import jpeg_bytes
-from worker import SERIALIZER, ClassifyClient, Prediction, classify_files_sync
+from worker import ClassifyClient, Prediction, classify_files_sync
 from worker._main import worker_running, workers_listening
 
 

@@ -25,11 +25,11 @@ from telegram import PhotoSize
 from telegram.ext import Application
 
 from bots._conversation import Conversation
-from bots._retrain import RetrainDesk, follow_retrains
+from bots._retrain_desk import RetrainDesk, follow_retrains
 from bots._store import Store
 from bots._telegram import build_application, deliver_event, pick_photo_size, webhook_secret
 from bots._texts import text
-from carbot import db, retraining
+from carbot import db, retrain_runs
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes
@@ -506,24 +506,24 @@ async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_butto
             await asyncio.sleep(0.01)
 
         publisher, engine = redis.Redis.from_url(redis_url), bot.store.engine
-        run = retraining.get_run(engine, 1)
+        run = retrain_runs.get_run(engine, 1)
         for epoch in (1, 2):
             progress = {"epoch": epoch, "epochs": 2, "loss": 0.5 / epoch, "accuracy": 0.6 + epoch / 10, "eta_s": 60}
-            retraining.publish(publisher, retraining.RunEvent.for_run(run, "progress", **progress))
+            retrain_runs.publish(publisher, retrain_runs.RunEvent.for_run(run, "progress", **progress))
         edits = await fake.wait_for("editMessageText", lambda call: call.params["message_id"] == message_id, count=2)
         assert "epoch 2/2" in edits[-1].params["text"] and "accuracy 80%" in edits[-1].params["text"]
 
         # The gate rejected the candidate: the summary comes with the report picture and the two decisions.
         metrics = {"overall_accuracy": 0.8, "overall_n": 50, "feedback_accuracy": 0.5, "feedback_n": 10}
-        retraining.update_run(engine, 1, status="rejected", reason="not_better_on_feedback", base_version="tiny-test",
+        retrain_runs.update_run(engine, 1, status="rejected", reason="not_better_on_feedback", base_version="tiny-test",
                               candidate_version="r1-test", active_metrics=metrics, candidate_metrics=metrics,
                               duration_s=120.0, counts={"feedback_train": 40, "feedback_holdout": 10})  # fmt: skip
         # The picture is found from the run's candidate version, in the registry (events carry no paths).
-        picture = bot.settings.registry_dir / "r1-test" / retraining.REPORT_IMAGE
+        picture = bot.settings.registry_dir / "r1-test" / retrain_runs.REPORT_IMAGE
         picture.parent.mkdir()
         picture.write_bytes(jpeg_bytes(1))
         try:
-            retraining.publish(publisher, retraining.RunEvent.for_run(run, "finished"))
+            retrain_runs.publish(publisher, retrain_runs.RunEvent.for_run(run, "finished"))
             [photo] = await fake.wait_for("sendPhoto")
         finally:  # the registry is the session's
             shutil.rmtree(picture.parent)
@@ -538,6 +538,6 @@ async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_butto
 
         fake.press_button(boss, summary.result, "r:1:x")
         [answered] = await fake.wait_for("answerCallbackQuery", lambda call: "discarded" in call.params.get("text", ""))
-        assert retraining.get_run(engine, 1).status == "discarded"
+        assert retrain_runs.get_run(engine, 1).status == "discarded"
     finally:
         following.cancel()

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-import training._retrain as retrain_module
+import training._fine_tune as retrain_module
 from model import ModelRegistry, Predictor, Preprocessing, build_classifier, load_image, read_artefact, save_artefact
 from training import (
     SYNTHETIC_CLASSES,
@@ -37,7 +37,7 @@ from training import (
     synthetic_photo,
 )
 from training._feedback import FeedbackPolicy, Vote, choose_feedback
-from training._retrain import gate, judge, oversample_factor
+from training._fine_tune import gate, judge, oversample_factor
 
 IMAGE_SIZE = 32
 PHOTO_SIZE = (64, 48)

@@ -15,8 +15,9 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
+from carbot.keys import CLASSIFY_FUNC, SERIALIZER, STATS_KEY
 from tests.conftest import TEST_LABELS, jpeg_bytes
-from worker import CLASSIFY_FUNC, SERIALIZER, STATS_KEY, ClassifyClient, PhotoRejected, Prediction
+from worker import ClassifyClient, PhotoRejected, Prediction
 
 
 def queue_of(url: str) -> Queue:

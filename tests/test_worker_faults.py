@@ -15,8 +15,9 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+from carbot.keys import SERIALIZER, STATS_KEY
 from tests.conftest import jpeg_bytes
-from worker import SERIALIZER, STATS_KEY, ClassifyClient, ClassifyTimeout, Prediction, QueueBusy
+from worker import ClassifyClient, ClassifyTimeout, Prediction, QueueBusy
 
 
 def big_photo(seed: int) -> bytes:

@@ -23,11 +23,12 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+from carbot.keys import SERIALIZER, photo_key
 from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
-from worker import SERIALIZER, ClassifyClient, PhotoRejected, Prediction
+from worker import ClassifyClient, PhotoRejected, Prediction
 from worker._batch_worker import QUARANTINED
-from worker._contract import photo_key, photo_refs_key
+from worker._contract import photo_refs_key
 
 SKEW = """
 import os, time

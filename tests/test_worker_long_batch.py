@@ -19,8 +19,9 @@ from PIL import Image
 from rq import Queue
 from rq.registry import FinishedJobRegistry
 
+from carbot.keys import SERIALIZER
 from tests.test_worker_liveness import answered_once
-from worker import SERIALIZER, ClassifyClient, Prediction
+from worker import ClassifyClient, Prediction
 from worker._batch_worker import HEARTBEAT_TTL_S, BatchWorker
 
 

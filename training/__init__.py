@@ -55,8 +55,8 @@ from training._unlike import UNLIKE_KINDS, unlike_photo, unlike_photos
 if TYPE_CHECKING:
     from training._demo import build_demo_model
     from training._evaluation import Evaluation, evaluate, write_report
+    from training._fine_tune import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._recipe import TrainConfig, TrainingFailed, train
-    from training._retrain import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._tune import SearchSpace, tune
 
 __all__ = [
@@ -105,10 +105,10 @@ _LAZY = {
     "train": "training._recipe",
     "SearchSpace": "training._tune",
     "tune": "training._tune",
-    "RetrainConfig": "training._retrain",
-    "RetrainOutcome": "training._retrain",
-    "RetrainProgress": "training._retrain",
-    "retrain": "training._retrain",
+    "RetrainConfig": "training._fine_tune",
+    "RetrainOutcome": "training._fine_tune",
+    "RetrainProgress": "training._fine_tune",
+    "retrain": "training._fine_tune",
 }
 
 

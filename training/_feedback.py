@@ -21,7 +21,7 @@ handful, must not be able to steer a retrain. :func:`choose_feedback` decides wh
 
 What was left out, and why, is counted for the run's record. This module is light on
 purpose (standard library only): the retrain job's parent process and the bots import it
-without TensorFlow. The retraining itself is :func:`training.retrain` (``training._retrain``).
+without TensorFlow. The retraining itself is :func:`training.retrain` (``training._fine_tune``).
 """
 
 from __future__ import annotations

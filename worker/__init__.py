@@ -7,27 +7,16 @@ until a worker actually loads a model.
 from worker._batch_worker import BatchWorker
 from worker._client import Candidate, ClassifyClient, Familiarity, Prediction, classify_files_sync
 from worker._contract import (
-    CLASSIFY_FUNC,
-    PHOTO_KEY_PREFIX,
-    RUNTIME_KEY,
-    SERIALIZER,
-    STATS_KEY,
     ClassifyError,
     ClassifyFailed,
     ClassifyTimeout,
     JobExpired,
     PhotoRejected,
     QueueBusy,
-    photo_key,
 )
 from worker._inference import BatchClassifier, ModelSource
 
 __all__ = [
-    "CLASSIFY_FUNC",
-    "PHOTO_KEY_PREFIX",
-    "RUNTIME_KEY",
-    "SERIALIZER",
-    "STATS_KEY",
     "BatchClassifier",
     "BatchWorker",
     "Candidate",
@@ -42,5 +31,4 @@ __all__ = [
     "Prediction",
     "QueueBusy",
     "classify_files_sync",
-    "photo_key",
 ]

@@ -61,18 +61,15 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from carbot import _metrics as metrics
-from carbot.jobs import CLASSIFY_FUNC, OwnJobsOnly, RedisClock, refusal, refuse
+from carbot.jobs import OwnJobsOnly, RedisClock, refusal, refuse
+from carbot.keys import CLASSIFY_FUNC, RUNTIME_KEY, SERIALIZER, STATS_KEY, starts_key
 from worker._contract import (
     FINAL_ERRORS,
-    RUNTIME_KEY,
-    SERIALIZER,
-    STATS_KEY,
     InvalidJob,
     JobExpired,
     PhotoRejected,
     PhotoRequest,
     release_photo,
-    starts_key,
 )
 from worker._inference import BatchClassifier, BatchReport
 

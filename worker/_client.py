@@ -30,10 +30,9 @@ from rq.results import Result
 
 from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
+from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_key
 from model import Preprocessing
 from worker._contract import (
-    CLASSIFY_FUNC,
-    SERIALIZER,
     ClassifyError,
     ClassifyFailed,
     ClassifyTimeout,
@@ -41,7 +40,6 @@ from worker._contract import (
     PhotoRequest,
     QueueBusy,
     error_from_exc_string,
-    photo_key,
     store_photo,
 )
 
@@ -243,7 +241,7 @@ class _ResultListener:
 
     def __init__(self, connection: aioredis.Redis) -> None:
         self._redis = connection
-        self._wake_key = f"carbot:client:{uuid4().hex}:wake"
+        self._wake_key = client_wake_key(uuid4().hex)
         self._wake_seen = "0-0"
         self._pending: dict[str, _Pending] = {}  # result stream key -> waiter
         self._task: asyncio.Task | None = None

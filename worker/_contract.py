@@ -25,23 +25,15 @@ for the errors below the message is meant for a person and the job is not retrie
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from carbot.jobs import CLASSIFY_FUNC, SERIALIZER
+from carbot.keys import PHOTO_KEY_PREFIX, photo_key, photo_refs_key
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
 
-__all__ = ["CLASSIFY_FUNC", "SERIALIZER"]
-
-PHOTO_KEY_PREFIX = "carbot:photo:"
-PHOTO_REFS_PREFIX = "carbot:photo-refs:"  # how many jobs still need the photo's bytes
-STARTS_KEY_PREFIX = "carbot:starts:"  # a job's starts that have not ended (yet): see BatchWorker
-STATS_KEY = "carbot:stats"  # a Redis hash of counters the workers keep (batches, images, expired, ...)
-RUNTIME_KEY = "carbot:runtimes"  # a Redis hash: worker name -> JSON {version, runtime, reason} it serves
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # The last job to end deletes the photo's bytes (its TTL is only the backstop of a job nobody ran).
@@ -50,21 +42,6 @@ local left = redis.call('DECR', KEYS[2])
 if left <= 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
 return left
 """
-
-
-def photo_key(photo: bytes) -> str:
-    """The Redis key under which a photo's bytes are stored: its SHA-256."""
-    return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
-
-
-def photo_refs_key(key: str) -> str:
-    """The counter of jobs that need the photo stored under `key`."""
-    return PHOTO_REFS_PREFIX + key.removeprefix(PHOTO_KEY_PREFIX)
-
-
-def starts_key(job_id: str) -> str:
-    """The counter of a job's starts whose batch has not ended."""
-    return STARTS_KEY_PREFIX + job_id
 
 
 def store_photo(pipeline: Pipeline, photo: bytes, ttl_s: int) -> str:

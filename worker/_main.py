@@ -21,10 +21,10 @@ import redis
 from rq import Queue, Worker
 
 from carbot.connections import redis_connection
+from carbot.keys import SERIALIZER
 from carbot.services import SupervisedProcess
 from carbot.settings import Settings
 from worker._batch_worker import BatchWorker
-from worker._contract import SERIALIZER
 from worker._inference import BatchClassifier, ModelSource
 
 log = logging.getLogger(__name__)

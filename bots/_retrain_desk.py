@@ -27,14 +27,13 @@ import redis.asyncio as aioredis
 from rq import Queue
 
 from bots._messages import Sender
-from carbot import retraining
+from carbot import keys, retrain_runs
 from carbot.connections import redis_connection
 from carbot.db import RetrainRun
-from carbot.jobs import RETRAIN_FUNC
-from carbot.retraining import RunEvent
+from carbot.keys import RETRAIN_FUNC, SERIALIZER
+from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
 from model import ModelRegistry
-from worker import SERIALIZER
 from worker._main import workers_listening
 
 log = logging.getLogger(__name__)
@@ -87,28 +86,28 @@ class RetrainDesk:
         workers = workers_listening(self._sync, self.settings.train_queue)
         running = self._take_lock_or_find_run()
         if running is not None:
-            run_id = None if running == retraining.PENDING else running
+            run_id = None if running == retrain_runs.PENDING else running
             return RetrainRequest(run_id=run_id, queued=False, progress=self._progress(), workers=workers)
         run_id = None
         try:
-            run_id = retraining.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
+            run_id = retrain_runs.create_run(self._engine, requested_by=f"{sender.platform}:{sender.user_id}",
                                            chat_id=sender.chat_id, language=language)  # fmt: skip
             self._queue.enqueue_call(
                 RETRAIN_FUNC,
                 kwargs={"run_id": run_id},
-                job_id=retraining.job_id(run_id),
+                job_id=retrain_runs.job_id(run_id),
                 timeout=self.settings.retrain_timeout_s,
                 result_ttl=_RESULT_TTL_S,
                 failure_ttl=_RESULT_TTL_S,
             )
             # Only now may the lock name the run: a /retrain that found it naming a run without a job
             # would take the run for a lost one. Held until the run ends (the job frees it), or its timeout.
-            if not self._sync.set(retraining.LOCK_KEY, run_id, xx=True, ex=self.settings.retrain_timeout_s + 600):
+            if not self._sync.set(keys.RETRAIN_LOCK_KEY, run_id, xx=True, ex=self.settings.retrain_timeout_s + 600):
                 raise RuntimeError("the retrain lock lapsed while the run was being queued")
         except BaseException as exc:
-            retraining.release_lock(self._sync, retraining.PENDING)
+            retrain_runs.release_lock(self._sync, retrain_runs.PENDING)
             if run_id is not None:  # its job, if queued, finds the run failed and does nothing
-                retraining.fail_run(self._sync, self._engine, run_id, f"could not queue the job: {exc}")
+                retrain_runs.fail_run(self._sync, self._engine, run_id, f"could not queue the job: {exc}")
             raise
         log.info("retrain run %s queued by %s:%s", run_id, sender.platform, sender.user_id)
         return RetrainRequest(run_id=run_id, queued=True, workers=workers)
@@ -121,21 +120,23 @@ class RetrainDesk:
         """
         deadline = time.monotonic() + _PENDING_WAIT_S
         while True:
-            running = retraining.running_run(self._sync, self._engine)
-            if running is None and self._sync.set(retraining.LOCK_KEY, retraining.PENDING, nx=True, ex=_PENDING_TTL_S):
+            running = retrain_runs.running_run(self._sync, self._engine)
+            if running is None and self._sync.set(
+                keys.RETRAIN_LOCK_KEY, retrain_runs.PENDING, nx=True, ex=_PENDING_TTL_S
+            ):
                 return None
-            if running is not None and (running != retraining.PENDING or time.monotonic() > deadline):
+            if running is not None and (running != retrain_runs.PENDING or time.monotonic() > deadline):
                 return running  # a run's id, or still PENDING after the wait
             time.sleep(0.02)
 
     def _progress(self) -> dict | None:
-        data = self._sync.hget(retraining.PROGRESS_KEY, "data")
+        data = self._sync.hget(keys.RETRAIN_PROGRESS_KEY, "data")
         return json.loads(data) if data else None
 
     # -- decisions ------------------------------------------------------------------------------------------
 
     async def get_run(self, run_id: int) -> RetrainRun | None:
-        return await asyncio.to_thread(retraining.get_run, self._engine, run_id)
+        return await asyncio.to_thread(retrain_runs.get_run, self._engine, run_id)
 
     async def decide(self, run_id: int, admin: Sender, promote: bool) -> RetrainRun | None:
         """Promote a rejected candidate anyway, or discard it. Returns the updated run, or None if it was not waiting.
@@ -149,7 +150,7 @@ class RetrainDesk:
         status = "promoted_by_admin" if promote else "discarded"
         # Claimed first, in one conditional UPDATE: a promote and a discard of the same run (two admins, two bots)
         # cannot both act; the second is told the run is no longer waiting.
-        run = retraining.claim_decision(self._engine, run_id, status, admin)
+        run = retrain_runs.claim_decision(self._engine, run_id, status, admin)
         if run is None:
             return None
         try:
@@ -159,10 +160,10 @@ class RetrainDesk:
                 log.warning("run %s: candidate %s is in use, kept on disk", run_id, run.candidate_version)
         except BaseException:
             # The registry refused (a damaged candidate, say): the run waits for a decision again.
-            retraining.update_run(self._engine, run_id, status="rejected", decided_by=None)
+            retrain_runs.update_run(self._engine, run_id, status="rejected", decided_by=None)
             raise
         log.info("retrain run %s: %s by %s", run_id, status, admin)
-        return retraining.get_run(self._engine, run_id)
+        return retrain_runs.get_run(self._engine, run_id)
 
     async def rollback(self) -> tuple[str, str | None]:
         """Make the previously active version active again; returns (now active, was active). LookupError if none."""
@@ -177,12 +178,12 @@ class RetrainDesk:
 
     async def set_progress_message(self, run_id: int, reference: str) -> None:
         """Remember the platform message that shows run `run_id`'s progress (adapters call this)."""
-        key = retraining.MESSAGES_KEY
+        key = keys.RETRAIN_MESSAGES_KEY
         await self._async.hset(key, str(run_id), reference)
         await self._async.expire(key, _MESSAGE_TTL_S)
 
     async def progress_message(self, run_id: int) -> str | None:
-        reference = await self._async.hget(retraining.MESSAGES_KEY, str(run_id))
+        reference = await self._async.hget(keys.RETRAIN_MESSAGES_KEY, str(run_id))
         return reference.decode() if reference is not None else None
 
     # -- events ---------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class RetrainDesk:
     async def subscribe(self, group: str) -> None:
         """Make sure consumer group `group` exists: from now on, every event is kept for it until acknowledged."""
         try:
-            await self._async.xgroup_create(retraining.EVENTS_KEY, group, id="$", mkstream=True)
+            await self._async.xgroup_create(keys.RETRAIN_EVENTS_KEY, group, id="$", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -204,7 +205,7 @@ class RetrainDesk:
         await self.subscribe(group)
         pending = "0"  # first what this consumer was handed but did not acknowledge before a restart
         while True:
-            answer = await self._async.xreadgroup(group, consumer, {retraining.EVENTS_KEY: pending}, count=16,
+            answer = await self._async.xreadgroup(group, consumer, {keys.RETRAIN_EVENTS_KEY: pending}, count=16,
                                                   block=None if pending == "0" else _BLOCK_MS)  # fmt: skip
             entries = answer[0][1] if answer else []
             if pending == "0" and not entries:
@@ -217,7 +218,7 @@ class RetrainDesk:
                     log.warning("skipping a malformed retrain event %s: %s", entry_id, exc)
                 else:
                     yield event
-                await self._async.xack(retraining.EVENTS_KEY, group, entry_id)
+                await self._async.xack(keys.RETRAIN_EVENTS_KEY, group, entry_id)
 
 
 async def follow_retrains(

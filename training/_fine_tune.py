@@ -71,7 +71,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from carbot.retraining import REPORT_IMAGE
+from carbot.retrain_runs import REPORT_IMAGE
 from model import (
     ModelRegistry,
     Preprocessing,

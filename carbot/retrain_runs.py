@@ -2,9 +2,9 @@
 
 Three parties meet here, none of them importing TensorFlow:
 
-- a bot, when an admin sends `/retrain` (`bots._retrain.RetrainDesk`): it takes the
+- a bot, when an admin sends `/retrain` (`bots._retrain_desk.RetrainDesk`): it takes the
   one-at-a-time lock, writes a `RetrainRun` row and enqueues the job on the train queue;
-- the job (`training._retrain_job.run_retrain`, run by `carbot train-worker`): it keeps the
+- the job (`training._train_worker.run_retrain`, run by `carbot train-worker`): it keeps the
   row, the progress hash and the lock up to date and appends an event to a Redis stream
   at each step (started, progress each epoch, finished, failed);
 - every bot process, which reads that stream and tells the admin who asked: one message
@@ -29,15 +29,11 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from carbot.db import RetrainRun, utcnow
-from carbot.jobs import SERIALIZER
+from carbot.keys import RETRAIN_EVENTS_KEY, RETRAIN_LOCK_KEY, RETRAIN_PROGRESS_KEY, SERIALIZER
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "carbot:retrain:lock"  # the run id of the retrain in progress (PENDING while it is being queued)
 PENDING = "pending"
-PROGRESS_KEY = "carbot:retrain:progress"  # hash: the running retrain's latest progress, for a second /retrain
-EVENTS_KEY = "carbot:retrain:events"  # stream of RunEvent, read by every bot process
-MESSAGES_KEY = "carbot:retrain:messages"  # hash: run id -> the bot message that shows its progress
 # The picture comparing both models, in the candidate's version folder. Events never carry its path:
 # a bot finds it from the run's record (its candidate version), inside its own registry folder.
 REPORT_IMAGE = "retrain_report.png"
@@ -104,9 +100,11 @@ class RunEvent:
 def publish(connection: redis.Redis, event: RunEvent) -> None:
     """Append `event` to the stream every bot reads; progress also goes to the hash a second /retrain shows."""
     with connection.pipeline() as pipe:
-        pipe.xadd(EVENTS_KEY, event.to_fields(), maxlen=_EVENTS_MAXLEN, approximate=True)
+        pipe.xadd(RETRAIN_EVENTS_KEY, event.to_fields(), maxlen=_EVENTS_MAXLEN, approximate=True)
         if event.kind in ("started", "progress"):
-            pipe.hset(PROGRESS_KEY, mapping={"run": event.run_id, "kind": event.kind, "data": json.dumps(event.data)})
+            pipe.hset(
+                RETRAIN_PROGRESS_KEY, mapping={"run": event.run_id, "kind": event.kind, "data": json.dumps(event.data)}
+            )
         pipe.execute()
 
 
@@ -190,11 +188,11 @@ def release_lock(connection: redis.Redis, run_id: int | str) -> None:
     with connection.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(LOCK_KEY)
-                holder = pipe.get(LOCK_KEY)
+                pipe.watch(RETRAIN_LOCK_KEY)
+                holder = pipe.get(RETRAIN_LOCK_KEY)
                 pipe.multi()
                 if holder is not None and holder.decode() == str(run_id):
-                    pipe.delete(LOCK_KEY, PROGRESS_KEY)
+                    pipe.delete(RETRAIN_LOCK_KEY, RETRAIN_PROGRESS_KEY)
                 pipe.execute()
                 return
             except redis.WatchError:
@@ -206,7 +204,7 @@ def running_run(connection: redis.Redis, engine: Engine) -> int | str | None:
 
     A lock whose job is gone or finished is cleared (its run failed).
     """
-    holder = connection.get(LOCK_KEY)
+    holder = connection.get(RETRAIN_LOCK_KEY)
     if holder is None:
         return None
     holder = holder.decode()

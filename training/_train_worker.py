@@ -13,7 +13,7 @@ A run, step by step (`run_retrain`, executed in RQ's work horse, a fresh child p
    (`training.retrain`), publishing progress each epoch;
 4. record counts, both models' metrics and the decision in the run's row, and tell the admin.
 
-Whatever goes wrong ends in `carbot.retraining.fail_run`: an exception in the job, the RQ job
+Whatever goes wrong ends in `carbot.retrain_runs.fail_run`: an exception in the job, the RQ job
 timeout, or the work horse dying (the worker's `work_horse_killed_handler`). The registry is
 only ever changed by `retrain`'s final `activate`, so a failed run leaves the active model serving.
 
@@ -32,17 +32,17 @@ from rq import Queue, Worker, get_current_job
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from carbot import retraining
+from carbot import retrain_runs
 from carbot.connections import redis_connection
 from carbot.db import Feedback, Prediction, make_engine, utcnow
-from carbot.jobs import RETRAIN_FUNC, OwnJobsOnly
+from carbot.jobs import OwnJobsOnly
+from carbot.keys import RETRAIN_FUNC, SERIALIZER
 from carbot.photos import PhotoStore
-from carbot.retraining import RunEvent
+from carbot.retrain_runs import RunEvent
 from carbot.services import database_url
 from carbot.settings import Settings, get_settings
 from model import Artefact, ModelRegistry
 from training._feedback import FeedbackPhoto, FeedbackPolicy, Vote, choose_feedback
-from worker import SERIALIZER
 
 log = logging.getLogger(__name__)
 
@@ -60,39 +60,39 @@ def run_retrain(run_id: int) -> dict[str, Any]:
     try:
         return _execute(settings, connection, engine, run_id)
     except Exception as exc:
-        retraining.fail_run(connection, engine, run_id, f"{type(exc).__name__}: {exc}")
+        retrain_runs.fail_run(connection, engine, run_id, f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        retraining.release_lock(connection, run_id)
+        retrain_runs.release_lock(connection, run_id)
         engine.dispose()
 
 
 def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id: int) -> dict[str, Any]:
-    from training._retrain import RetrainProgress, retrain
+    from training._fine_tune import RetrainProgress, retrain
 
-    run = retraining.get_run(engine, run_id)
+    run = retrain_runs.get_run(engine, run_id)
     if run is None:
         raise LookupError(f"retrain run {run_id} is not in the database")
-    if run.status in retraining.FINAL_STATUSES:  # failed before it started (its bot could not finish queuing it)
+    if run.status in retrain_runs.FINAL_STATUSES:  # failed before it started (its bot could not finish queuing it)
         log.warning("retrain run %s is already %s: nothing to do", run_id, run.status)
         return {"run_id": run_id, "status": run.status}
     started = utcnow()
     active = ModelRegistry(settings.registry_dir).active(verify=False)
     # Recorded now, so a run that fails still says which model it started from.
-    retraining.update_run(engine, run_id, status="running", started_at=started,
+    retrain_runs.update_run(engine, run_id, status="running", started_at=started,
                           base_version=active.version if active is not None else None)  # fmt: skip
-    retraining.publish(connection, RunEvent.for_run(run, "started"))
+    retrain_runs.publish(connection, RunEvent.for_run(run, "started"))
 
     photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
     feedback, found = collect_feedback(engine, photos, feedback_policy(settings))
     log.info("retrain run %s: %d feedback photos (%s)", run_id, len(feedback), found)
 
     def on_epoch(progress: RetrainProgress) -> None:
-        retraining.publish(connection, RunEvent.for_run(
+        retrain_runs.publish(connection, RunEvent.for_run(
             run, "progress", epoch=progress.epoch, epochs=progress.epochs, loss=round(progress.loss, 4),
             accuracy=round(progress.accuracy, 4), eta_s=round(progress.eta_s, 1)))  # fmt: skip
 
-    version = retraining.candidate_version(run_id, started)
+    version = retrain_runs.candidate_version(run_id, started)
     outcome = retrain(
         settings.registry_dir,
         feedback,
@@ -105,7 +105,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
     finished = utcnow()
     saved = (settings.registry_dir / version).is_dir()
     status = "promoted" if outcome.promoted else "rejected"
-    retraining.update_run(
+    retrain_runs.update_run(
         engine,
         run_id,
         status=status,
@@ -119,7 +119,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
         duration_s=(finished - started).total_seconds(),
     )
     # Ids only: each bot reads the run's record and finds the report picture in its own registry.
-    retraining.publish(connection, RunEvent.for_run(run, "finished", status=status))
+    retrain_runs.publish(connection, RunEvent.for_run(run, "finished", status=status))
     log.info("retrain run %s: %s (%s), candidate %s", run_id, status, outcome.reason, version)
     return {"run": run_id, "status": status, "reason": outcome.reason, "candidate": version if saved else None}
 
@@ -130,7 +130,7 @@ def retrain_config(settings: Settings, active: Artefact | None):
     A ResNet50 fine-tuned from ImageNet weights unfreezes its upper 30 %; the demo model, trained from
     random weights, anneals its whole backbone. The artefact's recorded config says which.
     """
-    from training._retrain import RetrainConfig
+    from training._fine_tune import RetrainConfig
 
     trained = ((active.meta.get("extra") or {}).get("config") or {}) if active is not None else {}
     return RetrainConfig(
@@ -212,7 +212,7 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
     def horse_killed(job, retpid: int, ret_val: int, rusage: Any) -> None:
         run_id = (job.kwargs or {}).get("run_id")
         if run_id is not None:
-            retraining.fail_run(connection, engine, int(run_id), f"the training process died (exit status {ret_val})")
+            retrain_runs.fail_run(connection, engine, int(run_id), f"the training process died (exit status {ret_val})")
 
     worker = TrainWorker(
         [Queue(settings.train_queue, connection=connection, serializer=SERIALIZER)],
