@@ -36,11 +36,11 @@ from carbot.retrain_runs import FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
 from worker import (
+    Classification,
     ClassifyClient,
     ClassifyError,
     ClassifyTimeout,
     PhotoRejected,
-    Prediction,
     QueueBusy,
 )
 
@@ -341,7 +341,7 @@ class Conversation:
         except TimeoutError:
             raise StoreUnavailable(f"no answer from the database within {self.store_patience_s:g} s") from None
 
-    def _answer(self, prediction: Prediction, prediction_id: int | None, lang: str) -> Reply:
+    def _answer(self, prediction: Classification, prediction_id: int | None, lang: str) -> Reply:
         best = prediction.top_k[0].probability if prediction.top_k else 0.0
         if prediction.unfamiliar:
             # Softmax confidence is high for photos the model cannot know; the feature-space score is not.

@@ -8,7 +8,7 @@ import sys
 
 def test_bot_facing_import_path_does_not_import_tensorflow():
     code = (
-        "import sys, bots, worker, carbot.cli, carbot.settings, carbot.services, carbot._status\n"
+        "import sys, bots, worker, carbot.cli, carbot.settings, carbot.services, carbot.cli._status\n"
         "from worker import ClassifyClient, PhotoRejected, QueueBusy\n"
         "from model import load_image, ModelRegistry\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'jax', 'torch'))\n"

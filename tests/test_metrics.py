@@ -87,7 +87,7 @@ def test_worker_metrics_count_photos_batches_and_outcomes(start_worker, redis_ur
     assert value(before, "process_resident_memory_bytes") > 0
 
     outcomes = asyncio.run(classify_all(redis_url, [jpeg_bytes(seed) for seed in range(7)] + [b"not a photo"]))
-    assert [type(outcome).__name__ for outcome in outcomes].count("Prediction") == 7
+    assert [type(outcome).__name__ for outcome in outcomes].count("Classification") == 7
     assert isinstance(outcomes[-1], PhotoRejected)
 
     after = scrape(port)

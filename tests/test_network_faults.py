@@ -35,7 +35,7 @@ from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from tests.netproxy import BlackholeProxy
-from worker import ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout, Prediction
+from worker import Classification, ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout
 
 T = TypeVar("T")
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
@@ -130,7 +130,7 @@ async def test_the_result_listener_recovers_after_its_connection_went_silent(pro
     worker = start_worker_at(redis_url, redis_url, model_registry, tmp_path, "w1")
     try:
         async with ClassifyClient(proxy.url) as client:  # default deadline (30 s)
-            assert isinstance(await client.classify(jpeg_bytes(1)), Prediction)
+            assert isinstance(await client.classify(jpeg_bytes(1)), Classification)
             accepted = proxy.accepted
             proxy.blackhole()
             outcome = await asyncio.wait_for(
@@ -140,7 +140,7 @@ async def test_the_result_listener_recovers_after_its_connection_went_silent(pro
             assert "try again" in str(outcome[0])
             proxy.restore()
             answers = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(3, 13)))
-            assert all(isinstance(answer, Prediction) for answer in answers)
+            assert all(isinstance(answer, Classification) for answer in answers)
             assert proxy.accepted > accepted  # the connections that timed out were replaced by new ones
     finally:
         worker.stop()
@@ -179,18 +179,18 @@ async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_on
             fresh = asyncio.ensure_future(timed(client.classify(jpeg_bytes(99))))  # sent as the network comes back
             outcomes = await asyncio.wait_for(burst, client.timeout_s + HANG_MARGIN_S)
             # Every photo of the burst ends: answered, or a clear error (its answer came too late).
-            assert all(isinstance(o, Prediction | ClassifyError) for o in outcomes), outcomes
+            assert all(isinstance(o, Classification | ClassifyError) for o in outcomes), outcomes
             answer, back_s = await fresh
-            assert isinstance(answer, Prediction), answer
+            assert isinstance(answer, Classification), answer
             later = await client.classify(jpeg_bytes(100))
-            assert isinstance(later, Prediction), later
+            assert isinstance(later, Classification), later
     finally:
         alive = worker.process.poll() is None
         worker.stop()
     log = worker.log_path.read_text(errors="replace")
     assert alive, log
     assert "Redis failed during a batch" in log
-    answered = sum(isinstance(o, Prediction) for o in outcomes)
+    answered = sum(isinstance(o, Classification) for o in outcomes)
     print(f"\nworker cut off mid-batch for {silent_s:.1f} s: {answered} of {len(photos)} photos answered, "
           f"the rest told to try again; a photo sent as the network came back answered in {back_s:.1f} s")  # fmt: skip
 
@@ -222,7 +222,7 @@ async def test_an_unreadable_answer_fails_only_its_own_photo_and_the_listener_ke
         finally:
             worker.stop()
     assert isinstance(outcome, ClassifyFailed) and "try again" in str(outcome), outcome
-    assert all(isinstance(answer, Prediction) for answer in answers), answers
+    assert all(isinstance(answer, Classification) for answer in answers), answers
 
 
 def test_every_redis_client_comes_from_the_one_factory():

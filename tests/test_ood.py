@@ -35,7 +35,7 @@ from model import (
 )
 from tests.conftest import TEST_IMAGE_SIZE, TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from training import SYNTHETIC_CLASSES, UNLIKE_KINDS, synthetic_jpeg, unlike_photos
-from worker import ClassifyClient, Familiarity, Prediction
+from worker import Classification, ClassifyClient, Familiarity
 
 ALICE = Sender(platform="telegram", user_id="1", chat_id="100", language_code="en")
 BRUNO = Sender(platform="telegram", user_id="2", chat_id="100", language_code="pt-BR")
@@ -134,12 +134,12 @@ def test_a_version_without_a_score_still_serves(model_registry: Path) -> None:
 
 def test_results_with_and_without_the_ood_field_parse() -> None:
     base = {"model_version": "v1", "photo": "ab", "top_k": [{"label": "FIAT ARGO", "probability": 0.9}]}
-    old = Prediction.from_result("j1", base)
+    old = Classification.from_result("j1", base)
     assert old.ood is None and not old.unfamiliar
-    new = Prediction.from_result("j2", {**base, "ood": {"score": 3.5, "threshold": 1.2, "unfamiliar": True}})
+    new = Classification.from_result("j2", {**base, "ood": {"score": 3.5, "threshold": 1.2, "unfamiliar": True}})
     assert new.ood == Familiarity(3.5, 1.2, True) and new.unfamiliar
     for junk in ("x", {"score": "a", "threshold": 1, "unfamiliar": True}, {"unfamiliar": "yes"}, [1], None):
-        assert Prediction.from_result("j3", {**base, "ood": junk}).ood is None  # bad input: no verdict, no crash
+        assert Classification.from_result("j3", {**base, "ood": junk}).ood is None  # bad input: no verdict, no crash
 
 
 def registry_with(tmp_path: Path, source: Path, threshold: float) -> Path:

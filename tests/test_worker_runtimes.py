@@ -18,7 +18,7 @@ import redis
 from prometheus_client import generate_latest
 
 from carbot import _metrics
-from carbot._status import collect_status, format_status
+from carbot.cli._status import collect_status, format_status
 from carbot.settings import Settings
 from model import RUNTIME_CHOICES, RUNTIMES, ModelRegistry, host_supports, load_predictor, read_variants
 from model._variants import variants_dir

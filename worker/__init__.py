@@ -5,7 +5,7 @@ until a worker actually loads a model.
 """
 
 from worker._batch_worker import BatchWorker
-from worker._client import Candidate, ClassifyClient, Familiarity, Prediction, classify_files_sync
+from worker._client import Candidate, Classification, ClassifyClient, Familiarity, classify_files_sync
 from worker._contract import (
     ClassifyError,
     ClassifyFailed,
@@ -28,7 +28,7 @@ __all__ = [
     "JobExpired",
     "ModelSource",
     "PhotoRejected",
-    "Prediction",
+    "Classification",
     "QueueBusy",
     "classify_files_sync",
 ]

@@ -80,7 +80,7 @@ class Familiarity:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class Classification:
     """A finished classification: the top-k labels, best first, and the model version that produced them."""
 
     job_id: str
@@ -96,7 +96,7 @@ class Prediction:
         return self.ood is not None and self.ood.unfamiliar
 
     @classmethod
-    def from_result(cls, job_id: str, value: dict) -> Prediction:
+    def from_result(cls, job_id: str, value: dict) -> Classification:
         return cls(
             job_id=job_id,
             model_version=value["model_version"],
@@ -154,7 +154,7 @@ class ClassifyClient:
             result_ttl_s=settings.result_ttl_s,
         )
 
-    async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Prediction:
+    async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Classification:
         """Classify one photo through the queue.
 
         Raises `PhotoRejected` (the photo's fault; the message is for a person), `QueueBusy`
@@ -172,7 +172,7 @@ class ClassifyClient:
         except (redis.RedisError, OSError) as exc:
             raise ClassifyFailed(_UNREACHABLE) from exc
         if result.type == Result.Type.SUCCESSFUL:
-            return Prediction.from_result(job_id, result.return_value)
+            return Classification.from_result(job_id, result.return_value)
         raise error_from_exc_string(result.exc_string)
 
     def submit(self, photo: bytes, top_k: int = 3, deadline: float | None = None) -> str:
@@ -363,16 +363,18 @@ class _Pending:
     last_id: str = "0-0"
 
 
-def classify_files_sync(client_factory, photos: Sequence[bytes], *, top_k: int = 3) -> list[Prediction | ClassifyError]:
-    """Classify `photos` concurrently from synchronous code (the CLI); each entry is a Prediction or the error."""
+def classify_files_sync(
+    client_factory, photos: Sequence[bytes], *, top_k: int = 3
+) -> list[Classification | ClassifyError]:
+    """Classify `photos` concurrently from synchronous code (the CLI); each entry is a Classification or the error."""
 
-    async def run() -> list[Prediction | ClassifyError]:
+    async def run() -> list[Classification | ClassifyError]:
         async with client_factory() as client:
             outcomes = await asyncio.gather(
                 *(client.classify(photo, top_k=top_k) for photo in photos), return_exceptions=True
             )
         for outcome in outcomes:
-            if not isinstance(outcome, Prediction | ClassifyError):
+            if not isinstance(outcome, Classification | ClassifyError):
                 raise outcome
         return list(outcomes)
 

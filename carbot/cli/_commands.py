@@ -140,7 +140,7 @@ def classify(images: tuple[Path, ...], as_json: bool, local: bool, top_k: int) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def status(as_json: bool) -> None:
     """Queue depth, workers, the active model version and job counts."""
-    from carbot._status import collect_status, format_status
+    from carbot.cli._status import collect_status, format_status
 
     settings = get_settings()
     report = collect_status(settings, services.running_redis_url(settings))
@@ -540,7 +540,7 @@ def _ensure_demo_model(settings: Settings, *, force: bool) -> None:
 
 def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> list:
     from model import ImageRejected, ModelRegistry, Predictor, load_image
-    from worker import PhotoRejected, Prediction
+    from worker import Classification, PhotoRejected
 
     registry = ModelRegistry(settings.registry_dir)
     version = registry.active_version()
@@ -556,7 +556,7 @@ def _classify_locally(settings: Settings, photos: list[bytes], top_k: int) -> li
             outcomes.append(PhotoRejected(str(exc)))
             continue
         answer = predictor.predict(image[None], k=top_k)[0]
-        outcomes.append(Prediction.from_result("local", {
+        outcomes.append(Classification.from_result("local", {
             "model_version": predictor.version,
             "photo": "",
             "top_k": [{"label": label, "probability": p} for label, p in answer.top_k],
