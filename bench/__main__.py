@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from carbot import _logging
+from carbot import logs
 from carbot.settings import Settings, get_settings
 
 
@@ -27,7 +27,7 @@ from carbot.settings import Settings, get_settings
 def main(verbose: bool) -> None:
     """Measure carbot from outside: ratios side by side in one run, faults, fuzzing."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _logging.configure(level=logging.DEBUG if verbose else logging.INFO, json_format=False)
+    logs.configure(level=logging.DEBUG if verbose else logging.INFO, json_format=False)
 
 
 def _settings(**overrides: object) -> Settings:

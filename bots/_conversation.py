@@ -28,8 +28,7 @@ from bots._ratelimit import RateLimiter
 from bots._retrain_desk import RetrainDesk
 from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
-from carbot import _metrics as metrics
-from carbot import keys
+from carbot import keys, metrics
 from carbot.connections import redis_connection
 from carbot.db import RetrainRun
 from carbot.retrain_runs import FINAL_STATUSES, REPORT_IMAGE, RunEvent

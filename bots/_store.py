@@ -26,8 +26,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
 from bots._messages import Sender
-from carbot import _metrics as metrics
-from carbot import db
+from carbot import db, metrics
 from carbot.db import Feedback, Person, Prediction, utcnow
 from carbot.photos import PhotoStore, PhotoStoreError
 

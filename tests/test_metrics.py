@@ -25,7 +25,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbot._logging import JsonFormatter
+from carbot.logs import JsonFormatter
 from carbot.services import PrivateRedis
 from tests.conftest import WorkerProcess, jpeg_bytes, worker_env
 from tests.fake_telegram import FakeTelegram
@@ -196,7 +196,7 @@ async def test_telegram_bot_metrics_count_photos_replies_and_votes_and_logs_are_
     assert TOKEN not in log
     records = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is one JSON object
     assert {"time", "level", "logger", "message"} <= records[0].keys()
-    assert any(record["logger"] == "carbot._health" and str(port) in record["message"] for record in records)
+    assert any(record["logger"] == "carbot.health" and str(port) in record["message"] for record in records)
     assert any(record["level"] == "DEBUG" for record in records)  # -v did reach the JSON handler
 
 
@@ -237,11 +237,11 @@ def _epoch(iso: str) -> float:
 
 
 def test_the_endpoint_is_served_only_when_a_port_is_set() -> None:
-    from carbot import _health, _metrics
+    from carbot import health, metrics
     from carbot.settings import Settings
 
     port = free_port()
-    with _health.serving(Settings(metrics_port=None), _metrics.PLAIN, {}), pytest.raises(urllib.error.URLError):
+    with health.serving(Settings(metrics_port=None), metrics.PLAIN, {}), pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
-    with _health.serving(Settings(metrics_port=port, metrics_listen="127.0.0.1"), _metrics.PLAIN, {}):
+    with health.serving(Settings(metrics_port=port, metrics_listen="127.0.0.1"), metrics.PLAIN, {}):
         assert [get(port, path)[0] for path in ("/healthz", "/readyz", "/metrics")] == [200, 200, 200]

@@ -17,7 +17,7 @@ import pytest
 import redis
 from prometheus_client import generate_latest
 
-from carbot import _metrics
+from carbot import metrics
 from carbot.cli._status import collect_status, format_status
 from carbot.settings import Settings
 from model import RUNTIME_CHOICES, RUNTIMES, ModelRegistry, host_supports, load_predictor, read_variants
@@ -179,7 +179,7 @@ def serve_until(source: ModelSource, version: str, timeout: float = 120) -> Serv
 
 
 def metric_labels(name: str) -> set[str]:
-    text = generate_latest(_metrics.WORKER).decode()
+    text = generate_latest(metrics.WORKER).decode()
     return {line.split('runtime="')[1].split('"')[0] for line in text.splitlines() if line.startswith(name + "{")}
 
 

@@ -60,7 +60,7 @@ from rq.job import Job
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from carbot import _metrics as metrics
+from carbot import metrics
 from carbot.jobs import OwnJobsOnly, RedisClock, refusal, refuse
 from carbot.keys import CLASSIFY_FUNC, RUNTIME_KEY, SERIALIZER, STATS_KEY, starts_key
 from worker._contract import (

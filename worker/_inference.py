@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carbot import _metrics as metrics
+from carbot import metrics
 from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image, pixel_count
 from worker._contract import PhotoRejected
 

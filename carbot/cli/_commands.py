@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from carbot import _health, _logging, _metrics, services
+from carbot import health, logs, metrics, services
 from carbot.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -32,9 +32,7 @@ def main(verbose: bool) -> None:
     """Name the car model in a photo: chat bots on a batched inference queue."""
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) says nothing a person acts on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _logging.configure(
-        level=logging.DEBUG if verbose else logging.INFO, json_format=get_settings().log_format == "json"
-    )
+    logs.configure(level=logging.DEBUG if verbose else logging.INFO, json_format=get_settings().log_format == "json")
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # "setup plugin ..." lines say nothing to a person
 
@@ -52,7 +50,7 @@ def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | No
     from worker._main import run_worker
 
     settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms)
-    with services.redis_url(settings) as url, _health.serving(settings, _metrics.WORKER, _health.worker_checks(url)):
+    with services.redis_url(settings) as url, health.serving(settings, metrics.WORKER, health.worker_checks(url)):
         run_worker(settings, url, artefact=artefact, burst=burst, name=name)
 
 
@@ -66,8 +64,8 @@ def train_worker(burst: bool, name: str | None) -> None:
 
     settings = get_settings()
     migrate(services.database_url(settings))  # a run's row must be readable even if no bot has started yet
-    checks = _health.queue_and_database_checks(settings)
-    with services.redis_url(settings) as url, _health.serving(settings, _metrics.PLAIN, checks):
+    checks = health.queue_and_database_checks(settings)
+    with services.redis_url(settings) as url, health.serving(settings, metrics.PLAIN, checks):
         run_train_worker(settings, url, burst=burst, name=name)
 
 
@@ -198,7 +196,7 @@ def telegram() -> None:
     settings = get_settings()
     if settings.telegram_token is None:
         raise click.ClickException("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
-    with _health.serving(settings, _metrics.BOTS, _health.queue_and_database_checks(settings)):
+    with health.serving(settings, metrics.BOTS, health.queue_and_database_checks(settings)):
         run_telegram(settings)
 
 
@@ -210,7 +208,7 @@ def discord() -> None:
     settings = get_settings()
     if settings.discord_token is None:
         raise click.ClickException("Set DISCORD_TOKEN to your application's bot token.")
-    with _health.serving(settings, _metrics.BOTS, _health.queue_and_database_checks(settings)):
+    with health.serving(settings, metrics.BOTS, health.queue_and_database_checks(settings)):
         run_discord(settings)
 
 

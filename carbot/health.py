@@ -1,6 +1,6 @@
 """One small HTTP endpoint per process: Prometheus metrics, liveness and readiness.
 
-- `GET /metrics`: the process's registry (`carbot._metrics`) in Prometheus' text format.
+- `GET /metrics`: the process's registry (`carbot.metrics`) in Prometheus' text format.
 - `GET /healthz`: 200 while the process runs. An orchestrator restarts a process that stops answering.
 - `GET /readyz`: 200 when every check passes, else 503; the body is JSON naming each check and
   what went wrong. A worker is ready when Redis answers and its model is loaded; a bot or the
@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from carbot import _metrics
+from carbot import metrics
 from carbot.connections import redis_connection
 from carbot.settings import Settings
 
@@ -161,7 +161,7 @@ def database_answers(url: str) -> Check:
 
 def model_is_loaded() -> None:
     """This worker process has loaded a model (it answers photos as soon as Redis hands it one)."""
-    if _metrics.loaded_model_version() is None:
+    if metrics.loaded_model_version() is None:
         raise RuntimeError("no model loaded yet")
 
 

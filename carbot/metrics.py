@@ -1,6 +1,6 @@
 """Prometheus metrics of the worker and of the bots, every one of them in this file.
 
-Each process serves one registry on its endpoint (`carbot._health`): `WORKER` in `carbot worker`,
+Each process serves one registry on its endpoint (`carbot.health`): `WORKER` in `carbot worker`,
 `BOTS` in the Telegram and Discord bots, `PLAIN` elsewhere. Each registry also carries the
 process's own CPU, memory, open files and garbage-collector figures. Worker replicas are separate
 processes with an endpoint each; Prometheus sums them (no multiprocess mode is involved).
