@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# carbot's images, all from this file (compose.yaml builds them; see README, "Deployment"):
+# carbot's images, all from this file (compose.yaml builds them; see docs/operations.md, "Deployment"):
 #
 #   docker build -t carbot:cpu .                               bots, migrations, a CPU worker (tensorflow-cpu)
 #   docker build --build-arg VARIANT=gpu -t carbot:gpu .       GPU workers and the retrain worker (TensorFlow + CUDA)

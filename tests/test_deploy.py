@@ -1,4 +1,4 @@
-"""The deployment files: compose.yaml, the Dockerfile, the lock files, .env.example and the README's table.
+"""The deployment files: compose.yaml, the Dockerfile, the lock files, .env.example and the documented settings.
 
 Nothing here builds an image or starts a container (no registry is reachable from the tests);
 instead each file is checked by the tool its ecosystem uses (the Compose specification's JSON
@@ -34,6 +34,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 REQUIREMENTS = ROOT / "requirements"
 ENV_EXAMPLE = ROOT / ".env.example"
 README = ROOT / "README.md"
+# The configuration table (every setting, its default and meaning) lives in the operations guide.
+OPERATIONS = ROOT / "docs" / "operations.md"
 
 CARBOT_SERVICES = {"migrate", "worker", "train-worker", "telegram", "discord"}
 SERVICES = CARBOT_SERVICES | {"redis", "postgres", "rq-dashboard"}
@@ -172,7 +174,7 @@ def test_every_variable_compose_reads_is_in_env_example() -> None:
     assert used - env_example_names() == set()
 
 
-# -- settings: the README's table and .env.example --------------------------------------------------------------
+# -- settings: the operations guide's table and .env.example -----------------------------------------------------------
 
 
 def env_name(name: str, field: FieldInfo) -> str:
@@ -182,7 +184,7 @@ def env_name(name: str, field: FieldInfo) -> str:
 
 
 def default_text(field: FieldInfo) -> str | None:
-    """How the README writes a plain default (5.0 is "5"), or None for defaults that are described in words."""
+    """How the docs write a plain default (5.0 is "5"), or None for defaults that are described in words."""
     default = field.default
     if default is None or default is PydanticUndefined or isinstance(default, bool):
         return None
@@ -191,9 +193,9 @@ def default_text(field: FieldInfo) -> str | None:
     return str(default) if isinstance(default, int | float | str | Path) else None
 
 
-def readme_settings() -> dict[str, str]:
-    """{setting: its default cell} from the table of the README's "Configuration" section."""
-    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+def documented_settings() -> dict[str, str]:
+    """{setting: its default cell} from the table of docs/operations.md's "Configuration" section."""
+    section = OPERATIONS.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     documented = {}
     for row in re.findall(r"^\|(.+)\|$", section, flags=re.MULTILINE):
         setting, default, *_ = (cell.strip() for cell in row.split("|"))
@@ -208,12 +210,47 @@ def env_example_names() -> set[str]:
 
 def test_every_setting_is_documented_with_its_default() -> None:
     settings = {env_name(name, field): field for name, field in Settings.model_fields.items()}
-    documented = readme_settings()
-    assert set(documented) == set(settings), "the README's configuration table and carbot/settings.py differ"
+    documented = documented_settings()
+    assert set(documented) == set(settings), "docs/operations.md's configuration table and carbot/settings.py differ"
     for name, field in settings.items():
         expected = default_text(field)
-        assert expected is None or expected in documented[name], f"{name}: README says {documented[name]!r}"
+        assert expected is None or expected in documented[name], f"{name}: docs/operations.md says {documented[name]!r}"
     assert set(settings) - env_example_names() == set(), ".env.example misses settings"
+
+
+# -- the documents --------------------------------------------------------------------------------------------------
+
+DOCUMENTS = [README, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_opens_with_the_two_set_up_commands_that_make_and_ci_run() -> None:
+    """The README's first code block is the demo and the whole suite; both are make targets, and CI runs the second."""
+    first_block = README.read_text().split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in first_block.splitlines()]
+    assert commands == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)
+    assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.MULTILINE)
+
+
+def test_every_link_between_the_documents_leads_somewhere() -> None:
+    """A relative link names a file that exists and, with `#anchor`, one of its headings (as GitHub spells them)."""
+
+    def anchors(path: Path) -> set[str]:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+        headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+        return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+    broken = []
+    for document in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https://..., mailto:
+            name, _, anchor = target.partition("#")
+            path = (document.parent / name).resolve() if name else document
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{document.relative_to(ROOT)}: {target}")
+    assert len(DOCUMENTS) >= 7 and broken == []
 
 
 # -- the images ---------------------------------------------------------------------------------------------------
