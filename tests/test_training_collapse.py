@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +123,10 @@ def test_carbot_train_activate_refuses_a_chance_level_run(
         # it was saved, and its near-chance test accuracy kept it from being activated.
         assert "NOT activating" in result.output, result.output
     else:
-        # Refused. (A CI-like run once ended here without the "did not learn" line after one attempt's
-        # phase 2: the cause is not yet known, see the session note; the promise above held.)
+        # Refused, with the reason a person acts on (and, if anything else stopped it, the traceback says what).
+        failure = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
         assert result.exit_code != 0, result.output
+        assert "did not learn" in result.output and "after 3 attempt(s)" in result.output, result.output + failure
 
 
 @pytest.mark.slow
