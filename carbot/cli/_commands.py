@@ -1,4 +1,4 @@
-"""The `carbot` command: one entry point for the worker, the classifier, the demo and the benchmark.
+"""The `carbot` command: one entry point for the worker, the classifier, the bots, the demo and the operator's tools.
 
 Each sub-command reads the settings once, brings up what the embedded defaults
 need (a private Redis, a background worker) and tears it down on exit. Heavy
