@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from carbot import logs
-from carbot.settings import Settings, get_settings
+from carbot.settings import get_settings
 
 
 @click.group()
@@ -28,12 +28,6 @@ def main(verbose: bool) -> None:
     """Measure carbot from outside: ratios side by side in one run, faults, fuzzing."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logs.configure(level=logging.DEBUG if verbose else logging.INFO, json_format=False)
-
-
-def _settings(**overrides: object) -> Settings:
-    settings = get_settings()
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return settings.model_copy(update=given) if given else settings
 
 
 @main.command("training-input")
@@ -100,7 +94,7 @@ def loadtest(users: int, photos_per_user: int, workers: int, queue_limit: int | 
 
     config = LoadConfig(users=users, photos_per_user=photos_per_user, workers=workers, queue_limit=queue_limit,
                         request_timeout_s=timeout_s, ramp_s=ramp_s, seed=seed)  # fmt: skip
-    results = run_loadtest(_settings(), config, database_url=database_url)
+    results = run_loadtest(get_settings(), config, database_url=database_url)
     if json_path:
         save_json(results, json_path)
         click.echo(f"saved {json_path}")
@@ -124,7 +118,7 @@ def faults(scenarios: tuple[str, ...], users: int, photos_per_user: int, db_outa
     if unknown:
         raise click.BadParameter(f"unknown {sorted(unknown)}; known: {', '.join(SCENARIOS)}", param_hint="--scenario")
     config = FaultConfig(users=users, photos_per_user=photos_per_user, db_outage_s=db_outage_s)
-    results = run_faults(_settings(), scenarios or SCENARIOS, config)
+    results = run_faults(get_settings(), scenarios or SCENARIOS, config)
     if json_path:
         save_json(results, json_path)
         click.echo(f"saved {json_path}")

@@ -49,18 +49,19 @@ from bench.loadtest import (
     Outcome,
     Progress,
     Rig,
-    _say,
     batch_figures,
     drive,
     make_photo_plan,
     press_again,
     run_async,
     save_json,
+    say_progress,
     summarize,
 )
 from carbot.connections import redis_connection
 from carbot.settings import Settings
 
+MODEL_REFUSALS = "carbot_worker_model_refusals_total"  # the workers' metric (carbot._metrics.MODEL_REFUSALS)
 SCENARIOS = ("worker-sigkill", "redis-restart", "db-outage", "disk-full", "corrupt-model")
 
 
@@ -113,7 +114,7 @@ def run_faults(
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
-    say = _say(verbose)
+    say = say_progress(verbose)
     results: dict[str, Any] = {"config": asdict(config), "scenarios": {}}
     with _quiet("bots"), Rig(settings, config.load(0), persistent_redis=True, say=say) as rig:
         results["config"]["model"] = f"{rig.model_version} ({rig.model_note})"
@@ -160,7 +161,7 @@ async def _run(
     person, and the same person sending photos in every scenario would soon hear "slow down".
     """
     plan = make_photo_plan(load)
-    stats_before, mark = rig.stats(), rig.pool.log_mark()
+    stats_before = rig.stats()
     async with rig.conversation(
         database_url=f"sqlite:///{rig.root / database}", photo_root=photo_root, store_patience_s=store_patience_s
     ) as conversation:
@@ -173,7 +174,7 @@ async def _run(
         at = extra["fault_at_s"]
         caught = [o.category for o in outcomes if o.sent_at <= at <= o.sent_at + o.latency_ms / 1000]
         summary["in_flight_at_fault"] = _count(caught)
-    summary["batches"] = batch_figures(rig.pool.logs(since=mark), stats_before, rig.stats())
+    summary["batches"] = batch_figures(stats_before, rig.stats())
     summary["worker_restarts_so_far"] = rig.pool.restarts
     return outcomes, {**summary, **extra}
 
@@ -306,7 +307,7 @@ async def db_outage(rig: Rig, config: FaultConfig, index: int, say: Callable[[st
     async def inject(progress: Progress) -> dict[str, Any]:
         await progress.until_submitted(config.fault_at)
         locked, release = threading.Event(), threading.Event()
-        holder = threading.Thread(target=_hold_exclusive_lock, args=(database, locked, release), daemon=True)
+        holder = threading.Thread(target=hold_exclusive_lock, args=(database, locked, release), daemon=True)
         holder.start()
         await asyncio.to_thread(locked.wait)
         fault_at = time.monotonic() - progress.started
@@ -397,17 +398,17 @@ async def corrupt_model(rig: Rig, config: FaultConfig, index: int, say: Callable
         say(f"  {bad} (damaged weights, old checksum) made active behind the registry's back")
         return {"corrupt_version": bad, "fault_at_s": time.monotonic() - progress.started}
 
-    mark = rig.pool.log_mark()
+    refusals_before = rig.pool.metric(MODEL_REFUSALS)
     try:
         _, report = await _run(rig, config.load(index), inject, database="model.db", platform="faults-model")
     finally:
         registry.activate(good)
-    log = rig.pool.logs(since=mark)
-    report["refusals_logged"] = log.count(f"could not load model {registry.path_for(bad)}")
+    # The workers count the versions they refuse (their metrics); one that restarted meanwhile starts again at 0.
+    report["model_refusals"] = int(rig.pool.metric(MODEL_REFUSALS) - refusals_before)
     report["checks"] = {
         "lost == 0": report["lost"] == 0,
         "only the good model answered": set(report["model_versions"]) == {good},
-        "the corrupt model was refused": report["refusals_logged"] > 0,
+        "the corrupt model was refused": report["model_refusals"] > 0,
     }
     return report
 
@@ -424,7 +425,7 @@ _SCENARIOS = {
 # -- staging the faults --------------------------------------------------------------------------------------------
 
 
-def _hold_exclusive_lock(database: Path, locked: threading.Event, release: threading.Event) -> None:
+def hold_exclusive_lock(database: Path, locked: threading.Event, release: threading.Event) -> None:
     """What a long migration or a stuck admin session does: hold SQLite's write lock (readers of the WAL go on)."""
     connection = sqlite3.connect(database, timeout=30, isolation_level=None)
     try:
@@ -457,8 +458,6 @@ def _activate_corrupt_copy(registry: Any, good: str, bad: str) -> None:
     """A copy of `good` as version `bad` with one byte of its weights flipped, written ACTIVE without checks."""
     import json
 
-    from model._artefact import write_text_atomic
-
     source, target = registry.path_for(good), registry.path_for(bad)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target)
@@ -470,7 +469,9 @@ def _activate_corrupt_copy(registry: Any, good: str, bad: str) -> None:
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    write_text_atomic(registry.root / "ACTIVE", bad + "\n")
+    staged = registry.root / ".ACTIVE.faults"
+    staged.write_text(bad + "\n")
+    staged.replace(registry.root / "ACTIVE")  # in one rename, as the registry writes it: a reader never sees half
 
 
 @contextlib.contextmanager
@@ -575,7 +576,7 @@ _EXTRAS = {
         f"{r['predictions_recorded']} predictions recorded, {r['damaged_files']} damaged"
     ),
     "corrupt-model": lambda r: (
-        f"answers by {r['model_versions']}; corrupt version refused {r['refusals_logged']} time(s)"
+        f"answers by {r['model_versions']}; corrupt version refused {r['model_refusals']} time(s)"
     ),
 }
 

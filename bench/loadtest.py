@@ -14,8 +14,8 @@ the system did:
   handler raised, or gave no reply within the request's deadline plus a minute);
 - throughput, latency percentiles, the latency of busy replies, replies later
   than `late_s` ("minutes late");
-- the batch sizes the workers formed (from their per-batch log lines) and the
-  shared counters they keep (`worker.STATS_KEY`);
+- the batch sizes the workers formed and the shared counters they keep, as they
+  add them up in Redis (`carbot.keys.STATS_KEY`, `BATCH_SIZES_KEY`; `bench.figures`);
 - the peak resident memory of each worker (VmHWM, sampled while it lives), of
   this process (the bot side, photos included), Redis' `used_memory_peak`, and the
   deepest the queue got (sampled every 50 ms).
@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-from bench.serving import _batch_log, _jpeg, _peak_rss_mb, _scene, _worker_env
+from bench.figures import WorkerStats, peak_rss_mb, percentiles, scrape
+from bench.serving import draw_scene, jpeg_bytes, worker_env
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -157,15 +159,15 @@ def make_good_photos(count: int, rng: np.random.Generator) -> list[Photo]:
             Image.fromarray(np.ascontiguousarray(shifted)).save(buffer, format="PNG", compress_level=1)
             photos.append(Photo("good", f"{width}x{height} png", buffer.getvalue()))
         else:
-            photos.append(Photo("good", f"{width}x{height} jpeg", _jpeg(shifted)))
+            photos.append(Photo("good", f"{width}x{height} jpeg", jpeg_bytes(shifted)))
     return photos
 
 
 def _drawn(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     """A synthetic scene; above 640 px drawn at 640 and enlarged (drawing is slow, decoding cost is the point)."""
     if size[0] <= 640:
-        return _scene(rng, size)
-    small = Image.fromarray(_scene(rng, (640, 640 * size[1] // size[0])))
+        return draw_scene(rng, size)
+    small = Image.fromarray(draw_scene(rng, (640, 640 * size[1] // size[0])))
     return np.asarray(small.resize(size, Image.Resampling.BILINEAR))
 
 
@@ -184,6 +186,7 @@ class WorkerPool:
     """`carbot worker` processes, restarted when they die (as a process manager would), their logs kept.
 
     A restarted worker gets a new name: RQ refuses a name whose previous owner has not timed out yet.
+    Each serves its metrics on a port of its own on 127.0.0.1 (`metric`).
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class WorkerPool:
         self._spawned_at = [0.0] * count
         self.peak_rss_mb: dict[str, float] = {}
         self.log_paths: list[Path] = []
+        self.metrics_urls: dict[str, str] = {}  # worker name -> its /metrics
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
@@ -217,10 +221,12 @@ class WorkerPool:
         name = f"load-{os.getpid()}-{slot}-{self.generation[slot]}"
         log_path = self.log_dir / f"{name}.log"
         self.log_paths.append(log_path)
+        port = _free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "carbot", "worker", "--name", name, *self.command_tail],
-                env=self.env,
+                env={**self.env, "CARBOT_METRICS_PORT": str(port), "CARBOT_METRICS_LISTEN": "127.0.0.1"},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -258,7 +264,7 @@ class WorkerPool:
     def _sample_rss(self, slot: int) -> None:
         process = self.slots[slot]
         if process is not None and process.poll() is None:
-            peak = _peak_rss_mb(process.pid)
+            peak = peak_rss_mb(process.pid)
             if peak is not None:
                 self.peak_rss_mb[self.names[slot]] = max(peak, self.peak_rss_mb.get(self.names[slot], 0.0))
 
@@ -282,19 +288,16 @@ class WorkerPool:
     def slot_of(self, worker_name: str) -> int | None:
         return self.names.index(worker_name) if worker_name in self.names else None
 
-    def log_mark(self) -> dict[Path, int]:
-        """How far each log has been written: `logs(since=mark)` gives what was written after."""
-        return {path: path.stat().st_size for path in self.log_paths if path.exists()}
+    def logs(self) -> str:
+        """Every worker's log (past generations too), for a person to read when something did not start."""
+        return "".join(path.read_bytes().decode(errors="replace") for path in list(self.log_paths) if path.exists())
 
-    def logs(self, since: dict[Path, int] | None = None) -> str:
-        """Every worker's log (past generations too), or what was written after `since`."""
-        parts = []
-        for path in list(self.log_paths):
-            if path.exists():
-                with path.open("rb") as log:
-                    log.seek((since or {}).get(path, 0))
-                    parts.append(log.read().decode(errors="replace"))
-        return "".join(parts)
+    def metric(self, name: str) -> float:
+        """Sample `name` (e.g. `carbot_worker_model_refusals_total`) summed over the live workers' endpoints."""
+        with self._lock:
+            live = [self.metrics_urls[self.names[slot]] for slot, process in enumerate(self.slots)
+                    if process is not None and process.poll() is None]  # fmt: skip
+        return scrape(live, name)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -345,19 +348,16 @@ class Rig:
             self.say(f"model {self.model_version} ({self.model_note})")
             self.redis = PrivateRedis(self.root / "redis", persistent=self.persistent_redis).start()
             self.url = self.redis.url
-            self.run_settings = self.settings.model_copy(
-                update={
-                    "redis_url": self.url,
-                    "data_dir": self.root / "data",
-                    "model_registry": self.registry,
-                    "queue_limit": self.config.queue_limit or self.settings.queue_limit,
-                    "request_timeout_s": self.config.request_timeout_s or self.settings.request_timeout_s,
-                    "job_timeout_s": self.config.job_timeout_s or self.settings.job_timeout_s,
-                    "maintenance_interval_s": self.config.maintenance_interval_s
-                    or self.settings.maintenance_interval_s,
-                }
+            self.run_settings = self.settings.with_overrides(
+                redis_url=self.url,
+                data_dir=self.root / "data",
+                model_registry=self.registry,
+                queue_limit=self.config.queue_limit,
+                request_timeout_s=self.config.request_timeout_s,
+                job_timeout_s=self.config.job_timeout_s,
+                maintenance_interval_s=self.config.maintenance_interval_s,
             )
-            env = _worker_env(self.run_settings, self.url, self.registry, self.root)
+            env = worker_env(self.run_settings, self.url, self.registry, self.root)
             env.update(
                 {
                     "CARBOT_JOB_TIMEOUT_S": str(self.run_settings.job_timeout_s),
@@ -416,14 +416,19 @@ class Rig:
             await connection.aclose()
             await store.close()
 
-    def stats(self) -> dict[str, int]:
-        from carbot.keys import STATS_KEY
-
+    def stats(self) -> WorkerStats:
+        """What the workers have added up in Redis so far (batches, photos, batch sizes, times)."""
         connection = redis_connection(self.url)
         try:
-            return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
+            return WorkerStats.read(connection)
         finally:
             connection.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _time_calls(target: Any, method: str) -> list[float]:
@@ -528,8 +533,7 @@ async def drive(
 ) -> tuple[list[Outcome], dict[str, Any]]:
     """Every user of `plan` sends their photos through `conversation`; returns each photo's outcome and
     what `inject` (a fault, run alongside) reported."""
-    from bots import Sender
-    from bots._texts import text
+    from bots import Sender, text
 
     settings = conversation.settings
     hard_cap_s = settings.request_timeout_s + conversation.store_patience_s + 60
@@ -590,15 +594,14 @@ async def drive(
     report = results[0] or {}
     report["max_queue_depth"] = sampler.max_depth
     # Where an answer's time goes on the bot's side: recording it (SQL + the photo file) after the worker's answer.
-    report["store_write_ms"] = _percentiles(getattr(conversation, "load_store_ms", []))
+    report["store_write_ms"] = percentiles(getattr(conversation, "load_store_ms", []))
     report["wall_s"] = round(time.monotonic() - progress.started, 2)
     return outcomes, report
 
 
 async def press_again(conversation: Any, outcomes: Sequence[Outcome], platform: str = "loadtest") -> int:
     """A person told "try again" presses 👍 again; returns how many of those presses were then recorded."""
-    from bots import Sender
-    from bots._texts import text
+    from bots import Sender, text
 
     texts = _Texts(text, conversation.limiter.per_minute)
     recorded = 0
@@ -757,8 +760,8 @@ def summarize(outcomes: Sequence[Outcome], *, late_s: float) -> dict[str, Any]:
         "bad_files_refused": f"{sum(outcome.category == REJECTED for outcome in bad)}/{len(bad)}",
         "seconds": round(seconds, 2),
         "answers_per_s": round(len(answered) / seconds, 2),
-        "latency_ms": _percentiles([outcome.latency_ms for outcome in answered]),
-        "busy_latency_ms": _percentiles(busy),
+        "latency_ms": percentiles([outcome.latency_ms for outcome in answered]),
+        "busy_latency_ms": percentiles(busy),
         "late_replies": sum(outcome.latency_ms > late_s * 1000 for outcome in replied),
         "late_s": late_s,
         "max_reply_ms": round(max((outcome.latency_ms for outcome in replied), default=0.0), 1),
@@ -767,36 +770,22 @@ def summarize(outcomes: Sequence[Outcome], *, late_s: float) -> dict[str, Any]:
     }
 
 
-def batch_figures(log: str, stats_before: dict[str, int], stats_after: dict[str, int]) -> dict[str, Any]:
-    """Batch sizes from the workers' per-batch log lines, and their shared counters for this run."""
-    batch_log = _batch_log(log)
-    sizes = batch_log.sizes
+def batch_figures(before: WorkerStats, after: WorkerStats) -> dict[str, Any]:
+    """The batches the workers formed between two readings of their figures in Redis, and their counters."""
+    run = after - before
+    sizes = run.sizes
     histogram: Counter[str] = Counter()
     for size in sizes:
         low = 1 << (size.bit_length() - 1)
         histogram[str(low) if low == size and low in (1, 32) else f"{low}-{2 * low - 1}"] += 1
-    counters = {key: stats_after.get(key, 0) - stats_before.get(key, 0) for key in stats_after}
     return {
         "batches": len(sizes),
         "mean_batch_size": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
         "max_batch_size": max(sizes, default=0),
         "histogram": dict(sorted(histogram.items(), key=lambda item: int(item[0].split("-")[0]))),
-        "decode_s": round(batch_log.decode_s, 2),
-        "forward_s": round(batch_log.forward_s, 2),
-        "counters": counters,
-    }
-
-
-def _percentiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
-    array = np.asarray(values, dtype=float)
-    return {
-        "p50": round(float(np.percentile(array, 50)), 1),
-        "p95": round(float(np.percentile(array, 95)), 1),
-        "p99": round(float(np.percentile(array, 99)), 1),
-        "max": round(float(array.max()), 1),
-        "n": len(values),
+        "decode_s": round(run.decode_s, 2),
+        "forward_s": round(run.forward_s, 2),
+        "counters": run.counters,
     }
 
 
@@ -812,7 +801,7 @@ def memory_figures(rig: Rig) -> dict[str, Any]:
     return {
         "worker_peak_rss_mb": max(workers.values(), default=None),
         "workers_peak_rss_mb": dict(workers),
-        "bot_process_peak_rss_mb": _peak_rss_mb(os.getpid()),
+        "bot_process_peak_rss_mb": peak_rss_mb(os.getpid()),
         "redis_used_memory_peak_mb": round(redis_peak / 2**20, 1),
     }
 
@@ -828,7 +817,7 @@ def run_loadtest(
     The bot side records into a fresh SQLite file in the run's folder, or into `database_url` (a scratch
     PostgreSQL database, say: what compose runs) when given.
     """
-    say = _say(verbose)
+    say = say_progress(verbose)
     say(f"generating {config.users * config.photos_per_user} photos for {config.users} users")
     plan = make_photo_plan(config)
     with Rig(settings, config, say=say) as rig:
@@ -858,7 +847,7 @@ def run_loadtest(
             **summarize(outcomes, late_s=config.late_s),
             "max_queue_depth": extra["max_queue_depth"],
             "store_write_ms": extra["store_write_ms"],
-            "batches": batch_figures(rig.pool.logs(), stats_before, rig.stats()),
+            "batches": batch_figures(stats_before, rig.stats()),
             "memory": memory_figures(rig),
             "worker_restarts": rig.pool.restarts,
         }
@@ -908,7 +897,8 @@ def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} MB"
 
 
-def _say(verbose: bool) -> Callable[[str], None]:
+def say_progress(verbose: bool) -> Callable[[str], None]:
+    """A `say(message)` that prints the message with the seconds since it was made, when `verbose`."""
     started = time.monotonic()
 
     def say(message: str) -> None:

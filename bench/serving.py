@@ -51,7 +51,6 @@ import hashlib
 import io
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -64,9 +63,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from PIL import Image, ImageDraw
 
+from bench.figures import WorkerStats, peak_rss_mb, percentile, percentiles
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -141,7 +140,7 @@ def run_benchmark(
                 ceiling = measure_model_ceiling(predictor, decoded)
                 say(f"    {ceiling['images_per_s']:.1f} images/s")
                 say("(d) this system: all photos at once, carbot worker")
-                batched = measure_batch_worker(settings, server.url, jpegs, batch_worker)
+                batched = measure_batch_worker(settings, server.url, jpegs)
                 say(f"    {batched['images_per_s']:.1f} images/s, mean batch size {batched['mean_batch_size']:.1f}")
                 say("(a) again, to see how much the machine's speed drifted")
                 ceiling_after = measure_model_ceiling(predictor, decoded)
@@ -208,7 +207,7 @@ def make_photos(count: int, *, phone_size: tuple[int, int] = PHONE_PHOTO, seed: 
     """
     rng = np.random.default_rng(seed)
     phone_count = count // PHONE_EVERY
-    small_scenes = [_scene(rng, SMALL_PHOTO) for _ in range(min(12, count - phone_count))]
+    small_scenes = [draw_scene(rng, SMALL_PHOTO) for _ in range(min(12, count - phone_count))]
     phone_scenes = [_phone_scene(rng, phone_size) for _ in range(min(3, phone_count))]
     photos = []
     for index in range(count):
@@ -219,11 +218,12 @@ def make_photos(count: int, *, phone_size: tuple[int, int] = PHONE_PHOTO, seed: 
         shifted = np.roll(scene, (int(rng.integers(scene.shape[0])), int(rng.integers(scene.shape[1]))), (0, 1))
         if rng.random() < 0.5:
             shifted = shifted[:, ::-1]
-        photos.append(_jpeg(shifted))
+        photos.append(jpeg_bytes(shifted))
     return photos
 
 
-def _scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+def draw_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """A synthetic photo of `size` (one of training's synthetic classes), as pixels."""
     try:
         from training import SYNTHETIC_CLASSES, synthetic_photo
     except ImportError:  # a checkout without training/: random boxes will do
@@ -246,13 +246,14 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
 def _phone_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     # A quarter-size scene blown up, with sensor-like grain, so the JPEG is as large (2 MB) and as
     # slow to decode as a phone's.
-    small = Image.fromarray(_scene(rng, (size[0] // 4, size[1] // 4)))
+    small = Image.fromarray(draw_scene(rng, (size[0] // 4, size[1] // 4)))
     pixels = np.asarray(small.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
     pixels += rng.integers(-6, 7, size=pixels.shape, dtype=np.int16)
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _jpeg(pixels: np.ndarray) -> bytes:
+def jpeg_bytes(pixels: np.ndarray) -> bytes:
+    """`pixels` as a JPEG of the benchmark's quality."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
@@ -293,7 +294,7 @@ def measure_decode(jpegs: Sequence[bytes], predictor: Any) -> dict[str, float]:
         with Image.open(io.BytesIO(jpeg)) as image:
             size = f"{image.width}x{image.height}"
         by_size.setdefault(size, []).append(_timed_ms(lambda jpeg=jpeg: _decode(jpeg, predictor)))
-    return {size: round(float(np.median(times)), 2) for size, times in by_size.items()}
+    return {size: round(percentile(times, 50), 2) for size, times in by_size.items()}
 
 
 def measure_partial_batch(predictor: Any, artefact: Path, decoded: np.ndarray, repeats: int = 3) -> dict[str, Any]:
@@ -312,7 +313,7 @@ def measure_partial_batch(predictor: Any, artefact: Path, decoded: np.ndarray, r
     for _ in range(repeats):
         planned_ms.append(_timed_ms(lambda: predictor.probabilities(images)))
         padded_ms.append(_timed_ms(lambda: padding.probabilities(images)))
-    planned, padded = float(np.median(planned_ms)), float(np.median(padded_ms))
+    planned, padded = percentile(planned_ms, 50), percentile(padded_ms, 50)
     return {
         "photos": count,
         "plan": list(predictor.plan(count)),
@@ -387,7 +388,7 @@ def measure_predict_one_at_a_time(keras_model: Any, jpegs: Sequence[bytes], pred
         "what": "per photo: load_image, then keras_model.predict(x[None]), one at a time, in one process",
         "images_per_s": _rate(len(jpegs), watch.seconds),
         "seconds": round(watch.seconds, 3),
-        "latency_ms": _percentiles(latencies),
+        "latency_ms": percentiles(latencies),
     }
 
 
@@ -402,44 +403,40 @@ def measure_plain_rq(settings: Settings, url: str, jpegs: Sequence[bytes], *, qu
         "one job and one compiled batch-1 forward pass per photo; all photos submitted at once through ClassifyClient",
         "images_per_s": _rate(len(jpegs), run.seconds),
         "seconds": round(run.seconds, 3),
-        "latency_ms": _percentiles(run.latencies_ms),
+        "latency_ms": percentiles(run.latencies_ms),
     }
 
 
-def measure_batch_worker(
-    settings: Settings, url: str, jpegs: Sequence[bytes], worker: _WorkerProcess
-) -> dict[str, Any]:
-    """(d) `carbot worker`, all photos submitted at once; batch sizes from its counters, its time from its log.
+def measure_batch_worker(settings: Settings, url: str, jpegs: Sequence[bytes]) -> dict[str, Any]:
+    """(d) `carbot worker`, all photos submitted at once; its batches and their times from its counters in Redis.
 
-    The log's per-batch times also split (d)'s wall time into forward passes (on photos, and
-    on the padding of their plans), decoding, and the rest (Redis, RQ's bookkeeping, waiting),
+    The worker's time in forward passes (on photos, and on the padding of their plans) and in
+    decoding split (d)'s wall time into those and the rest (Redis, RQ's bookkeeping, waiting),
     and give the model's speed inside the worker at that very moment: d/a against it is free
     of the machine's drift.
     """
     connection = redis_connection(url)
-    stats_before, log_offset = _stats(connection), worker.log_size()
+    before = WorkerStats.read(connection)
     run = _classify_concurrently(settings, url, jpegs)
-    stats_after, log = _stats(connection), worker.log_since(log_offset)
-    batches = stats_after.get("batches", 0) - stats_before.get("batches", 0)
-    photos = stats_after.get("photos", 0) - stats_before.get("photos", 0)
-    batch_log = _batch_log(log)
-    padded, forward_s = batch_log.padded, batch_log.forward_s
-    padding_s = forward_s * (padded - sum(batch_log.sizes)) / max(1, padded)
+    figures = WorkerStats.read(connection) - before
+    batches, photos, padded = figures.count("batches"), figures.count("photos"), figures.count("padded")
+    forward_s, decode_s = figures.forward_s, figures.decode_s
+    padding_s = forward_s * (padded - photos) / max(1, padded)
     images_per_s = _rate(len(jpegs), run.seconds)
     return {
         "what": f"carbot worker (BatchWorker) subprocess, max_batch {BATCH}, max_wait_ms {settings.max_wait_ms:g}; "
         "all photos submitted at once through ClassifyClient",
         "images_per_s": images_per_s,
         "seconds": round(run.seconds, 3),
-        "latency_ms": _percentiles(run.latencies_ms),
+        "latency_ms": percentiles(run.latencies_ms),
         "batches": batches,
         "mean_batch_size": round(photos / batches, 2) if batches else 0.0,
-        "batch_sizes": batch_log.sizes,
+        "batch_sizes": figures.sizes,
         "wall_s": {
             "forward": round(forward_s - padding_s, 2),
             "forward_on_padding": round(padding_s, 2),
-            "decode": round(batch_log.decode_s, 2),
-            "rest": round(run.seconds - forward_s - batch_log.decode_s, 2),
+            "decode": round(decode_s, 2),
+            "rest": round(run.seconds - forward_s - decode_s, 2),
         },
         "worker_forward_images_per_s": _rate(padded, forward_s),
         "d_over_worker_forward": round(images_per_s / _rate(padded, forward_s), 3) if forward_s else None,
@@ -471,7 +468,7 @@ def measure_single_photo(
                 run.predictions += alone.predictions
 
     asyncio.run(alternate())
-    model, latency = _percentiles(model_ms), _percentiles(run.latencies_ms)
+    model, latency = percentiles(model_ms), percentiles(run.latencies_ms)
     return {
         "what": f"{repeats} photos of {SMALL_PHOTO[0]}x{SMALL_PHOTO[1]} one after another through (d)'s client and "
         "worker; overhead = p50 latency - p50 of the compiled batch-1 forward pass on the decoded photo",
@@ -479,9 +476,9 @@ def measure_single_photo(
         "model_batch1_ms": model,
         "overhead_ms": round(latency["p50"] - model["p50"], 1),
         # The worker's own view of each photo: how long it was queued, decoded and computed.
-        "worker_queue_ms": _percentiles([p.timings.get("queue_ms", 0.0) for p in run.predictions]),
-        "worker_decode_ms": _percentiles([p.timings.get("decode_ms", 0.0) for p in run.predictions]),
-        "worker_forward_ms": _percentiles([p.timings.get("inference_ms", 0.0) for p in run.predictions]),
+        "worker_queue_ms": percentiles([p.timings.get("queue_ms", 0.0) for p in run.predictions]),
+        "worker_decode_ms": percentiles([p.timings.get("decode_ms", 0.0) for p in run.predictions]),
+        "worker_forward_ms": percentiles([p.timings.get("inference_ms", 0.0) for p in run.predictions]),
     }
 
 
@@ -497,12 +494,8 @@ def _client(settings: Settings, url: str, *, queue: str | None = None, timeout_s
     from worker import ClassifyClient
 
     return ClassifyClient.from_settings(
-        settings.model_copy(
-            update={
-                "classify_queue": queue or settings.classify_queue,
-                "queue_limit": max(settings.queue_limit, 10_000),
-                "request_timeout_s": timeout_s,
-            }
+        settings.with_overrides(
+            classify_queue=queue, queue_limit=max(settings.queue_limit, 10_000), request_timeout_s=timeout_s
         ),
         url,
     )
@@ -545,7 +538,7 @@ class _WorkerProcess:
         """(c)'s worker: RQ's own SimpleWorker, with nothing of ours but the job function it imports."""
         name = f"bench-plain-{os.getpid()}"
         command = [sys.executable, "-c", _PLAIN_RQ_WORKER, url, queue, name]
-        return cls(command, _worker_env(settings, url, registry, tmp_dir), tmp_dir / "plain-rq.log", name)
+        return cls(command, worker_env(settings, url, registry, tmp_dir), tmp_dir / "plain-rq.log", name)
 
     @classmethod
     def batch(cls, settings: Settings, url: str, registry: Path, tmp_dir: Path) -> _WorkerProcess:
@@ -553,7 +546,7 @@ class _WorkerProcess:
         name = f"bench-batch-{os.getpid()}"
         command = [sys.executable, "-m", "carbot", "worker", "--name", name,
                    "--max-batch", str(BATCH), "--max-wait-ms", str(settings.max_wait_ms)]  # fmt: skip
-        return cls(command, _worker_env(settings, url, registry, tmp_dir), tmp_dir / "batch-worker.log", name)
+        return cls(command, worker_env(settings, url, registry, tmp_dir), tmp_dir / "batch-worker.log", name)
 
     def __enter__(self) -> _WorkerProcess:
         with self.log_path.open("wb") as log:
@@ -566,22 +559,18 @@ class _WorkerProcess:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while not connection.exists(f"rq:worker:{self.name}"):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} did not start; its log:\n{self.log_since(0)[-3000:]}")
+                raise RuntimeError(f"worker {self.name} did not start; its log:\n{self.log()[-3000:]}")
             time.sleep(0.1)
         url = self.env["REDIS_URL"]
         _classify_concurrently(settings, url, jpegs[:BATCH], queue=queue, timeout_s=WORKER_START_TIMEOUT_S)
         _classify_concurrently(settings, url, jpegs[:1], queue=queue)
 
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size
-
-    def log_since(self, offset: int) -> str:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")
+    def log(self) -> str:
+        """The worker's log, for a person to read when it did not start."""
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def __exit__(self, *exc_info: object) -> None:
-        self.peak_rss_mb = _peak_rss_mb(self.process.pid)
+        self.peak_rss_mb = peak_rss_mb(self.process.pid)
         self.process.send_signal(signal.SIGTERM)  # RQ's warm shutdown
         try:
             self.process.wait(timeout=30)
@@ -603,7 +592,8 @@ SimpleWorker([queue], connection=redis.Redis.from_url(url), serializer=JSONSeria
 """
 
 
-def _worker_env(settings: Settings, url: str, registry: Path, tmp_dir: Path) -> dict[str, str]:
+def worker_env(settings: Settings, url: str, registry: Path, tmp_dir: Path) -> dict[str, str]:
+    """The environment of a worker child process on the benchmark's Redis, registry and data folder."""
     return {
         **os.environ,
         "REDIS_URL": url,
@@ -614,58 +604,6 @@ def _worker_env(settings: Settings, url: str, registry: Path, tmp_dir: Path) -> 
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-
-
-def _peak_rss_mb(pid: int) -> float | None:
-    """A live process's peak resident memory so far: Linux's VmHWM, else (psutil) its current RSS.
-
-    Not `ru_maxrss` from wait4: on Linux a child's starts at the RSS of the parent it was forked
-    from, so every worker would report this process's size.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-    except Exception:
-        return None
-
-
-def _stats(connection: redis.Redis) -> dict[str, int]:
-    from carbot.keys import STATS_KEY
-
-    return {key.decode(): int(value) for key, value in connection.hgetall(STATS_KEY).items()}
-
-
-_BATCH_LINE = re.compile(
-    r"batch size=(?P<size>\d+) .*decode_ms=(?P<decode>[\d.]+) inference_ms=(?P<forward>[\d.]+) padded=(?P<padded>\d+)"
-)
-
-
-@dataclass
-class _BatchLog:
-    """What the worker's per-batch log lines say about a run."""
-
-    sizes: list[int]
-    padded: int  # images the forward passes computed, padding included
-    decode_s: float
-    forward_s: float
-
-
-def _batch_log(log: str) -> _BatchLog:
-    batches = [match.groupdict() for match in _BATCH_LINE.finditer(log)]
-    return _BatchLog(
-        sizes=[int(batch["size"]) for batch in batches],
-        padded=sum(int(batch["padded"]) for batch in batches),
-        decode_s=sum(float(batch["decode"]) for batch in batches) / 1000,
-        forward_s=sum(float(batch["forward"]) for batch in batches) / 1000,
-    )
 
 
 # -- results -------------------------------------------------------------------------------------------------------
@@ -838,17 +776,6 @@ def _timed_ms(function: Callable[[], object]) -> float:
 
 def _rate(count: int, seconds: float) -> float:
     return round(count / max(seconds, 1e-6), 2)
-
-
-def _percentiles(values_ms: Sequence[float]) -> dict[str, float]:
-    values = np.asarray(values_ms, dtype=float)
-    return {
-        "p50": round(float(np.percentile(values, 50)), 1),
-        "p95": round(float(np.percentile(values, 95)), 1),
-        "p99": round(float(np.percentile(values, 99)), 1),
-        "mean": round(float(values.mean()), 1),
-        "max": round(float(values.max()), 1),
-    }
 
 
 def _decode(jpeg: bytes, predictor: Any) -> np.ndarray:

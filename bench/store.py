@@ -18,7 +18,6 @@ Every run checks that each answer and each vote was recorded.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
-from bots._messages import Sender
-from bots._store import Store
+from bench.figures import percentile
+from bots import Sender, Store
 from carbot.photos import PhotoStore
 
 MODES = ("journal", "wal")
@@ -127,10 +126,10 @@ def _rollback_journal(dbapi_connection: Any, _record: Any) -> None:
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     def median_of(key: str, q: int) -> float:
-        return statistics.median(statistics.quantiles(run[key], n=100)[q - 1] for run in runs)
+        return percentile([percentile(run[key], q) for run in runs], 50)
 
     return {
-        "answers_per_s": statistics.median(len(run["record_ms"]) / run["seconds"] for run in runs),
+        "answers_per_s": percentile([len(run["record_ms"]) / run["seconds"] for run in runs], 50),
         "record_ms_p50": median_of("record_ms", 50),
         "record_ms_p95": median_of("record_ms", 95),
         "vote_ms_p50": median_of("vote_ms", 50),

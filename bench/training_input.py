@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.figures import percentile
 from model import Preprocessing
-from training._dataset import check_samples, make_tf_dataset, scan_folder
-from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+from training import SYNTHETIC_CLASSES, check_samples, make_synthetic_dataset, make_tf_dataset, scan_folder
 
 PHOTO_SIZE = (640, 480)
 RATIO_TARGET = 3.0
@@ -109,8 +109,7 @@ def _run(
     import keras
     import tensorflow as tf
 
-    from training._augmentation import augment_batches
-    from training._recipe import TrainConfig
+    from training import TrainConfig, augment_batches
 
     say(f"decoding: ImageDataGenerator.flow_from_directory, one epoch of {n} photos")
     idg = _bench_image_data_generator(folder, image_size, batch_size, n)
@@ -186,7 +185,7 @@ def _run(
 
 def _idg_augmentation() -> dict[str, Any]:
     """The recipe's augmentation in ``ImageDataGenerator``'s terms ("reflect", as the recipe's layers fill)."""
-    from training._augmentation import ROTATION, TRANSLATION, ZOOM
+    from training import ROTATION, TRANSLATION, ZOOM
 
     return {
         "horizontal_flip": True,
@@ -259,7 +258,7 @@ def _bench_train_steps(backbone: str, classes: int, image_size: int, batch_size:
     return {
         "steps": steps,
         "seconds": seconds,
-        "step_ms_median": float(np.median(times) * 1000),
+        "step_ms_median": percentile(times, 50) * 1000,
         "images_per_s": steps * batch_size / seconds,
         "parameters": int(model.count_params()),
     }

@@ -14,6 +14,7 @@ from bots._conversation import Conversation
 from bots._messages import Button, ButtonAnswer, Reply, Sender, is_admin
 from bots._store import PredictionRecord, Store
 from bots._terminal import chat, run_shell
+from bots._texts import text
 
 __all__ = [
     "Button",
@@ -28,6 +29,7 @@ __all__ = [
     "run_discord",
     "run_shell",
     "run_telegram",
+    "text",
 ]
 
 # Each platform's library is imported only when its bot runs.

@@ -26,6 +26,7 @@ PHOTO_KEY_PREFIX = f"{PREFIX}:photo:"  # + sha256: a photo's bytes, until the la
 PHOTO_REFS_PREFIX = f"{PREFIX}:photo-refs:"  # + sha256: how many jobs still need those bytes
 STARTS_KEY_PREFIX = f"{PREFIX}:starts:"  # + job id: a job's starts whose batch has not ended (see BatchWorker)
 STATS_KEY = f"{PREFIX}:stats"  # hash of counters the workers keep (batches, photos, expired, ...)
+BATCH_SIZES_KEY = f"{PREFIX}:batch-sizes"  # hash: photos in a batch -> how many batches had that many
 RUNTIME_KEY = f"{PREFIX}:runtimes"  # hash: worker name -> JSON {version, runtime, reason} it serves
 
 

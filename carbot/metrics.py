@@ -71,6 +71,10 @@ JOBS = Counter(
 )  # fmt: skip
 MODEL = Gauge("carbot_worker_model_info", "The model version this worker serves (value 1).", ["version"],
               registry=WORKER)  # fmt: skip
+MODEL_REFUSALS = Counter(
+    "carbot_worker_model_refusals", "Model versions this worker would not serve (failed to load or to verify); "
+    "the one before kept serving.", registry=WORKER,
+)  # fmt: skip
 RUNTIME = Gauge("carbot_worker_runtime_info", "What runs this worker's forward pass (CARBOT_RUNTIME; value 1).",
                 ["runtime"], registry=WORKER)  # fmt: skip
 for _outcome in JOB_OUTCOMES:
@@ -113,6 +117,11 @@ def model_loaded(version: str, runtime: str = "tensorflow", reason: str = "") ->
     MODEL.labels(version).set(1)
     RUNTIME.clear()
     RUNTIME.labels(runtime).set(1)
+
+
+def model_refused() -> None:
+    """A newly activated model could not be loaded; the worker goes on serving the one it had."""
+    MODEL_REFUSALS.inc()
 
 
 def loaded_model_version() -> str | None:

@@ -90,6 +90,21 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    def with_overrides(self, **values: object) -> Settings:
+        """These settings with `values` in place of their own, validated as the environment's are.
+
+        A None value keeps the setting (an option nobody gave on the command line); a name that
+        is no setting, or a value out of its range, raises.
+        """
+        unknown = set(values) - set(type(self).model_fields)
+        if unknown:
+            raise ValueError(f"no such setting: {', '.join(sorted(unknown))}")
+        given = {name: value for name, value in values.items() if value is not None}
+        if not given:
+            return self
+        # Validated from field names, not read again from the environment (model_validate skips the sources).
+        return type(self).model_validate({**self.model_dump(), **given})
+
     @property
     def registry_dir(self) -> Path:
         return self.model_registry or self.data_dir / "models"

@@ -69,7 +69,7 @@ def test_carbot_loadtest_answers_every_photo_and_its_figures_add_up(cli_env: Non
     assert report["bad_files_refused"] == f"{bad}/{bad}" and report["unexpected"] == 0
     assert report["answered"] == 120 - bad == report["by_outcome"]["answered"]
     assert report["answered_with_error"] == bad
-    # The workers' own counters agree: every photo that reached them was in a logged batch.
+    # The workers' own counters agree: every photo that reached them was in a counted batch.
     batches = report["batches"]
     assert batches["counters"]["photos"] == 120 and batches["counters"]["batches"] == batches["batches"]
     assert batches["counters"]["rejected"] == bad

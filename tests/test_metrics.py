@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -27,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from carbot.logs import JsonFormatter
 from carbot.services import PrivateRedis
-from tests.conftest import WorkerProcess, jpeg_bytes, worker_env
+from model import ModelRegistry
+from tests.conftest import WorkerProcess, add_version, jpeg_bytes, worker_env
 from tests.fake_telegram import FakeTelegram
 from worker import ClassifyClient, PhotoRejected
 
@@ -105,6 +107,30 @@ def test_worker_metrics_count_photos_batches_and_outcomes(start_worker, redis_ur
     assert get(port, "/healthz")[0] == 200
     assert readiness(port) == (200, {"ready": True, "checks": {"redis": "ok", "model": "ok"}})
     assert get(port, "/nothing-here")[0] == 404
+
+
+def test_worker_counts_a_model_it_refuses_to_serve(start_worker, redis_url: str, model_registry: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    root = tmp_path / "models"
+    shutil.copytree(model_registry, root)
+    registry = ModelRegistry(root)
+    port = free_port()
+    start_worker("refusing", model_registry=root, metrics_port=port, metrics_listen="127.0.0.1")
+    assert value(scrape(port), "carbot_worker_model_refusals_total") == 0
+
+    add_version(registry, "broken")
+    registry.activate("broken")
+    weights = registry.path_for("broken") / "model.weights.h5"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # damaged after activation: its checksum no longer matches
+    deadline = time.monotonic() + 60
+    while value(scrape(port), "carbot_worker_model_refusals_total") == 0 and time.monotonic() < deadline:
+        [outcome] = asyncio.run(classify_all(redis_url, [jpeg_bytes(int(time.monotonic() * 1000))]))
+        assert outcome.model_version == "tiny-test"  # the model it had keeps answering
+
+    assert value(scrape(port), "carbot_worker_model_refusals_total") == 1
+    assert value(scrape(port), "carbot_worker_model_info", version="tiny-test") == 1
 
 
 def test_readiness_fails_while_redis_is_down_and_recovers_after(model_registry: Path, tmp_path: Path) -> None:

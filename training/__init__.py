@@ -13,6 +13,8 @@ What is here so far:
 - evaluation (:class:`Evaluation`, :func:`evaluate`, :func:`write_report`):
   accuracy, top-3, confusion matrix, per-class precision/recall/F1 (NumPy), and
   the report written into a model artefact (matplotlib, imported when drawing);
+- augmentation (:func:`augment_batches`, and its amounts :data:`ROTATION`, :data:`ZOOM`,
+  :data:`TRANSLATION`): the recipe's random flips, rotations, zooms and shifts on a ``tf.data`` pipeline;
 - the training recipe (:class:`TrainConfig`, :func:`train`): a labelled folder or
   CSV manifest in, a two-phase transfer-learning run (head, then fine-tuning;
   resumable), a model version in the registry out;
@@ -53,6 +55,7 @@ from training._synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synth
 from training._unlike import UNLIKE_KINDS, unlike_photo, unlike_photos
 
 if TYPE_CHECKING:
+    from training._augmentation import ROTATION, TRANSLATION, ZOOM, augment_batches
     from training._demo import build_demo_model
     from training._evaluation import Evaluation, evaluate, write_report
     from training._fine_tune import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
@@ -60,7 +63,10 @@ if TYPE_CHECKING:
     from training._tune import SearchSpace, tune
 
 __all__ = [
+    "ROTATION",
     "SYNTHETIC_CLASSES",
+    "TRANSLATION",
+    "ZOOM",
     "Evaluation",
     "FeedbackPhoto",
     "RetrainConfig",
@@ -73,6 +79,7 @@ __all__ = [
     "TrainConfig",
     "TrainingFailed",
     "UNLIKE_KINDS",
+    "augment_batches",
     "build_demo_model",
     "check_samples",
     "evaluate",
@@ -96,6 +103,10 @@ __all__ = [
 
 # Public name -> private module that defines it and imports Keras (or matplotlib) when used.
 _LAZY = {
+    "augment_batches": "training._augmentation",
+    "ROTATION": "training._augmentation",
+    "TRANSLATION": "training._augmentation",
+    "ZOOM": "training._augmentation",
     "build_demo_model": "training._demo",
     "Evaluation": "training._evaluation",
     "evaluate": "training._evaluation",

@@ -62,7 +62,7 @@ from rq.worker import WorkerStatus
 
 from carbot import metrics
 from carbot.jobs import OwnJobsOnly, RedisClock, refusal, refuse
-from carbot.keys import CLASSIFY_FUNC, RUNTIME_KEY, SERIALIZER, STATS_KEY, starts_key
+from carbot.keys import BATCH_SIZES_KEY, CLASSIFY_FUNC, RUNTIME_KEY, SERIALIZER, STATS_KEY, starts_key
 from worker._contract import (
     FINAL_ERRORS,
     InvalidJob,
@@ -440,7 +440,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         }
 
     def _record(self, report: BatchReport, *, expired: int, queue_wait_ms: float = 0.0) -> None:
-        """One log line per batch, the shared counters that `carbot status` shows, and this worker's metrics."""
+        """One log line per batch, the shared counters (`carbot status`, the benchmarks) and this worker's metrics."""
         metrics.observe_batch(report.size, report.decode_ms, report.inference_ms)
         if report.size:
             log.info(
@@ -453,8 +453,14 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             pipe.hincrby(STATS_KEY, "batches", 1 if report.size else 0)
             pipe.hincrby(STATS_KEY, "photos", report.size)
             pipe.hincrby(STATS_KEY, "computed", report.computed)
+            pipe.hincrby(STATS_KEY, "padded", report.padded)
             pipe.hincrby(STATS_KEY, "rejected", report.rejected)
             pipe.hincrby(STATS_KEY, "expired", expired)
+            # Whole microseconds: every counter of the hash is an integer, and a run adds up to exact sums.
+            pipe.hincrby(STATS_KEY, "decode_us", round(report.decode_ms * 1000))
+            pipe.hincrby(STATS_KEY, "inference_us", round(report.inference_ms * 1000))
+            if report.size:
+                pipe.hincrby(BATCH_SIZES_KEY, str(report.size), 1)
             pipe.execute()
         self.publish_runtime()
 

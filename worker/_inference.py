@@ -135,6 +135,7 @@ class ModelSource:
             predictor = self._load(wanted)
         except Exception:
             log.exception("could not load model %s; still serving %s", wanted[0], self._predictor.version)
+            metrics.model_refused()
             with self._lock:
                 self._failed, self._loading = wanted, None
             return

@@ -1,4 +1,4 @@
-"""The `carbot` command: one entry point for the worker, the classifier, the demo and the benchmark.
+"""The `carbot` command: one entry point for the worker, the classifier, the bots, the demo and the operator's tools.
 
 Each sub-command reads the settings once, brings up what the embedded defaults
 need (a private Redis, a background worker) and tears it down on exit. Heavy
@@ -49,7 +49,10 @@ def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | No
     """Serve the classify queue with a resident model, in batches."""
     from worker._main import run_worker
 
-    settings = _settings(max_batch=max_batch, max_wait_ms=max_wait_ms)
+    try:
+        settings = get_settings().with_overrides(max_batch=max_batch, max_wait_ms=max_wait_ms)
+    except ValueError as exc:  # pydantic's ValidationError: out of the setting's range
+        raise click.UsageError(str(exc)) from None
     with services.redis_url(settings) as url, health.serving(settings, metrics.WORKER, health.worker_checks(url)):
         run_worker(settings, url, artefact=artefact, burst=burst, name=name)
 
@@ -513,12 +516,6 @@ def _registry() -> ModelRegistry:
     from model import ModelRegistry  # light: no TensorFlow
 
     return ModelRegistry(get_settings().registry_dir)
-
-
-def _settings(**overrides: object) -> Settings:
-    settings = get_settings()
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return settings.model_copy(update=given) if given else settings
 
 
 def _ensure_demo_model(settings: Settings, *, force: bool) -> None:
