@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
-from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
+from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count, reduce_for_queue
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
 from ._variants import (
@@ -62,6 +62,7 @@ __all__ = [
     "load_artefact",
     "load_image",
     "pixel_count",
+    "reduce_for_queue",
     "load_predictor",
     "read_artefact",
     "read_variants",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from model import ImageRejected, Preprocessing, load_image
+from model import ImageRejected, Preprocessing, load_image, reduce_for_queue
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -260,3 +260,32 @@ def test_resize_policies() -> None:
     assert_close(pad[16, 2], RED)
     assert_close(pad[16, 16], GREEN)
     assert_close(pad[16, 30], BLUE)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad", "crop"])
+@pytest.mark.parametrize(
+    ("size", "fmt", "mode"),
+    [((4032, 3024), "JPEG", "RGB"), ((640, 480), "JPEG", "L"), ((300, 900), "PNG", "RGBA"), ((224, 224), "GIF", "P")],
+)
+def test_the_reduced_photo_gives_the_network_exactly_the_same_pixels(resize, size, fmt, mode) -> None:
+    """What a bot queues instead of the original: the worker's decoding of it is the original's, pixel for pixel."""
+    rng = np.random.default_rng(sum(size))
+    noise = Image.fromarray(rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)).resize(size)
+    img = noise.convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90°": the reduced photo must be upright already, and not turned a second time
+    params = {"exif": exif.tobytes(), "quality": 90} if fmt == "JPEG" else {}
+    original = encode(img, fmt, **params)
+    preprocessing = Preprocessing(image_size=96, resize=resize)
+
+    reduced = reduce_for_queue(original, preprocessing)
+
+    np.testing.assert_array_equal(load_image(reduced, preprocessing), load_image(original, preprocessing))
+    if size[0] * size[1] > 1_000_000:
+        assert len(reduced) * 20 < len(original)  # what Redis holds and the worker decodes
+
+
+def test_a_bad_photo_is_refused_before_it_is_reduced() -> None:
+    with pytest.raises(ImageRejected) as refused:
+        reduce_for_queue(b"GIF89a, but then not really")
+    assert refused.value.reason == "not_an_image"
