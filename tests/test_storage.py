@@ -95,7 +95,11 @@ def query(url: str, sql: str, **params: object) -> list[tuple]:
 
 async def record(store: Store, sender: Sender, photo: bytes = b"photo-1", version: str = "v1") -> int:
     return await store.record_prediction(
-        sender, message_id="m-1", photo=photo, model_version=version, top_k=[Candidate(**c) for c in TOP_K],
+        sender,
+        message_id="m-1",
+        photo=photo,
+        model_version=version,
+        top_k=[Candidate(**c) for c in TOP_K],
         latency_ms=12.5,
     )
 
