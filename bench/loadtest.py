@@ -391,10 +391,8 @@ class Rig:
         self, *, database_url: str | None = None, photo_root: Path | None = None, store_patience_s: float | None = None
     ) -> AsyncIterator[Any]:
         """A bot's side: a Store (SQLite in the rig's folder unless given), a ClassifyClient, a Conversation."""
-        from bots import Conversation, Store
-        from bots._conversation import connect_redis
+        from bots import Store, build_conversation
         from carbot.photos import PhotoStore
-        from worker import ClassifyClient
 
         data_dir = self.run_settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -402,19 +400,14 @@ class Rig:
         store = Store(database_url or f"sqlite:///{data_dir / 'carbot.db'}", photos)
         await asyncio.to_thread(store.migrate)
         store_ms = _time_calls(store, "record_prediction")
-        connection = connect_redis(self.url)  # the bots' own Redis client
+        conversation = build_conversation(self.run_settings, self.url, store=store, retrain=False)
         try:
-            async with ClassifyClient.from_settings(self.run_settings, self.url) as client:
-                conversation = Conversation(
-                    classifier=client, store=store, redis=connection, settings=self.run_settings
-                )
-                if store_patience_s is not None:
-                    conversation.store_patience_s = store_patience_s
-                conversation.load_store_ms = store_ms  # read by `drive`
-                yield conversation
+            if store_patience_s is not None:
+                conversation.store_patience_s = store_patience_s
+            conversation.load_store_ms = store_ms  # read by `drive`
+            yield conversation
         finally:
-            await connection.aclose()
-            await store.close()
+            await conversation.aclose()
 
     def stats(self) -> WorkerStats:
         """What the workers have added up in Redis so far (batches, photos, batch sizes, times)."""

@@ -28,10 +28,11 @@ from sqlalchemy import Engine, create_engine, event
 from bench.figures import percentile
 from bots import Sender, Store
 from carbot.photos import PhotoStore
+from worker import Candidate
 
 MODES = ("journal", "wal")
 PHOTO_BYTES = 64 * 1024  # about a compressed phone photo as the bots receive it
-TOP_K = [{"label": "FIAT ARGO", "probability": 0.9}, {"label": "VW GOL", "probability": 0.1}]
+TOP_K = [Candidate("FIAT ARGO", 0.9), Candidate("VW GOL", 0.1)]
 
 
 def run_store_benchmark(*, senders: int = 200, rounds: int = 3) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from bots._assembly import build_conversation, serving_redis
 from bots._conversation import Conversation
-from bots._messages import Button, ButtonAnswer, Reply, Sender, is_admin
+from bots._messages import Button, ButtonAnswer, Guesses, Reply, Sender, is_admin
 from bots._store import PredictionRecord, Store
 from bots._terminal import chat, run_shell
 from bots._texts import text
@@ -20,15 +21,18 @@ __all__ = [
     "Button",
     "ButtonAnswer",
     "Conversation",
+    "Guesses",
     "PredictionRecord",
     "Reply",
     "Sender",
     "Store",
+    "build_conversation",
     "chat",
     "is_admin",
     "run_discord",
     "run_shell",
     "run_telegram",
+    "serving_redis",
     "text",
 ]
 

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from bots._labels import match_label
-from bots._messages import Button, ButtonAnswer, Notice, Reply, Sender
+from bots._messages import Button, ButtonAnswer, Guesses, Notice, Reply, Sender
 from bots._ratelimit import RateLimiter
 from bots._retrain_desk import RetrainDesk
 from bots._store import Store, StoreUnavailable
@@ -41,6 +41,8 @@ from worker import (
     ClassifyTimeout,
     PhotoRejected,
     QueueBusy,
+    RejectReason,
+    active_preprocessing,
 )
 
 log = logging.getLogger(__name__)
@@ -107,16 +109,21 @@ class Conversation:
             return Reply(text("rate_limited", lang, per_minute=self.limiter.per_minute))
         started = time.perf_counter()
         try:
-            prediction = await metrics.observe_classify(self.classifier.classify(photo))
+            prediction = await self.classifier.classify(photo)
         except PhotoRejected as exc:
-            return Reply(text("photo_rejected", lang, reason=str(exc)))
+            metrics.photo_outcome("rejected")
+            return Reply(text("photo_rejected", lang, reason=self._rejection(exc, lang)))
         except QueueBusy:
+            metrics.photo_outcome("busy")
             return Reply(text("busy", lang))
         except ClassifyTimeout:
+            metrics.photo_outcome("timeout")
             return Reply(text("timeout", lang))
         except ClassifyError:
+            metrics.photo_outcome("failed")
             log.exception("classification failed")
             return Reply(text("failed", lang))
+        metrics.photo_outcome("answered")
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             prediction_id = await self._patiently(self.store.record_prediction(
@@ -124,7 +131,7 @@ class Conversation:
                 message_id=message_id,
                 photo=photo,
                 model_version=prediction.model_version,
-                top_k=[{"label": c.label, "probability": c.probability} for c in prediction.top_k],
+                top_k=prediction.top_k,
                 latency_ms=latency_ms,
                 photo_sent_by=sent_by,
             ))  # fmt: skip
@@ -331,6 +338,27 @@ class Conversation:
         """A short, friendly hint for a message that is not a photo (`kind` is one of HINT_KINDS)."""
         return Reply(text(f"hint_{kind if kind in HINT_KINDS else 'other'}", language_of(sender)))
 
+    def apology(self, sender: Sender) -> Reply:
+        """What an adapter says when handling a message failed unexpectedly."""
+        return Reply(text("failed", language_of(sender)))
+
+    def too_large(self, sender: Sender, limit_bytes: int) -> Reply:
+        """The answer for a file the platform will not hand over, or that is refused unread: over `limit_bytes`."""
+        return Reply(text("photo_too_large", language_of(sender), limit_mb=_megabytes(limit_bytes)))
+
+    async def aclose(self) -> None:
+        """Close what `bots.build_conversation` opened: the classify client, the retrain desk, Redis, the store.
+
+        Each is closed even when another fails (Redis may be gone already at shutdown).
+        """
+        closers = [self.classifier.aclose, *([self.retrain.aclose] if self.retrain else []), self.redis.aclose,
+                   self.store.close]  # fmt: skip
+        for close in closers:
+            try:
+                await close()
+            except Exception as exc:
+                log.warning("while closing the conversation: %s", exc)
+
     # -- internals ------------------------------------------------------------------------------------------
 
     async def _patiently(self, work: Awaitable[T]) -> T:
@@ -340,6 +368,15 @@ class Conversation:
         except TimeoutError:
             raise StoreUnavailable(f"no answer from the database within {self.store_patience_s:g} s") from None
 
+    def _rejection(self, exc: PhotoRejected, lang: str) -> str:
+        """Why the photo was rejected, in `lang` (the worker's own sentence when it gave no reason code)."""
+        if exc.reason is None:
+            return exc.message
+        if exc.reason is RejectReason.TOO_LARGE:
+            limit = self.classifier.max_photo_bytes or active_preprocessing(self.settings.registry_dir).max_bytes
+            return text("reject_too_large", lang, limit_mb=_megabytes(limit))
+        return text(f"reject_{exc.reason.value}", lang)
+
     def _answer(self, prediction: Classification, prediction_id: int | None, lang: str) -> Reply:
         best = prediction.top_k[0].probability if prediction.top_k else 0.0
         if prediction.unfamiliar:
@@ -348,16 +385,14 @@ class Conversation:
             header = "header_unfamiliar"
         else:
             header = "header_sure" if best >= CONFIDENCE_THRESHOLD else "header_unsure"
-        lines = [text(header, lang)]
-        for rank, candidate in enumerate(prediction.top_k, start=1):
-            lines.append(f"{rank}. {candidate.label} — {candidate.probability:.0%} {_bar(candidate.probability)}")
         if prediction_id is None:  # not recorded: the answer, but no buttons that could not be honoured
-            lines.append(text("footer_unrecorded", lang, version=prediction.model_version))
-            return Reply("\n".join(lines))
-        lines.append(text("footer", lang, version=prediction.model_version))
+            guesses = Guesses(text(header, lang), prediction.top_k,
+                              text("footer_unrecorded", lang, version=prediction.model_version))  # fmt: skip
+            return Reply(guesses.as_text(), guesses=guesses)
+        guesses = Guesses(text(header, lang), prediction.top_k, text("footer", lang, version=prediction.model_version))
         buttons = ((Button(text("button_up", lang), f"v:{prediction_id}:u"),
                     Button(text("button_down", lang), f"v:{prediction_id}:d")),)  # fmt: skip
-        return Reply("\n".join(lines), buttons=buttons, prediction_id=prediction_id)
+        return Reply(guesses.as_text(), buttons=buttons, prediction_id=prediction_id, guesses=guesses)
 
     def _choices(self, prediction_id: int, names: list[str], labels: tuple[str, ...], question: str,
                  other: str, lang: str) -> Reply:  # fmt: skip
@@ -557,9 +592,9 @@ def _numbers(data: object) -> dict:
             if key in _PROGRESS_FIELDS and isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
 
 
-def _bar(probability: float, width: int = 10) -> str:
-    filled = round(probability * width)
-    return "▰" * filled + "▱" * (width - filled)
+def _megabytes(size: int) -> int:
+    """A limit in whole MB, rounded up: Telegram's 20,000,000 bytes are its "20 MB", 25 MiB are 25."""
+    return -(-size // 2**20)
 
 
 def _percent(value: float | None) -> str:

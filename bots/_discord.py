@@ -41,19 +41,18 @@ from typing import Any
 import discord
 from discord import MessageType, app_commands
 
-from bots._conversation import Conversation, connect_redis
-from bots._messages import Button, Notice, Reply, Sender, is_admin
+from bots._assembly import build_conversation, serving_redis
+from bots._conversation import Conversation
+from bots._messages import Button, Guesses, Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
-from bots._texts import language_of, text
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from model import Preprocessing
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 
-# Discord's limits.
+# Discord's limits, all of them here (discord.py states none of them as constants).
 MAX_CONTENT = 2000
 MAX_EMBED_TITLE = 256
 MAX_EMBED_DESCRIPTION = 4096
@@ -67,8 +66,8 @@ MAX_ROWS = 5
 MAX_MODAL_TITLE = 45
 # Feedback.correction holds up to 128 characters; nobody types a longer model name.
 MAX_TYPED_MODEL = 128
-# Bigger attachments are refused before downloading: the photo limit the classifier enforces anyway.
-MAX_ATTACHMENT_BYTES = Preprocessing().max_bytes
+# What a server without boosts lets a member upload.
+MAX_UPLOAD_BYTES = 10 * 2**20
 
 # Image types the classifier reads (anything else gets a hint, not a download).
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -190,7 +189,7 @@ async def handle_message(bot: CarBot, message: discord.Message) -> None:
 
 async def answer_image(bot: CarBot, message: discord.Message, sender: Sender, attachment: discord.Attachment) -> None:
     async with message.channel.typing():
-        photo = await read_attachment(attachment)
+        photo = await read_attachment(attachment, attachment_limit(bot.conversation))
         if photo is None:
             reply = unreadable(bot.conversation, sender, attachment)
         else:
@@ -216,7 +215,7 @@ async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachme
         return
     async with answering(interaction):
         await interaction.response.defer(thinking=True)  # before the download, the classifier, the database
-        data = await read_attachment(photo) if photo is not None else None
+        data = await read_attachment(photo, attachment_limit(conversation)) if photo is not None else None
         if photo is not None and data is None:
             reply = unreadable(conversation, sender, photo)
         else:
@@ -234,7 +233,7 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
         return
     async with answering(interaction):
         await interaction.response.defer(thinking=True)
-        data = await read_attachment(image)
+        data = await read_attachment(image, attachment_limit(conversation))
         if data is None:
             reply = unreadable(conversation, sender, image)
         else:
@@ -333,7 +332,7 @@ async def apologise(interaction: discord.Interaction[CarBot]) -> None:
 
     After a "thinking…" deferral Discord turns the first follow-up into that message, so the apology replaces it.
     """
-    apology = text("failed", language_of(interaction_sender(interaction)))
+    apology = interaction.client.conversation.apology(interaction_sender(interaction)).text
     try:
         if interaction.response.is_done():
             await interaction.followup.send(apology, ephemeral=True)
@@ -501,8 +500,8 @@ def render(reply: Reply, *, edit: bool = False, text: str | None = None) -> dict
     """
     text = reply.text if text is None else text
     out: dict[str, Any] = {}
-    if reply.prediction_id is not None:
-        out["embed"] = classification_embed(text)
+    if reply.guesses is not None and reply.prediction_id is not None:
+        out["embed"] = classification_embed(reply.guesses)
         if edit:
             out["content"] = None
     else:
@@ -517,17 +516,14 @@ def render(reply: Reply, *, edit: bool = False, text: str | None = None) -> dict
     return out
 
 
-def classification_embed(text: str) -> discord.Embed:
-    """The conversation's answer (a header, one line per candidate with its bar, a footer) as an embed."""
-    lines = text.splitlines()
-    if len(lines) < 3:
-        return discord.Embed(description=clip(text, MAX_EMBED_DESCRIPTION), colour=discord.Colour.blurple())
+def classification_embed(guesses: Guesses) -> discord.Embed:
+    """The conversation's answer as an embed: its header the title, a line per candidate, its footer the footer."""
     embed = discord.Embed(
-        title=clip(lines[0], MAX_EMBED_TITLE),
-        description=clip("\n".join(lines[1:-1]), MAX_EMBED_DESCRIPTION),
+        title=clip(guesses.header, MAX_EMBED_TITLE),
+        description=clip("\n".join(guesses.candidate_lines()), MAX_EMBED_DESCRIPTION),
         colour=discord.Colour.blurple(),
     )
-    return embed.set_footer(text=clip(lines[-1], MAX_EMBED_FOOTER))
+    return embed.set_footer(text=clip(guesses.footer, MAX_EMBED_FOOTER))
 
 
 def build_view(rows: Sequence[Sequence[Button]]) -> discord.ui.View | None:
@@ -579,8 +575,14 @@ def hint_kind(attachment: discord.Attachment) -> str:
     return "document"
 
 
-async def read_attachment(attachment: discord.Attachment) -> bytes | None:
-    if attachment.size > MAX_ATTACHMENT_BYTES:
+def attachment_limit(conversation: Conversation) -> int:
+    """Bigger attachments are refused before downloading: the active model's photo limit, which the classifier
+    enforces anyway (or Discord's own upload limit for a classifier that sets none)."""
+    return conversation.classifier.max_photo_bytes or MAX_UPLOAD_BYTES
+
+
+async def read_attachment(attachment: discord.Attachment, limit: int) -> bytes | None:
+    if attachment.size > limit:
         # Refused unread: Discord lets some servers send files of hundreds of MB; no photo needs that.
         log.info("attachment %s refused unread: %d bytes", attachment.id, attachment.size)
         return None
@@ -593,8 +595,8 @@ async def read_attachment(attachment: discord.Attachment) -> bytes | None:
 
 def unreadable(conversation: Conversation, sender: Sender, attachment: discord.Attachment) -> Reply:
     """The answer for an attachment that could not be had: too large to download, or the download failed."""
-    if attachment.size > MAX_ATTACHMENT_BYTES:
-        return Reply(text("photo_too_large", language_of(sender), limit_mb=MAX_ATTACHMENT_BYTES // 2**20))
+    if attachment.size > attachment_limit(conversation):
+        return conversation.too_large(sender, attachment_limit(conversation))
     return conversation.hint(sender, "other")
 
 
@@ -615,36 +617,17 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def run_discord(settings: Settings) -> None:
-    """`carbot discord`: Redis, the classify client, the store and the conversation, then the bot until stopped."""
-    from bots._store import Store
-    from carbot import services
-    from worker._main import worker_running
-
+    """`carbot discord`: Redis (and the embedded workers), the conversation, then the bot until stopped."""
     if settings.discord_token is None:
         raise ValueError("DISCORD_TOKEN is not set")
-    store = Store.open_for_bot(settings)
-    with contextlib.ExitStack() as stack, contextlib.suppress(KeyboardInterrupt):
-        url = stack.enter_context(services.redis_url(settings))
-        if settings.redis_url is None:
-            # The embedded Redis belongs to this machine: make sure a worker serves it, as `carbot shell` does.
-            stack.enter_context(worker_running(settings, url))
-            stack.enter_context(worker_running(settings, url, train=True))
-        asyncio.run(_serve(settings, store, url))
+    with serving_redis(settings) as url, contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings, url))
 
 
-async def _serve(settings: Settings, store, url: str) -> None:
-    from bots._retrain_desk import RetrainDesk
-    from worker import ClassifyClient
-
-    connection = connect_redis(url)
-    desk = RetrainDesk(url, settings, store.engine)
+async def _serve(settings: Settings, url: str) -> None:
+    conversation = build_conversation(settings, url)
     try:
-        async with ClassifyClient.from_settings(settings, url) as classifier:
-            conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings,
-                                        retrain=desk)  # fmt: skip
-            async with build_bot(settings, conversation) as bot:
-                await bot.start(settings.discord_token.get_secret_value())
+        async with build_bot(settings, conversation) as bot:
+            await bot.start(settings.discord_token.get_secret_value())
     finally:
-        await desk.aclose()
-        await connection.aclose()
-        await store.close()
+        await conversation.aclose()

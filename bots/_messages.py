@@ -3,15 +3,16 @@
 The conversation (`bots._conversation`) never sees a Telegram `Update` or a
 Discord `Interaction`; an adapter turns those into a `Sender` and calls the
 conversation, then renders the `Reply` it gets back with its platform's widgets
-(inline keyboards, Discord buttons, numbered choices in the terminal).
+(inline keyboards, Discord buttons, numbered choices in the terminal). A classification
+keeps its structure (`Guesses`) in the reply: Telegram and the terminal show its text,
+Discord builds an embed from its parts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Telegram allows 64 bytes of callback data; every button's data fits in that.
-MAX_BUTTON_DATA = 64
+from worker import Candidate
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,35 @@ def is_admin(admin_ids: list[str], platform: str, user_id: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Guesses:
+    """A classification as a person reads it, in their language: a header, the candidates best first, a footer."""
+
+    header: str
+    candidates: tuple[Candidate, ...]
+    footer: str
+
+    def candidate_lines(self) -> list[str]:
+        """One line per candidate: "1. FIAT ARGO — 91% ▰▰▰▰▰▰▰▰▰▱" (a label's line breaks become spaces)."""
+        return [
+            f"{rank}. {_one_line(candidate.label)} — {candidate.probability:.0%} {_bar(candidate.probability)}"
+            for rank, candidate in enumerate(self.candidates, start=1)
+        ]
+
+    def as_text(self) -> str:
+        """The plain-text rendering (Telegram, the terminal): the header, the candidates' lines, the footer."""
+        return "\n".join([self.header, *self.candidate_lines(), self.footer])
+
+
+def _one_line(label: str) -> str:
+    return label.replace("\r", " ").replace("\n", " ")
+
+
+def _bar(probability: float, width: int = 10) -> str:
+    filled = round(probability * width)
+    return "▰" * filled + "▱" * (width - filled)
+
+
+@dataclass(frozen=True)
 class Reply:
     """A message to send (or, for a button press, the new text of the message that holds the buttons)."""
 
@@ -47,6 +77,7 @@ class Reply:
     photo_path: str | None = None  # an image to attach (e.g. a report picture), rarely used
     expects_text: bool = False  # the next plain text from this person answers this reply (a typed correction)
     progress_of: int | None = None  # set when this reply shows a retrain run's progress: adapters record its message
+    guesses: Guesses | None = None  # set when this reply is a classification: `text` is `guesses.as_text()`
 
 
 @dataclass(frozen=True)

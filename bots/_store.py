@@ -16,7 +16,7 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,9 +26,11 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
 from bots._messages import Sender
+from bots._texts import language_for
 from carbot import db, metrics
 from carbot.db import Feedback, Person, Prediction, utcnow
 from carbot.photos import PhotoStore, PhotoStoreError
+from worker import Candidate
 
 if TYPE_CHECKING:
     from carbot.settings import Settings
@@ -126,7 +128,7 @@ class Store:
         message_id: str | None,
         photo: bytes,
         model_version: str,
-        top_k: list[dict],
+        top_k: Sequence[Candidate],
         latency_ms: float,
         photo_sent_by: str | None = None,
     ) -> int:
@@ -136,7 +138,8 @@ class Store:
         only asked about it: a /top3 reply, Discord's "Identify car"); their /forget deletes it too.
         A photo the disk refuses is logged and skipped: the prediction is recorded anyway.
         """
-        candidates = [_candidate(item) for item in top_k]
+        # The JSON column's shape, made here once: the worker's answer travels as Candidates up to this point.
+        candidates = [{"label": str(c.label), "probability": float(c.probability)} for c in top_k]
         message_id = None if message_id is None else str(message_id)  # Telegram's ids are ints; the column is text
         owner = None
         if photo_sent_by is not None and str(photo_sent_by) != sender.user_id:
@@ -304,20 +307,6 @@ def _set_feedback(prediction_id: int, sender: Sender, vote: str, correction: obj
     return work
 
 
-def _candidate(item: Mapping[str, Any] | Any) -> dict:
-    # Plain JSON whatever came in: dicts from a job result, or objects with .label/.probability (worker.Candidate).
-    if isinstance(item, Mapping):
-        return {"label": str(item["label"]), "probability": float(item["probability"])}
-    return {"label": str(item.label), "probability": float(item.probability)}
-
-
-def _language(code: str | None) -> str | None:
-    """The bots' language for a client language code; None when the client did not say."""
-    if not code:
-        return None
-    return "pt" if code.lower().startswith("pt") else "en"
-
-
 def _find_person(session: Session, sender: Sender) -> Person | None:
     return session.exec(
         select(Person).where(Person.platform == sender.platform, Person.platform_user_id == sender.user_id)
@@ -327,7 +316,7 @@ def _find_person(session: Session, sender: Sender) -> Person | None:
 def _person(session: Session, sender: Sender) -> Person:
     """The sender's row, created on first contact; the language follows the client's when it says one."""
     person = _find_person(session, sender)
-    language = _language(sender.language_code)
+    language = language_for(sender.language_code)
     if person is None:
         person = Person(platform=sender.platform, platform_user_id=sender.user_id, language=language or "en")
         session.add(person)

@@ -46,7 +46,7 @@ from telegram import (
     ReplyParameters,
     Update,
 )
-from telegram.constants import ChatAction, ChatType
+from telegram.constants import CallbackQueryLimit, ChatAction, ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     Application,
@@ -58,24 +58,22 @@ from telegram.ext import (
     filters,
 )
 
-from bots._conversation import Conversation, connect_redis
+from bots._assembly import build_conversation, serving_redis
+from bots._conversation import Conversation
 from bots._messages import Notice, Reply, Sender, is_admin
-from bots._retrain_desk import RetrainDesk, follow_retrains
-from bots._texts import language_of, text
-from carbot.connections import redis_connection
+from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
+from worker import active_preprocessing
 
 log = logging.getLogger(__name__)
 
-# The model's input size when no artefact says otherwise (ResNet50's 224 px).
-DEFAULT_IMAGE_SIZE = 224
-# The Bot API refuses to hand out files bigger than this (only a local server in --local mode has no limit).
-DOWNLOAD_LIMIT = 20 * 2**20
-# Telegram's limits on one message's text, a photo's caption and a callback notice.
-MAX_TEXT = 4096
-MAX_CAPTION = 1024
-MAX_NOTICE = 200
+# Telegram's limits, as python-telegram-bot states them: the Bot API hands out no file bigger than the first
+# (only a local server in --local mode has no limit); then one message's text, a photo's caption, a callback notice.
+DOWNLOAD_LIMIT = int(FileSizeLimit.FILESIZE_DOWNLOAD)
+MAX_TEXT = int(MessageLimit.MAX_TEXT_LENGTH)
+MAX_CAPTION = int(MessageLimit.CAPTION_LENGTH)
+MAX_NOTICE = int(CallbackQueryLimit.ANSWER_CALLBACK_QUERY_TEXT_LENGTH)
 # Commands that go to `Conversation.command` as they are (/top3 has its own handler).
 COMMANDS = ("start", "help", "forget", "stats", "model", "retrain", "rollback")
 # Shown in Telegram's command menu (admin commands work without being advertised).
@@ -160,7 +158,7 @@ async def on_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     except Exception:
         # The person's client shows a spinner until the query is answered: answer it even now.
         with contextlib.suppress(TelegramError):
-            await query.answer(text("failed", language_of(sender)))
+            await query.answer(bot.conversation.apology(sender).text)
         raise
     await query.answer(_clip(answer.notice, MAX_NOTICE) or None)
     message = query.message if isinstance(query.message, Message) else None
@@ -218,12 +216,13 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     detail = "".join(traceback.format_exception(error)) if error is not None else "unknown error"
     update_id = update.update_id if isinstance(update, Update) else None
     log.error("error while handling telegram update %s:\n%s", update_id, _redact(detail, token))
-    if isinstance(update, Update) and update.effective_message is not None and update.callback_query is None:
-        bot = context.bot_data.get(_KEY)
-        sender = sender_of(update, bot.settings) if bot is not None and update.effective_user else None
+    bot = context.bot_data.get(_KEY)
+    if (isinstance(update, Update) and update.effective_message is not None and update.callback_query is None
+            and bot is not None):  # fmt: skip
+        sender = sender_of(update, bot.settings) if update.effective_user else Sender("telegram", "", "")
         with contextlib.suppress(Exception):
             await update.effective_message.reply_text(
-                text("failed", language_of(sender) if sender else "en"),
+                bot.conversation.apology(sender).text,
                 reply_parameters=ReplyParameters(update.effective_message.message_id, allow_sending_without_reply=True),
             )
 
@@ -247,8 +246,8 @@ def build_application(settings: Settings, conversation: Conversation) -> Applica
     application.bot_data[_KEY] = TelegramBot(
         conversation=conversation,
         settings=settings,
-        image_size=model_image_size(settings),
-        max_download=min(conversation.classifier.max_photo_bytes, DOWNLOAD_LIMIT),
+        image_size=active_preprocessing(settings.registry_dir).image_size,
+        max_download=min(conversation.classifier.max_photo_bytes or DOWNLOAD_LIMIT, DOWNLOAD_LIMIT),
     )
 
     new = filters.UpdateType.MESSAGE  # edited messages and channel posts are ignored
@@ -273,35 +272,12 @@ def run_telegram(settings: Settings) -> None:
     Brings up what the conversation needs: Redis (the private one when no `REDIS_URL` is set, and
     then a background worker too if none is running), the classify client, the store (migrated).
     """
-    import redis
-
-    from bots._store import Store
-    from carbot import services
-    from worker import ClassifyClient
-    from worker._main import worker_running, workers_listening
-
     if settings.telegram_token is None:
         raise SystemExit("Set TELEGRAM_TOKEN to the token @BotFather gave you.")
     token = settings.telegram_token.get_secret_value()
     guard_logs(token)
-    store = Store.open_for_bot(settings)
-    with contextlib.ExitStack() as stack:
-        url = stack.enter_context(services.redis_url(settings))
-        try:
-            listening = workers_listening(redis_connection(url), settings.classify_queue)
-        except (redis.RedisError, OSError) as exc:
-            raise SystemExit(f"Redis is unreachable ({exc}): check REDIS_URL.") from None
-        if not settings.redis_url:
-            # One machine, embedded defaults: nobody else will start a worker on this private Redis.
-            stack.enter_context(worker_running(settings, url))
-            stack.enter_context(worker_running(settings, url, train=True))
-        elif not listening:
-            log.warning("no worker serves the %r queue yet: photos wait until one starts", settings.classify_queue)
-        connection = connect_redis(url)
-        classifier = ClassifyClient.from_settings(settings, url)
-        desk = RetrainDesk(url, settings, store.engine)
-        conversation = Conversation(classifier=classifier, store=store, redis=connection, settings=settings,
-                                    retrain=desk)  # fmt: skip
+    with serving_redis(settings) as url:
+        conversation = build_conversation(settings, url)
         application = build_application(settings, conversation)
         background: list[asyncio.Task] = []
 
@@ -310,17 +286,13 @@ def run_telegram(settings: Settings) -> None:
                 await app.bot.set_my_commands([BotCommand(name, about) for name, about in MENU])
 
             deliver = functools.partial(deliver_event, app.bot, conversation)
-            background.append(asyncio.create_task(follow_retrains(desk, "telegram", deliver)))
+            background.append(asyncio.create_task(follow_retrains(conversation.retrain, "telegram", deliver)))
             log.info("telegram bot @%s is up", app.bot.username)
 
         async def post_shutdown(app: Application) -> None:
             for task in background:
                 task.cancel()
-            for close in (classifier.aclose, desk.aclose, connection.aclose, store.close):
-                try:
-                    await close()
-                except Exception as exc:  # Redis may be gone already: nothing left to tidy up there
-                    log.warning("while shutting down: %s", exc)
+            await conversation.aclose()
 
         application.post_init = post_init
         application.post_shutdown = post_shutdown
@@ -430,18 +402,6 @@ async def deliver_notice(bot: Bot, conversation: Conversation, notice: Notice) -
         await conversation.set_progress_message(reply.progress_of, f"{sent.chat_id}:{sent.message_id}")
 
 
-def model_image_size(settings: Settings) -> int:
-    """The active model's input size, read once at start (224 when there is no readable model yet)."""
-    from model import ArtefactCorrupt, ModelRegistry
-
-    try:
-        active = ModelRegistry(settings.registry_dir).active(verify=False)
-    except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
-        log.warning("cannot read the active model (%s); downloading photos for %d px", exc, DEFAULT_IMAGE_SIZE)
-        return DEFAULT_IMAGE_SIZE
-    return active.image_size if active is not None else DEFAULT_IMAGE_SIZE
-
-
 def webhook_secret(token: str) -> str:
     """The webhook's secret token: Telegram sends it with every update, so forged requests are refused.
 
@@ -503,12 +463,12 @@ async def _download(message: Message, bot: TelegramBot, sender: Sender) -> bytes
     if image is None:
         return bot.conversation.hint(sender, "document")
     if image.file_size is not None and image.file_size > bot.max_download:
-        return _too_large(sender, bot.max_download)
+        return bot.conversation.too_large(sender, bot.max_download)
     try:
         file = await image.get_file()
     except BadRequest as exc:
         if "too big" in exc.message.lower():
-            return _too_large(sender, bot.max_download)
+            return bot.conversation.too_large(sender, bot.max_download)
         raise
     return bytes(await file.download_as_bytearray())
 
@@ -521,15 +481,6 @@ def _image_of(message: Message) -> tuple[PhotoSize, ...] | object | None:
     if document is not None and (document.mime_type or "").startswith("image/"):
         return document
     return None
-
-
-def _too_large(sender: Sender, limit: int) -> Reply:
-    lang = language_of(sender)
-    megabytes = limit // 2**20
-    try:
-        return Reply(text("photo_too_large", lang, limit_mb=megabytes))
-    except KeyError:
-        return Reply(text("photo_rejected", lang, reason=f"the file is larger than {megabytes} MB."))
 
 
 def _kind_of(message: Message) -> str:

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bots._conversation import Conversation, connect_redis
+from bots._assembly import build_conversation, serving_redis
+from bots._conversation import Conversation
 from bots._messages import Button, ButtonAnswer, Reply, Sender
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
@@ -158,30 +159,12 @@ def _looks_like_path(line: str) -> bool:
 def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdout, banner: str = "") -> None:
     """`carbot shell`: the conversation on the embedded defaults (private Redis, SQLite, a background worker)."""
 
-    from bots._retrain_desk import RetrainDesk
-    from bots._store import Store
-    from carbot import services
-    from worker import ClassifyClient
-    from worker._main import worker_running
-
-    store = Store.open_for_bot(settings)
-
     async def run(url: str) -> None:
-        connection = connect_redis(url)
-        desk = RetrainDesk(url, settings, store.engine)
-        async with ClassifyClient.from_settings(settings, url) as client:
-            conversation = Conversation(classifier=client, store=store, redis=connection, settings=settings,
-                                        retrain=desk)  # fmt: skip
-            try:
-                await chat(conversation, lines, output, banner=banner)
-            finally:
-                await desk.aclose()
-                await connection.aclose()
-                await store.close()
+        conversation = build_conversation(settings, url)
+        try:
+            await chat(conversation, lines, output, banner=banner)
+        finally:
+            await conversation.aclose()
 
-    with (
-        services.redis_url(settings) as url,
-        worker_running(settings, url),
-        worker_running(settings, url, train=True),
-    ):
+    with serving_redis(settings, start_workers=True) as url:
         asyncio.run(run(url))

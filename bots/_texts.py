@@ -28,6 +28,15 @@ TEXTS: dict[str, dict[str, str]] = {
         "store_unavailable": "💾 I can't save that right now; please try again in a minute.",
         "rate_limited": "⏳ That's a lot of photos! I answer up to {per_minute} a minute per person; try again shortly.",
         "photo_rejected": "🖼️ I can't use this picture: {reason}",
+        "reject_empty": "the file is empty; please send the picture again.",
+        "reject_too_large": "the file is larger than {limit_mb} MB; please send a smaller picture.",
+        "reject_not_an_image": "this file is not a picture I can read (JPEG, PNG, WebP, GIF, BMP, TIFF).",
+        "reject_truncated": "this picture is incomplete or damaged; please send it again.",
+        "reject_too_many_pixels": "this picture has too many pixels; please send a smaller one.",
+        "reject_unsupported": "this picture uses a format or colour mode I cannot read; please send a JPEG or PNG.",
+        "reject_unreadable": "this picture could not be read; please send it as a JPEG or PNG.",
+        "reject_expired": "the photo expired before I could look at it; please send it again.",
+        "reject_quarantined": "this picture stopped the classifier twice, so it was set aside; please send a different photo.",
         "photo_too_large": "🖼️ That file is too big for me (over {limit_mb} MB); please send it as a photo, not a file.",
         "busy": "🚦 I'm very busy right now; please try again in a minute.",
         "timeout": "⌛ That took too long, sorry; please try again in a minute.",
@@ -115,6 +124,15 @@ TEXTS: dict[str, dict[str, str]] = {
         "store_unavailable": "💾 Não consigo salvar isso agora; tente de novo em um minuto.",
         "rate_limited": "⏳ Quantas fotos! Respondo até {per_minute} por minuto por pessoa; tente de novo daqui a pouco.",
         "photo_rejected": "🖼️ Não consigo usar esta imagem: {reason}",
+        "reject_empty": "o arquivo está vazio; mande a imagem de novo.",
+        "reject_too_large": "o arquivo tem mais de {limit_mb} MB; mande uma imagem menor.",
+        "reject_not_an_image": "este arquivo não é uma imagem que eu consiga ler (JPEG, PNG, WebP, GIF, BMP, TIFF).",
+        "reject_truncated": "esta imagem está incompleta ou danificada; mande de novo.",
+        "reject_too_many_pixels": "esta imagem tem pixels demais; mande uma menor.",
+        "reject_unsupported": "esta imagem usa um formato ou modo de cor que não consigo ler; mande um JPEG ou PNG.",
+        "reject_unreadable": "não consegui ler esta imagem; mande como JPEG ou PNG.",
+        "reject_expired": "a foto expirou antes que eu pudesse olhá-la; mande de novo.",
+        "reject_quarantined": "esta imagem travou o classificador duas vezes e foi deixada de lado; mande outra foto.",
         "photo_too_large": "🖼️ Esse arquivo é grande demais para mim (mais de {limit_mb} MB); mande como foto, não como arquivo.",
         "busy": "🚦 Estou muito ocupado agora; tente de novo em um minuto.",
         "timeout": "⌛ Demorou demais, desculpe; tente de novo em um minuto.",
@@ -186,10 +204,19 @@ TEXTS: dict[str, dict[str, str]] = {
 }
 
 
+def language_for(code: str | None) -> str | None:
+    """The bots' language for a client's language code ("pt-BR" -> "pt"); None when the client said none.
+
+    The one rule for choosing a language: `language_of` answers in it, the store keeps it for a person.
+    """
+    if not code:
+        return None
+    return "pt" if code.lower().startswith("pt") else "en"
+
+
 def language_of(sender: Sender) -> str:
     """The language to answer `sender` in: Portuguese for `pt*` clients, English otherwise."""
-    code = (sender.language_code or "").lower()
-    return "pt" if code.startswith("pt") else "en"
+    return language_for(sender.language_code) or "en"
 
 
 def text(key: str, language: str, **values: object) -> str:

@@ -80,8 +80,6 @@ RUNTIME = Gauge("carbot_worker_runtime_info", "What runs this worker's forward p
 for _outcome in JOB_OUTCOMES:
     JOBS.labels(_outcome)  # every outcome is exported from the start, at 0, so rates work from the first scrape
 
-# Failures that are the job's own business, by exception name (worker._contract's FINAL_ERRORS).
-_FAILURE_OUTCOMES = {"PhotoRejected": "rejected", "JobExpired": "expired", "InvalidJob": "invalid"}
 _loaded_version: str | None = None
 _loaded_runtime: dict[str, str] | None = None
 
@@ -96,8 +94,9 @@ def jobs_finished(count: int) -> None:
     JOBS.labels("finished").inc(count)
 
 
-def job_failed(exc: BaseException) -> None:
-    JOBS.labels(_FAILURE_OUTCOMES.get(type(exc).__name__, "failed")).inc()
+def job_failed(outcome: str) -> None:
+    """A job ended failed; the worker says how (one of JOB_OUTCOMES other than "finished")."""
+    JOBS.labels(outcome if outcome in JOB_OUTCOMES else "failed").inc()
 
 
 def observe_batch(size: int, decode_ms: float, inference_ms: float) -> None:
@@ -156,10 +155,8 @@ REPLY_TIME = Histogram(
     ["platform"], buckets=_SECONDS, registry=BOTS,
 )  # fmt: skip
 
-# The worker client's errors, by exception name (worker._contract): this module imports nothing of the bots.
-_CLASSIFY_OUTCOMES = {"PhotoRejected": "rejected", "QueueBusy": "busy", "ClassifyTimeout": "timeout"}
-# The outcome of the photo this asyncio task is handling: `observe_classify` notes it, `observe_photo`
-# counts it. A context variable, because the two run in the same task but are different calls.
+# The outcome of the photo this asyncio task is handling: the conversation notes it where it decides it
+# (`photo_outcome`), `observe_photo` counts it. A context variable: the two run in the same task.
 _photo_outcome: ContextVar[str] = ContextVar("carbot_photo_outcome", default="not_submitted")
 
 
@@ -191,15 +188,11 @@ def observe_photo(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
     return observed
 
 
-async def observe_classify(classifying: Awaitable[T]) -> T:
-    """Await a `ClassifyClient.classify(...)` call inside `observe_photo`, noting how it ended."""
-    try:
-        result = await classifying
-    except Exception as exc:
-        _photo_outcome.set(_CLASSIFY_OUTCOMES.get(type(exc).__name__, "failed"))
-        raise
-    _photo_outcome.set("answered")
-    return result
+def photo_outcome(outcome: str) -> None:
+    """The photo being handled (inside `observe_photo`) ends as `outcome`, one of PHOTO_OUTCOMES."""
+    if outcome not in PHOTO_OUTCOMES:
+        raise ValueError(f"unknown photo outcome {outcome!r}")
+    _photo_outcome.set(outcome)
 
 
 def observe_button(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -6,11 +6,13 @@ SQLite, and on PostgreSQL when CARBOT_TEST_DATABASE_URL points to one.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +23,12 @@ from PIL import Image
 from rq import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
-from bots import Conversation, Sender, Store
+from bots import Conversation, Sender, Store, build_conversation
+from bots._retrain_desk import RetrainDesk
+from bots._texts import language_for, language_of, text
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
+from model import ModelRegistry
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
 from worker import ClassifyClient
 
@@ -189,6 +194,49 @@ async def test_replies_in_brazilian_portuguese(conversation):
     reply = await conversation.photo(BRUNO, "m1", jpeg_bytes(5))
     assert "acertei?" in reply.text
     assert "Mande uma foto" in (await conversation.command(BRUNO, "help")).text
+
+
+async def test_a_rejected_photo_is_explained_in_the_senders_language_through_a_real_worker(conversation):
+    """The worker rejects with a reason code; the bot translates it (no English sentence inside a Portuguese one)."""
+    reply = await conversation.photo(BRUNO, "m1", b"not a photo at all")
+    assert reply.text == text("photo_rejected", "pt", reason=text("reject_not_an_image", "pt"))
+    english = await conversation.photo(ALICE, "m2", b"not a photo at all")
+    assert english.text == text("photo_rejected", "en", reason=text("reject_not_an_image", "en"))
+    assert reply.prediction_id is None and not reply.buttons
+
+
+def test_the_bots_and_the_store_choose_a_persons_language_by_one_rule():
+    assert language_of(BRUNO) == language_for(BRUNO.language_code) == "pt"
+    assert language_for(None) is None and language_of(Sender("telegram", "3", "3")) == "en"
+
+
+async def test_the_builder_assembles_the_conversation_from_the_settings(redis_url, model_registry, tmp_path):
+    """`build_conversation`: the store, a classify client limited as the active model, the retrain desk, Redis."""
+    settings = Settings(model_registry=model_registry, data_dir=tmp_path, rate_limit_per_minute=5)
+    conversation = build_conversation(settings, redis_url)
+    try:
+        assert isinstance(conversation.classifier, ClassifyClient) and isinstance(conversation.retrain, RetrainDesk)
+        active = ModelRegistry(model_registry).active(verify=False)
+        assert conversation.classifier.max_photo_bytes == active.preprocessing.max_bytes
+        assert conversation.store.photos.root == tmp_path / "photos" and conversation.settings is settings
+        assert await conversation.redis.ping()
+        assert (await conversation.command(ALICE, "help")).text.startswith("🚗")
+    finally:
+        await conversation.aclose()
+    assert build_conversation(settings, redis_url, retrain=False).retrain is None
+
+
+def test_every_adapter_and_the_load_test_build_their_conversation_through_the_builder():
+    """Nobody else wires a Conversation, a ClassifyClient or a RetrainDesk together: `build_conversation` does."""
+    root = Path(__file__).parent.parent
+    for path in ("bots/_telegram.py", "bots/_discord.py", "bots/_terminal.py", "bench/loadtest.py"):
+        tree = ast.parse((root / path).read_text())
+        called = {node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                  for node in ast.walk(tree) if isinstance(node, ast.Call)}  # fmt: skip
+        assert "build_conversation" in called, path
+        assert not called & {"Conversation", "ClassifyClient", "RetrainDesk", "connect_redis", "from_settings"}, path
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "worker._main" not in imported, path
 
 
 async def test_top3_alone_uses_the_last_photo_of_the_chat(conversation):

@@ -36,13 +36,13 @@ import sqlalchemy
 from pydantic import SecretStr
 
 from bots import Conversation, Store
-from bots._messages import Button, Reply
+from bots._messages import Button, Guesses, Reply
 from bots._texts import TEXTS
 from carbot import keys
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes
-from worker import ClassifyClient
+from worker import Candidate, ClassifyClient
 
 # discord.py and dpytest are the Discord bot's own dependencies, not the core's.
 discord = pytest.importorskip("discord", minversion="2.7")
@@ -676,6 +676,24 @@ def test_choices_become_select_menus_within_discord_limits():
     ids = [row["components"][0]["custom_id"] for row in components]
     assert len(set(ids)) == 3 and all(len(custom_id) <= 100 for custom_id in ids)
     assert other["components"][0]["custom_id"] == "carbot:c:123456789:x"
+
+
+def test_the_embed_is_built_from_the_structured_answer_not_from_its_text():
+    """A label with a line break or a "%" (or a header of two lines) still gives one line per candidate."""
+    guesses = Guesses(
+        "🚗 I think this is:\nreally",
+        (Candidate("FIAT\nARGO 100%", 0.91), Candidate("VW GOL", 0.06), Candidate("50% ONIX", 0.03)),
+        "model tiny-test · did I get it right?",
+    )
+    reply = Reply(guesses.as_text(), buttons=((Button("👍", "v:7:u"),),), prediction_id=7, guesses=guesses)
+
+    embed = render(reply)["embed"]
+
+    assert embed.title == "🚗 I think this is:\nreally" and embed.footer.text == guesses.footer
+    lines = embed.description.splitlines()
+    assert len(lines) == 3 and lines == guesses.candidate_lines()
+    assert lines[0].startswith("1. FIAT ARGO 100% — 91% ") and lines[2].startswith("3. 50% ONIX — 3% ")
+    assert render(reply, edit=True)["content"] is None
 
 
 def test_run_discord_brings_up_redis_store_and_conversation(settings, redis_url, monkeypatch):

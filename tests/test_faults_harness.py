@@ -104,7 +104,7 @@ async def test_a_vote_while_the_database_is_locked_gets_try_again_and_is_recorde
     from bench.faults import hold_exclusive_lock
     from bots import Conversation, Sender, Store, text
     from carbot.photos import PhotoStore
-    from worker import ClassifyClient
+    from worker import Candidate, ClassifyClient
 
     database = tmp_path / "carbot.db"
     store = Store(f"sqlite:///{database}", PhotoStore(tmp_path / "photos", 90))
@@ -115,7 +115,7 @@ async def test_a_vote_while_the_database_is_locked_gets_try_again_and_is_recorde
         message_id="1",
         photo=b"x",
         model_version="tiny-test",
-        top_k=[{"label": "VW GOL", "probability": 0.9}],
+        top_k=[Candidate("VW GOL", 0.9)],
         latency_ms=1.0,
     )
     connection = aioredis.Redis.from_url(redis_url)

@@ -53,7 +53,7 @@ from tests.conftest import TEST_LABELS, add_version, jpeg_bytes, worker_env
 from tests.test_discord import EN, attachment_payload, deferred_answer, photo_file, start_bot
 from tests.test_telegram import ADMIN as TELEGRAM_ADMIN
 from tests.test_telegram import Harness
-from worker import ClassifyClient
+from worker import Candidate, ClassifyClient
 
 # The platforms' own fixtures, reused: pytest knows a fixture by the name it has in this module.
 fake, store, telegram_bot = telegram_tests.fake, telegram_tests.store, telegram_tests.bot
@@ -97,7 +97,7 @@ async def chat(redis_url: str, registry: ModelRegistry, tmp_path: Path):
 
 async def a_prediction(conversation: Conversation, sender: Sender) -> int:
     """A prediction recorded as the conversation records one (the worker's answer is not what is tested here)."""
-    top_k = [{"label": label, "probability": 0.2} for label in TEST_LABELS[:3]]
+    top_k = [Candidate(label, 0.2) for label in TEST_LABELS[:3]]
     return await conversation.store.record_prediction(
         sender, message_id="m1", photo=jpeg_bytes(1), model_version="tiny-test", top_k=top_k, latency_ms=5.0
     )

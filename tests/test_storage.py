@@ -32,6 +32,7 @@ from bots._store import PredictionRecord, Store
 from carbot.db import SQLModel, alembic_config, make_engine, migrate
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
+from worker import Candidate
 
 POSTGRES_ENV = "CARBOT_TEST_DATABASE_URL"
 
@@ -94,7 +95,12 @@ def query(url: str, sql: str, **params: object) -> list[tuple]:
 
 async def record(store: Store, sender: Sender, photo: bytes = b"photo-1", version: str = "v1") -> int:
     return await store.record_prediction(
-        sender, message_id="m-1", photo=photo, model_version=version, top_k=TOP_K, latency_ms=12.5
+        sender,
+        message_id="m-1",
+        photo=photo,
+        model_version=version,
+        top_k=[Candidate(**c) for c in TOP_K],
+        latency_ms=12.5,
     )
 
 

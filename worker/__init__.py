@@ -1,11 +1,19 @@
 """The RQ side of the system: the batch worker and the client the bots use to reach it.
 
-Bots import only the client and the errors; nothing here imports TensorFlow
-until a worker actually loads a model.
+Bots import the client, the errors and, in the embedded mode, `worker_running` (which starts
+`carbot worker` as a child process); nothing here imports TensorFlow until a worker actually
+loads a model.
 """
 
 from worker._batch_worker import BatchWorker
-from worker._client import Candidate, Classification, ClassifyClient, Familiarity, classify_files_sync
+from worker._client import (
+    Candidate,
+    Classification,
+    ClassifyClient,
+    Familiarity,
+    active_preprocessing,
+    classify_files_sync,
+)
 from worker._contract import (
     ClassifyError,
     ClassifyFailed,
@@ -13,8 +21,10 @@ from worker._contract import (
     JobExpired,
     PhotoRejected,
     QueueBusy,
+    RejectReason,
 )
 from worker._inference import BatchClassifier, ModelSource
+from worker._main import worker_running, workers_listening
 
 __all__ = [
     "BatchClassifier",
@@ -30,5 +40,9 @@ __all__ = [
     "PhotoRejected",
     "Classification",
     "QueueBusy",
+    "RejectReason",
+    "active_preprocessing",
     "classify_files_sync",
+    "worker_running",
+    "workers_listening",
 ]

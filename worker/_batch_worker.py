@@ -69,6 +69,8 @@ from worker._contract import (
     JobExpired,
     PhotoRejected,
     PhotoRequest,
+    RejectReason,
+    outcome_of,
     release_photo,
 )
 from worker._inference import BatchClassifier, BatchReport
@@ -127,7 +129,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                 if reason is None:
                     photos.append(item)
                 else:
-                    metrics.job_failed(InvalidJob(reason))
+                    metrics.job_failed(InvalidJob.outcome)
                     refuse(*item, reason)
             for batch, starts in self.plan_batches(photos):
                 self.perform_batch(batch, starts)
@@ -287,7 +289,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                 continue
             if earlier >= 2:
                 log.warning("job %s: set aside, it was running twice when a worker died", job.id)
-                self.fail_job(job, queue, execution, PhotoRejected(QUARANTINED))
+                self.fail_job(job, queue, execution, PhotoRejected(QUARANTINED, RejectReason.QUARANTINED))
                 continue
             if request.expired(checked_at):
                 expired += 1
@@ -398,7 +400,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         if type(exc).__name__ in FINAL_ERRORS:
             job.retries_left = 0
         ends = not job.should_retry
-        metrics.job_failed(exc)
+        metrics.job_failed(outcome_of(exc))
         self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
         with self.connection.pipeline() as pipe:
             if ends:

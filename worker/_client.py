@@ -31,7 +31,7 @@ from rq.results import Result
 from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_key
-from model import Preprocessing
+from model import ArtefactCorrupt, ModelRegistry, Preprocessing
 from worker._contract import (
     ClassifyError,
     ClassifyFailed,
@@ -39,6 +39,7 @@ from worker._contract import (
     PhotoRejected,
     PhotoRequest,
     QueueBusy,
+    RejectReason,
     error_from_exc_string,
     store_photo,
 )
@@ -107,6 +108,19 @@ class Classification:
         )
 
 
+def active_preprocessing(registry_dir) -> Preprocessing:
+    """How the active model in `registry_dir` reads a photo (its size limits, its input size).
+
+    Read from the active artefact; with no readable model yet, the preprocessing a model trained now gets.
+    """
+    try:
+        active = ModelRegistry(registry_dir).active(verify=False)
+    except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
+        log.warning("cannot read the active model (%s); using the default preprocessing's limits", exc)
+        return Preprocessing()
+    return active.preprocessing if active is not None else Preprocessing()
+
+
 class ClassifyClient:
     """Submits photos to the `classify` queue and awaits their results.
 
@@ -124,7 +138,7 @@ class ClassifyClient:
         retries: int = 2,
         photo_ttl_s: int = 900,
         result_ttl_s: int = 600,
-        max_photo_bytes: int = Preprocessing().max_bytes,
+        max_photo_bytes: int | None = None,
         submit_threads: int = 4,
     ) -> None:
         self.queue_limit = queue_limit
@@ -133,7 +147,7 @@ class ClassifyClient:
         self.retries = retries
         self.photo_ttl_s = photo_ttl_s
         self.result_ttl_s = result_ttl_s
-        self.max_photo_bytes = max_photo_bytes
+        self.max_photo_bytes = max_photo_bytes  # None: no check here, the worker checks against its model
         self._sync = redis_connection(redis_url)
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
         self._clock = RedisClock(self._sync)
@@ -142,7 +156,10 @@ class ClassifyClient:
 
     @classmethod
     def from_settings(cls, settings, redis_url: str) -> ClassifyClient:
-        """A client configured by `carbot.settings.Settings`, talking to `redis_url`."""
+        """A client configured by `carbot.settings.Settings`, talking to `redis_url`.
+
+        Photos over the active model's byte limit (read once, now) are refused before anything is queued.
+        """
         return cls(
             redis_url,
             queue=settings.classify_queue,
@@ -152,6 +169,7 @@ class ClassifyClient:
             retries=settings.job_retries,
             photo_ttl_s=settings.image_ttl_s,
             result_ttl_s=settings.result_ttl_s,
+            max_photo_bytes=active_preprocessing(settings.registry_dir).max_bytes,
         )
 
     async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Classification:
@@ -178,10 +196,11 @@ class ClassifyClient:
     def submit(self, photo: bytes, top_k: int = 3, deadline: float | None = None) -> str:
         """Store the photo and enqueue its job (blocking; `classify` runs this in a thread). Returns the job id."""
         if not photo:
-            raise PhotoRejected("The file is empty.")
-        if len(photo) > self.max_photo_bytes:
+            raise PhotoRejected("The file is empty.", RejectReason.EMPTY)
+        if self.max_photo_bytes is not None and len(photo) > self.max_photo_bytes:
             raise PhotoRejected(
-                f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo."
+                f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo.",
+                RejectReason.TOO_LARGE,
             )
         if deadline is not None:
             # The worker reads the deadline on Redis's clock: no two hosts need to agree on the time.

@@ -20,13 +20,16 @@ threshold calibrated at training time). Results without it (older workers or mod
 stay valid.
 
 A job that fails records an `exc_string` whose last line is `<ErrorName>: <message>`;
-for the errors below the message is meant for a person and the job is not retried.
+for the errors below the message is meant for a person and the job is not retried. A
+rejected photo's message starts with its reason code (`PhotoRejected: not_an_image: This
+file is...`, one of `RejectReason`), so the bots can say why in the person's language.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from carbot.keys import PHOTO_KEY_PREFIX, photo_key, photo_refs_key
@@ -93,16 +96,55 @@ class PhotoRequest:
         return self.deadline is not None and now > self.deadline
 
 
+class RejectReason(StrEnum):
+    """Why a photo was rejected: a code that travels with the rejection, translated where a person reads it."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED = "unsupported"
+    UNREADABLE = "unreadable"  # the decoder failed in a way it does not name
+    EXPIRED = "expired"  # the photo's bytes were gone from Redis before the job ran
+    QUARANTINED = "quarantined"  # it was in a batch that stopped the worker twice
+
+
 class ClassifyError(Exception):
     """Base of the errors a caller of the classifier can get."""
 
+    outcome = "failed"  # how the worker's metrics count a job that ends with this error
+
 
 class PhotoRejected(ClassifyError):
-    """The photo cannot be classified (not an image, corrupt, too large...); the message says why."""
+    """The photo cannot be classified (not an image, corrupt, too large...); `reason` says why, `message` too.
+
+    `str()` is the wire form, `<reason>: <message>`, which a failed job's `exc_string` carries to the client.
+    """
+
+    outcome = "rejected"
+
+    def __init__(self, message: str, reason: RejectReason | None = None) -> None:
+        self.message = message
+        self.reason = reason
+        super().__init__(message if reason is None else f"{reason.value}: {message}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.message, self.reason))
+
+    @classmethod
+    def from_wire(cls, text: str) -> PhotoRejected:
+        """The error a failed job's `<reason>: <message>` describes (a message without a known code keeps none)."""
+        code, separator, message = text.partition(": ")
+        if separator and code in RejectReason.__members__.values():
+            return cls(message, RejectReason(code))
+        return cls(text)
 
 
 class JobExpired(ClassifyError):
     """The job waited past its deadline and was not computed."""
+
+    outcome = "expired"
 
     def __init__(self, message: str = "The photo waited too long in the queue; please send it again.") -> None:
         super().__init__(message)
@@ -110,6 +152,8 @@ class JobExpired(ClassifyError):
 
 class InvalidJob(ClassifyError):
     """The job's arguments do not follow this contract (a foreign or corrupted job)."""
+
+    outcome = "invalid"
 
 
 class ClassifyFailed(ClassifyError):
@@ -124,6 +168,11 @@ class ClassifyTimeout(ClassifyError):
     """No answer came before the request's deadline; the worker will not compute the photo any more."""
 
 
+def outcome_of(exc: BaseException) -> str:
+    """How the worker's metrics count a job that ended with `exc` ("failed" for anything unexpected)."""
+    return exc.outcome if isinstance(exc, ClassifyError) else "failed"
+
+
 # Errors that are the input's fault: retrying them cannot help.
 FINAL_ERRORS = {cls.__name__: cls for cls in (PhotoRejected, JobExpired, InvalidJob)}
 
@@ -134,6 +183,8 @@ def error_from_exc_string(exc_string: str | None) -> ClassifyError:
     """Turn a failed job's `exc_string` back into the error the caller should see."""
     lines = [line for line in (exc_string or "").strip().splitlines() if line.strip()]
     match = _LAST_LINE.match(lines[-1]) if lines else None
+    if match and match["name"] == PhotoRejected.__name__:
+        return PhotoRejected.from_wire(match["message"])
     if match and match["name"] in FINAL_ERRORS:
         return FINAL_ERRORS[match["name"]](match["message"])
     return ClassifyFailed("The classifier failed on this photo; please try again later.")

@@ -21,7 +21,7 @@ import numpy as np
 
 from carbot import metrics
 from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image, pixel_count
-from worker._contract import PhotoRejected
+from worker._contract import PhotoRejected, RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +246,20 @@ class BatchClassifier:
     @staticmethod
     def _decode(photo: bytes | None, predictor, budget: PixelBudget) -> np.ndarray | Exception:
         if photo is None:
-            return PhotoRejected("The photo expired before it could be classified; please send it again.")
+            return PhotoRejected(
+                "The photo expired before it could be classified; please send it again.", RejectReason.EXPIRED
+            )
         try:
             with budget.hold(pixel_count(photo)):
                 return load_image(photo, predictor.preprocessing)
         except ImageRejected as exc:
-            return PhotoRejected(str(exc))
+            return PhotoRejected(str(exc), RejectReason(exc.reason))
         except Exception:
             # A decoder bug on some odd file must cost that photo only, never the worker.
             log.exception("unexpected error decoding a photo")
-            return PhotoRejected("This picture could not be read; please send it as a JPEG or PNG.")
+            return PhotoRejected(
+                "This picture could not be read; please send it as a JPEG or PNG.", RejectReason.UNREADABLE
+            )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
