@@ -31,7 +31,7 @@ from rq.results import Result
 from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_key
-from model import ArtefactCorrupt, ModelRegistry, Preprocessing
+from model import ArtefactCorrupt, ImageRejected, ModelRegistry, Preprocessing, reduce_for_queue
 from worker._contract import (
     ClassifyError,
     ClassifyFailed,
@@ -139,6 +139,7 @@ class ClassifyClient:
         photo_ttl_s: int = 900,
         result_ttl_s: int = 600,
         max_photo_bytes: int | None = None,
+        preprocessing: Preprocessing | None = None,
         submit_threads: int = 4,
     ) -> None:
         self.queue_limit = queue_limit
@@ -148,6 +149,10 @@ class ClassifyClient:
         self.photo_ttl_s = photo_ttl_s
         self.result_ttl_s = result_ttl_s
         self.max_photo_bytes = max_photo_bytes  # None: no check here, the worker checks against its model
+        # Given: photos are queued as the network will see them (`model.reduce_for_queue`), decoded here,
+        # off the event loop, so Redis holds and the worker decodes a small PNG instead of a phone's JPEG.
+        # None: the photo is queued as it came.
+        self.preprocessing = preprocessing
         self._sync = redis_connection(redis_url)
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
         self._clock = RedisClock(self._sync)
@@ -158,8 +163,10 @@ class ClassifyClient:
     def from_settings(cls, settings, redis_url: str) -> ClassifyClient:
         """A client configured by `carbot.settings.Settings`, talking to `redis_url`.
 
-        Photos over the active model's byte limit (read once, now) are refused before anything is queued.
+        Photos over the active model's byte limit (read once, now) are refused before anything is queued,
+        and the others are queued reduced to what that model reads.
         """
+        preprocessing = active_preprocessing(settings.registry_dir)
         return cls(
             redis_url,
             queue=settings.classify_queue,
@@ -169,7 +176,8 @@ class ClassifyClient:
             retries=settings.job_retries,
             photo_ttl_s=settings.image_ttl_s,
             result_ttl_s=settings.result_ttl_s,
-            max_photo_bytes=active_preprocessing(settings.registry_dir).max_bytes,
+            max_photo_bytes=preprocessing.max_bytes,
+            preprocessing=preprocessing,
         )
 
     async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Classification:
@@ -202,6 +210,11 @@ class ClassifyClient:
                 f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo.",
                 RejectReason.TOO_LARGE,
             )
+        if self.preprocessing is not None:
+            try:
+                photo = reduce_for_queue(photo, self.preprocessing)
+            except ImageRejected as exc:  # refused here, with the reason the worker would have given
+                raise PhotoRejected(str(exc), RejectReason(exc.reason)) from None
         if deadline is not None:
             # The worker reads the deadline on Redis's clock: no two hosts need to agree on the time.
             deadline = self._clock.from_local(deadline)
