@@ -1,8 +1,8 @@
 """`python -m bench sharing`: photo latency under a steady load, alone and beside a retrain on the same machine.
 
-One run, three phases side by side, each the same steady stream of photos (open loop: a photo every
-`1 / rate` seconds whatever the answers do, as people sending photos would) through the bots'
-`ClassifyClient` to one `carbot worker` process, on a private `redis-server`:
+One run, three phases side by side (taking turns over a few rounds), each the same steady stream of
+photos (open loop: a photo every `1 / rate` seconds whatever the answers do, as people sending photos
+would) through the bots' `ClassifyClient` to one `carbot worker` process, on a private `redis-server`:
 
 1. **alone**: nothing else runs;
 2. **retrain, yielding off** (`CARBOT_RETRAIN_YIELD=false`): a retrain runs in a child process meanwhile;
@@ -11,8 +11,8 @@ One run, three phases side by side, each the same steady stream of photos (open 
 The retrain is the product's own: ``training.retrain`` fine-tuning a copy of the served model on
 feedback photos (its tf.data pipeline, augmentation and fit loop), with the train worker's callbacks,
 in a fresh process started as the train worker's work horse would be: ``share_machine`` first, then
-TensorFlow. It is measured from its first training step, so its start (TensorFlow, the model, the
-active model's evaluation) is out of the window, and killed when the phase's load ends.
+TensorFlow. It is measured from its first training steps, so its start (TensorFlow, the model, the
+active model's evaluation) is out of the windows, and it is stopped (SIGSTOP) outside its phase.
 
 Per phase: photos answered, errors, latency p50 / p95 / p99 / max (submit to answer), and the retrain's
 training steps per second in the window with what it paused (the price of yielding). The model is a
@@ -56,87 +56,135 @@ RETRAIN_WARM_STEPS = 3  # steps before the window opens: the first ones compile 
 def run_sharing(
     settings: Settings,
     *,
-    seconds: float = 20.0,
+    seconds: float = 30.0,
+    rounds: int = 3,
     rate: float = 8.0,
     feedback_photos: int = 240,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The three phases, one after another on one worker; returns their figures (and prints the table)."""
-    count = max(1, int(seconds * rate))
+    """The three phases on one worker, interleaved over `rounds`; returns their figures (and prints the table).
+
+    Each phase gets `seconds` of load in all, `seconds / rounds` a round, and each round takes the phases in
+    another order: a machine whose other load drifts during the run (other programs, its clock speed) then
+    weighs on every phase alike. Both retrains start (and get past their first steps) before the first round;
+    the one not in its phase is stopped (SIGSTOP) meanwhile, so it costs the machine nothing.
+    """
+    per_round = max(1, int(seconds * rate / rounds))
     with tempfile.TemporaryDirectory(prefix="carbot-sharing-") as tmp:
         root = Path(tmp)
         registry, version, note = prepare_registry(settings, root / "models")
         say(f"model {version} ({note})")
         feedback = _feedback_photos(root / "feedback", feedback_photos)
-        # Every photo distinct (the worker answers identical photos once), and each phase its own.
+        # Every photo distinct (the worker answers identical photos once).
         warm = max(8, int(WARM_S * rate))
-        photos = make_photos(count * len(PHASES) + warm, phone_size=CHAT_PHOTO, seed=1)
+        photos = iter(make_photos(per_round * rounds * len(PHASES) + warm, phone_size=CHAT_PHOTO, seed=1))
         server = PrivateRedis(root / "redis").start()
+        retrains: dict[str, _Retrain] = {}
+        worker = None
         try:
             url = server.url
             run_settings = settings.model_copy(update={"redis_url": url, "model_registry": registry,
                                                        "data_dir": root / "data", "queue_limit": 10_000,
                                                        "request_timeout_s": 120.0})  # fmt: skip
             env = _env(run_settings, url, registry, root)
-            worker = _start(
-                [sys.executable, "-m", "carbot", "worker", "--name", f"sharing-{os.getpid()}"], env, root / "worker.log"
-            )
-            try:
-                _wait_registered(url, f"sharing-{os.getpid()}", worker, root / "worker.log")
-                asyncio.run(_steady(run_settings, url, photos[-warm:], rate=rate))  # warm the worker up
-                phases = []
-                for index, phase in enumerate(PHASES):
-                    batch = photos[index * count : (index + 1) * count]
-                    say(f"{phase}: {count} photos at {rate:g}/s")
-                    phases.append(_phase(phase, run_settings, url, env, root, registry, feedback, batch, rate))
-            finally:
-                _stop(worker)
+            say("starting the worker and both retrains (yielding off and on)")
+            name = f"sharing-{os.getpid()}"
+            worker = _start([sys.executable, "-m", "carbot", "worker", "--name", name], env, root / "worker.log")
+            for phase, yield_ in ((PHASES[1], False), (PHASES[2], True)):
+                retrains[phase] = _Retrain(url, env, root, registry, feedback, yield_=yield_)
+            _wait_registered(url, name, worker, root / "worker.log")
+            for retrain in retrains.values():
+                retrain.wait_training()
+                retrain.pause()
+            asyncio.run(_steady(run_settings, url, [next(photos) for _ in range(warm)], rate=rate))  # warm-up
+            latencies: dict[str, list[float]] = {phase: [] for phase in PHASES}
+            errors = dict.fromkeys(PHASES, 0)
+            window_s = dict.fromkeys(PHASES, 0.0)
+            for round_ in range(rounds):
+                order = PHASES[round_ % len(PHASES) :] + PHASES[: round_ % len(PHASES)]
+                for phase in order:
+                    say(f"round {round_ + 1}/{rounds}, {phase}: {per_round} photos at {rate:g}/s")
+                    retrain = retrains.get(phase)
+                    if retrain is not None:
+                        retrain.resume()
+                    began = time.monotonic()
+                    answered, failed = asyncio.run(
+                        _steady(run_settings, url, [next(photos) for _ in range(per_round)], rate=rate)
+                    )
+                    window_s[phase] += time.monotonic() - began
+                    if retrain is not None:
+                        retrain.pause()
+                    latencies[phase] += answered
+                    errors[phase] += failed
+            figures = []
+            for phase in PHASES:
+                row: dict[str, Any] = {"phase": phase, "answered": len(latencies[phase]), "errors": errors[phase],
+                                       **_percentiles(latencies[phase])}  # fmt: skip
+                if phase in retrains:
+                    row["retrain_steps_per_s"] = round(retrains[phase].steps_in_windows / window_s[phase], 2)
+                    row["give_way"] = retrains[phase].give_way()
+                figures.append(row)
         finally:
+            for retrain in retrains.values():
+                retrain.stop()
+            if worker is not None:
+                _stop(worker)
             server.stop()
     results = {
         "model": f"{version} ({note})",
-        "photos": f"{count} a phase at {rate:g}/s, open loop; 640x480 JPEGs and one in four {CHAT_PHOTO[0]}x"
-        f"{CHAT_PHOTO[1]}",
+        "photos": f"{per_round * rounds} a phase at {rate:g}/s in {rounds} rounds, open loop; 640x480 JPEGs and "
+        f"one in four {CHAT_PHOTO[0]}x{CHAT_PHOTO[1]}",
         "cpus": os.cpu_count(),
         "load_average_after": [round(value, 2) for value in os.getloadavg()],
-        "phases": phases,
+        "phases": figures,
     }
     say(format_table(results))
     return results
 
 
-def _phase(name: str, settings: Settings, url: str, env: dict[str, str], root: Path, registry: Path,
-           feedback: Path, photos: Sequence[bytes], rate: float) -> dict[str, Any]:  # fmt: skip
-    connection = redis_connection(url)
-    trainer = None
-    try:
-        if name != "alone":
-            connection.delete(STEPS_KEY, GIVE_WAY_KEY)
-            yield_ = "true" if name.endswith("on") else "false"
-            log_path = root / f"retrain-yield-{yield_}.log"
-            trainer = _start([sys.executable, "-c", _RETRAIN, str(registry), str(feedback), STEPS_KEY, GIVE_WAY_KEY],
-                             {**env, "CARBOT_RETRAIN_YIELD": yield_}, log_path)  # fmt: skip
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while int(connection.get(STEPS_KEY) or 0) < RETRAIN_WARM_STEPS:
-                if trainer.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the retrain did not start; its log:\n{_tail(log_path)}")
-                time.sleep(0.1)
-        steps_before, started = int(connection.get(STEPS_KEY) or 0), time.monotonic()
-        latencies, errors = asyncio.run(_steady(settings, url, photos, rate=rate))
-        window = time.monotonic() - started
-        figures: dict[str, Any] = {"phase": name, "answered": len(latencies), "errors": errors,
-                                   **_percentiles(latencies)}  # fmt: skip
-        if trainer is not None:
-            if trainer.poll() is not None:
-                raise RuntimeError(f"the retrain ended during the window; its log:\n{_tail(log_path)}")
-            steps = int(connection.get(STEPS_KEY) or 0) - steps_before
-            figures["retrain_steps_per_s"] = round(steps / window, 2)
-            figures["give_way"] = json.loads(connection.get(GIVE_WAY_KEY) or "{}")
-        return figures
-    finally:
-        if trainer is not None:
-            _stop(trainer, signal.SIGKILL)
-        connection.close()
+class _Retrain:
+    """The retrain child of one phase: started once, stopped (SIGSTOP) outside its phase's windows."""
+
+    def __init__(self, url: str, env: dict[str, str], root: Path, registry: Path, feedback: Path, *,
+                 yield_: bool) -> None:  # fmt: skip
+        flag = "true" if yield_ else "false"
+        self.connection = redis_connection(url)
+        self.steps_key, self.give_way_key = f"{STEPS_KEY}:{flag}", f"{GIVE_WAY_KEY}:{flag}"
+        self.log_path = root / f"retrain-yield-{flag}.log"
+        command = [sys.executable, "-c", _RETRAIN, str(registry), str(feedback), self.steps_key, self.give_way_key]
+        self.process = _start(command, {**env, "CARBOT_RETRAIN_YIELD": flag}, self.log_path)
+        self.steps_in_windows = 0
+        self._steps_at_resume = 0
+
+    def steps(self) -> int:
+        return int(self.connection.get(self.steps_key) or 0)
+
+    def give_way(self) -> dict[str, Any]:
+        return json.loads(self.connection.get(self.give_way_key) or "{}")
+
+    def wait_training(self) -> None:
+        """Until its first steps are done: TensorFlow, the model and the active model's evaluation are behind it."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.steps() < RETRAIN_WARM_STEPS:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the retrain did not start; its log:\n{_tail(self.log_path)}")
+            time.sleep(0.1)
+
+    def resume(self) -> None:
+        self._steps_at_resume = self.steps()
+        self.process.send_signal(signal.SIGCONT)
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the retrain ended; its log:\n{_tail(self.log_path)}")
+        self.steps_in_windows += self.steps() - self._steps_at_resume
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # a stopped process dies of SIGKILL too
+        self.process.wait()
+        self.connection.close()
 
 
 async def _steady(settings: Settings, url: str, photos: Sequence[bytes], *, rate: float) -> tuple[list[float], int]:
