@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-seeds loadtest faults fuzz worker clean
+.PHONY: demo test lint bench bench-seeds loadtest faults fuzz sharing worker clean
 
 $(BIN)/carbot: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ faults: $(BIN)/carbot  ## the load test with one part broken on purpose, every s
 
 fuzz: $(BIN)/carbot  ## mutated pictures through the photo decoder
 	$(BIN)/python -m bench fuzz
+
+sharing: $(BIN)/carbot  ## photo latency under a steady load, alone and beside a retrain (yielding off and on)
+	$(BIN)/python -m bench sharing
 
 bench-seeds: $(BIN)/carbot  ## train one unseen dataset with five seeds and print each test accuracy (a few minutes)
 	$(BIN)/python bench/train_seeds.py --seeds 0 1 2 3 4

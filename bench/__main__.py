@@ -5,6 +5,7 @@
 - `faults`: the load test with one part broken on purpose;
 - `fuzz`: mutated pictures through the photo decoder;
 - `store`: the bots' SQLite store under a burst;
+- `sharing`: photo latency under a steady load, alone and beside a retrain on the same machine;
 - `training-input`: the training input pipeline against Keras' ImageDataGenerator.
 """
 
@@ -69,6 +70,21 @@ def serving(photos: int, image_size: int, backbone: str, json_path: Path | None)
     from bench.serving import run_benchmark
 
     results = run_benchmark(get_settings(), photos=photos, image_size=image_size, backbone=backbone)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"saved {json_path}")
+
+
+@main.command()
+@click.option("--seconds", type=float, default=30.0, show_default=True, help="Steady load per phase, in all.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Rounds the phases take turns.")
+@click.option("--rate", type=float, default=8.0, show_default=True, help="Photos a second.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
+def sharing(seconds: float, rounds: int, rate: float, json_path: Path | None) -> None:
+    """Photo latency under a steady load: alone, beside a retrain, and beside a retrain that gives way."""
+    from bench.sharing import run_sharing
+
+    results = run_sharing(_settings(), seconds=seconds, rounds=rounds, rate=rate)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # What one person can put into one retrain: their latest labelled photos, of which this many corrections at most.
     retrain_photos_per_person: int = Field(default=100, ge=1)
     retrain_corrections_per_person: int = Field(default=25, ge=0)
+    # A retrain on the classify worker's machine gives way to photos: lowest CPU priority, and a pause between
+    # training steps while photos wait (training.share_machine). Off for a train worker with a machine of its own.
+    retrain_yield: bool = True
 
     # Chat platforms (used by the bots).
     telegram_token: SecretStr | None = Field(default=None, validation_alias=_alias("TELEGRAM_TOKEN"))

@@ -26,6 +26,9 @@ What is here so far:
   are the recipe itself, scored on the validation split (the optional ``tune`` extra);
 - photos unlike any class (:data:`UNLIKE_KINDS`, :func:`unlike_photo`, :func:`unlike_photos`:
   scenes, noise, text, textures) on which the out-of-distribution score is measured;
+- sharing one machine (:class:`SharingPolicy`, :class:`GiveWay`, :func:`share_machine`,
+  :func:`photos_in_progress`, :func:`lower_priority`): a retrain at the lowest CPU priority that
+  pauses between training steps while photos wait on the classify queue;
 - :func:`build_demo_model`: trains a small classifier on them with :func:`train` and
   puts it in the model registry as version ``demo``.
 
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from training._evaluation import Evaluation, evaluate, write_report
     from training._fine_tune import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._recipe import TrainConfig, TrainingFailed, train
+    from training._sharing import GiveWay, SharingPolicy, lower_priority, photos_in_progress, share_machine
     from training._tune import SearchSpace, tune
 
 __all__ = [
@@ -69,11 +73,13 @@ __all__ = [
     "ZOOM",
     "Evaluation",
     "FeedbackPhoto",
+    "GiveWay",
     "RetrainConfig",
     "RetrainOutcome",
     "RetrainProgress",
     "Sample",
     "SearchSpace",
+    "SharingPolicy",
     "Split",
     "SplitChanged",
     "TrainConfig",
@@ -85,12 +91,15 @@ __all__ = [
     "evaluate",
     "is_held_out",
     "load_split",
+    "lower_priority",
     "make_synthetic_dataset",
     "make_tf_dataset",
+    "photos_in_progress",
     "read_manifest",
     "retrain",
     "save_split",
     "scan_folder",
+    "share_machine",
     "stratified_split",
     "synthetic_jpeg",
     "synthetic_photo",
@@ -120,6 +129,12 @@ _LAZY = {
     "RetrainOutcome": "training._fine_tune",
     "RetrainProgress": "training._fine_tune",
     "retrain": "training._fine_tune",
+    # Redis and RQ only, but a bot that imports a constant from here needs neither.
+    "GiveWay": "training._sharing",
+    "SharingPolicy": "training._sharing",
+    "lower_priority": "training._sharing",
+    "photos_in_progress": "training._sharing",
+    "share_machine": "training._sharing",
 }
 
 

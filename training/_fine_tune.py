@@ -206,6 +206,7 @@ def retrain(
     on_epoch: Callable[[RetrainProgress], None] | None = None,
     promote: bool = True,
     variants: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> RetrainOutcome:
     """Fine-tune the active model on `feedback` (and `base_dataset`), gate it, and save it as `version`.
 
@@ -218,7 +219,8 @@ def retrain(
     is true, and the active version is still the one it started from (a version activated
     meanwhile by an admin is not overridden; the outcome then says "better" but not
     promoted). A `version` that already exists (and is not active) is replaced. With `variants` the
-    candidate gets its optimised serving variants, verified on the hold-out photos.
+    candidate gets its optimised serving variants, verified on the hold-out photos. `callbacks` are added to
+    the fine-tuning's Keras ones (the train worker's gives way to photos: ``training._sharing``).
 
     Raises ``LookupError`` when the registry has no active version, ``ValueError`` for a
     bad `version` (or the active one), and whatever reading the data or training raises.
@@ -278,7 +280,8 @@ def retrain(
     keras.utils.set_random_seed(config.seed)
     dataset = _training_dataset(base_data.train, feedback_groups, labels, preprocessing, config)
     pretrained = _pretrained(base.meta)
-    history = _finetune(network, dataset, config, pretrained=pretrained, gpu=gpu, on_epoch=on_epoch, started=started)
+    history = _finetune(network, dataset, config, pretrained=pretrained, gpu=gpu, on_epoch=on_epoch, started=started,
+                        callbacks=callbacks)  # fmt: skip
 
     # 7. The gate.
     candidate_metrics, evaluation = _evaluate(network, holdout, len(base_data.holdout), **evaluate_args)
@@ -661,6 +664,7 @@ def _finetune(
     gpu: bool,
     on_epoch: Callable[[RetrainProgress], None] | None,
     started: float,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, list[float]]:
     """Step 6: the recipe's phase 2 on `network`, in place; returns the Keras history."""
     unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
@@ -672,13 +676,13 @@ def _finetune(
         metrics=["accuracy"],
         jit_compile=gpu,
     )
-    callbacks = [
+    own = [
         keras.callbacks.LearningRateScheduler(lambda epoch, lr: _epoch_lr(start, end, config.epochs, epoch)),
         # A loss gone NaN never comes back: stop spending epochs on it, and let the gate judge what is left.
         keras.callbacks.TerminateOnNaN(),
         _Progress(config.epochs, on_epoch, started),
     ]
-    history = network.fit(dataset, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)
+    history = network.fit(dataset, epochs=config.epochs, callbacks=own + list(callbacks), shuffle=False, verbose=0)
     return {key: [float(value) for value in values] for key, values in history.history.items()}
 
 

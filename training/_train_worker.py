@@ -43,6 +43,7 @@ from carbot.services import database_url
 from carbot.settings import Settings, get_settings
 from model import Artefact, ModelRegistry
 from training._feedback import FeedbackPhoto, FeedbackPolicy, Vote, choose_feedback
+from training._sharing import share_machine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ def run_retrain(run_id: int) -> dict[str, Any]:
 
 
 def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id: int) -> dict[str, Any]:
+    # First, before TensorFlow starts its threads: they inherit the lowered priority (training._sharing).
+    give_way = share_machine(settings, connection)
     from training._fine_tune import RetrainProgress, retrain
 
     run = retrain_runs.get_run(engine, run_id)
@@ -101,6 +104,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
         split_file=settings.data_dir / "retrain" / BASE_SPLIT_FILE,
         config=retrain_config(settings, active),
         on_epoch=on_epoch,
+        callbacks=give_way.callbacks(),
     )
     finished = utcnow()
     saved = (settings.registry_dir / version).is_dir()
