@@ -34,7 +34,7 @@ from carbot.keys import RETRAIN_FUNC, SERIALIZER
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
 from model import ModelRegistry
-from worker._main import workers_listening
+from worker import workers_listening
 
 log = logging.getLogger(__name__)
 

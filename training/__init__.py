@@ -57,12 +57,14 @@ if TYPE_CHECKING:
     from training._evaluation import Evaluation, evaluate, write_report
     from training._fine_tune import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._recipe import TrainConfig, TrainingFailed, train
-    from training._tune import SearchSpace, tune
+    from training._train_worker import run_train_worker
+    from training._tune import MissingExtra, SearchSpace, format_values, keras_tuner, parse_values, train_best, tune
 
 __all__ = [
     "SYNTHETIC_CLASSES",
     "Evaluation",
     "FeedbackPhoto",
+    "MissingExtra",
     "RetrainConfig",
     "RetrainOutcome",
     "RetrainProgress",
@@ -76,18 +78,23 @@ __all__ = [
     "build_demo_model",
     "check_samples",
     "evaluate",
+    "format_values",
     "is_held_out",
+    "keras_tuner",
     "load_split",
     "make_synthetic_dataset",
     "make_tf_dataset",
+    "parse_values",
     "read_manifest",
     "retrain",
+    "run_train_worker",
     "save_split",
     "scan_folder",
     "stratified_split",
     "synthetic_jpeg",
     "synthetic_photo",
     "train",
+    "train_best",
     "tune",
     "unlike_photo",
     "unlike_photos",
@@ -105,6 +112,12 @@ _LAZY = {
     "train": "training._recipe",
     "SearchSpace": "training._tune",
     "tune": "training._tune",
+    "train_best": "training._tune",
+    "MissingExtra": "training._tune",
+    "format_values": "training._tune",
+    "keras_tuner": "training._tune",
+    "parse_values": "training._tune",
+    "run_train_worker": "training._train_worker",  # light: RQ and SQL, no Keras
     "RetrainConfig": "training._fine_tune",
     "RetrainOutcome": "training._fine_tune",
     "RetrainProgress": "training._fine_tune",

@@ -96,7 +96,7 @@ from training._dataset import (
 from training._evaluation import Evaluation, evaluate, write_report
 from training._familiarity import fit_familiarity
 from training._feedback import FeedbackPhoto, is_held_out
-from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
+from training._recipe import TrainConfig, epoch_lr, unfreeze_top
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ def _finetune(
     started: float,
 ) -> dict[str, list[float]]:
     """Step 6: the recipe's phase 2 on `network`, in place; returns the Keras history."""
-    unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
+    unfrozen = unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
     start, end = (config.learning_rate / divisor for divisor in _FINETUNE_LR_DIVISORS)
     log.info("fine-tuning %d backbone layers for %d epochs, lr %g -> %g", unfrozen, config.epochs, start, end)
     network.compile(
@@ -673,7 +673,7 @@ def _finetune(
         jit_compile=gpu,
     )
     callbacks = [
-        keras.callbacks.LearningRateScheduler(lambda epoch, lr: _epoch_lr(start, end, config.epochs, epoch)),
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: epoch_lr(start, end, config.epochs, epoch)),
         # A loss gone NaN never comes back: stop spending epochs on it, and let the gate judge what is left.
         keras.callbacks.TerminateOnNaN(),
         _Progress(config.epochs, on_epoch, started),

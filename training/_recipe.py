@@ -480,7 +480,7 @@ def run_phases(
     # 6. Phase 2: fine-tune the upper part of the backbone.
     if state.phase == FINETUNE:
         # BatchNorm stays frozen over pretrained statistics; random ones (weights=None) have nothing to protect.
-        unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
+        unfrozen = unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
         finetune_lr = (lr / config.finetune_lr_divisors[0], lr / config.finetune_lr_divisors[1])
         say(f"phase 2: fine-tuning {unfrozen} backbone layers for up to {config.finetune_epochs} epochs")
         _fit_phase(network, config, state, FINETUNE, config.finetune_epochs, finetune_lr, work_dir, **fit_args)
@@ -595,7 +595,7 @@ class _SaveState(keras.callbacks.Callback):
         self.state.save()
 
 
-def _epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
+def epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
     """Geometric decay from `start` (epoch 0) to `end` (the last epoch)."""
     if epochs <= 1:
         return start
@@ -632,11 +632,11 @@ def _fit_phase(
     def schedule(epoch: int, lr: float) -> float:
         if epoch == initial_epoch:
             return lr
-        return lr * _epoch_lr(*lr_range, epochs, epoch) / _epoch_lr(*lr_range, epochs, epoch - 1)
+        return lr * epoch_lr(*lr_range, epochs, epoch) / epoch_lr(*lr_range, epochs, epoch - 1)
 
     network.compile(
         optimizer=keras.optimizers.SGD(
-            learning_rate=_epoch_lr(*lr_range, epochs, initial_epoch), momentum=config.momentum
+            learning_rate=epoch_lr(*lr_range, epochs, initial_epoch), momentum=config.momentum
         ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy")],
@@ -798,7 +798,7 @@ class _OnceLearning(keras.callbacks.Callback):
         self.callback.on_train_end(logs)
 
 
-def _unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
+def unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
     """Make the upper `fraction` of the backbone's layers trainable (BatchNorm excepted); return how many."""
     backbone.trainable = True
     layers = backbone.layers

@@ -15,6 +15,7 @@ from worker._contract import (
     QueueBusy,
 )
 from worker._inference import BatchClassifier, ModelSource
+from worker._main import run_worker, worker_running, workers_listening
 
 __all__ = [
     "BatchClassifier",
@@ -31,4 +32,7 @@ __all__ = [
     "Classification",
     "QueueBusy",
     "classify_files_sync",
+    "run_worker",
+    "worker_running",
+    "workers_listening",
 ]
