@@ -47,7 +47,7 @@ from bots._retrain_desk import follow_retrains
 from bots._texts import language_of, text
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from model import Preprocessing
+from model import IMAGE_SUFFIXES, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,6 @@ MAX_MODAL_TITLE = 45
 MAX_TYPED_MODEL = 128
 # Bigger attachments are refused before downloading: the photo limit the classifier enforces anyway.
 MAX_ATTACHMENT_BYTES = Preprocessing().max_bytes
-
-# Image types the classifier reads (anything else gets a hint, not a download).
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 # -- the client ----------------------------------------------------------------------------------------------
@@ -566,7 +563,7 @@ def is_image(attachment: discord.Attachment) -> bool:
     content_type = (attachment.content_type or "").split(";")[0].strip().lower()
     if content_type:
         return content_type.startswith("image/") and "svg" not in content_type
-    return attachment.filename.lower().endswith(_IMAGE_SUFFIXES)
+    return attachment.filename.lower().endswith(IMAGE_SUFFIXES)
 
 
 def hint_kind(attachment: discord.Attachment) -> str:

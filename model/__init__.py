@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
-from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count
+from ._preprocess import IMAGE_SUFFIXES, ImageRejected, Preprocessing, load_image, pixel_count
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
 from ._variants import (
@@ -38,6 +38,7 @@ __all__ = [
     "BACKBONES",
     "CHECKSUM_FILE",
     "DEFAULT_FALSE_REJECTION",
+    "IMAGE_SUFFIXES",
     "Answer",
     "Artefact",
     "ArtefactCorrupt",
