@@ -32,7 +32,7 @@ from ._variants import (
 if TYPE_CHECKING:
     from ._network import build_classifier, with_features
     from ._predictor import Answer, Predictor
-    from ._saving import LoadedModel, load_artefact, save_artefact
+    from ._saving import LoadedModel, load_artefact, save_artefact, save_version
 
 __all__ = [
     "BACKBONES",
@@ -67,6 +67,7 @@ __all__ = [
     "read_artefact",
     "read_variants",
     "save_artefact",
+    "save_version",
     "with_features",
 ]
 
@@ -76,6 +77,7 @@ _LAZY = {
     "with_features": "._network",
     "Answer": "._predictor",
     "save_artefact": "._saving",
+    "save_version": "._saving",
     "load_artefact": "._saving",
     "LoadedModel": "._saving",
     "Predictor": "._predictor",

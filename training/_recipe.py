@@ -78,8 +78,7 @@ from model import (
     Preprocessing,
     build_classifier,
     export_variants,
-    read_artefact,
-    save_artefact,
+    save_version,
     with_features,
 )
 from training._augmentation import augment_batches
@@ -239,56 +238,57 @@ def train(
             f"test accuracy {metrics['test_accuracy']:.3f} is near chance ({test_chance:.3f}, "
             f"the most common class's share)"
         )
-    registry = ModelRegistry(registry_root)
-    with registry.staging(version) as staging_dir:
-        save_artefact(
-            network,
-            staging_dir,
-            version=version,
-            labels=labels,
-            backbone=config.backbone,
-            preprocessing=prepared.preprocessing,
-            dropout=config.dropout,
-            l2=config.l2,
-            metrics=metrics,
-            data_fingerprint=prepared.split.fingerprint,
-            extra={
-                "config": config.to_json(),
-                "data": str(data),
-                "skipped": prepared.skipped,
-                "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
-                "history": state.history,
-                "resumed_from": resumed_from,
-                "attempts": attempts,
-                "mixed_precision": on_gpu(),
-                **({"not_activated": refused} if refused else {}),
-                **(extra or {}),
-            },
-            ood=ood,
-            ood_calibration=ood_calibration,
-        )
+
+    def add_files(directory: Path) -> None:
         if evaluation is not None:
-            _write_report(evaluation, staging_dir, state.history, version)
-            with open(staging_dir / "report.md", "a", encoding="utf-8") as report:
+            _write_report(evaluation, directory, state.history, version)
+            with open(directory / "report.md", "a", encoding="utf-8") as report:
                 report.write("\n" + markdown_section(ood_calibration, ood.threshold))
         if variants:
             say("exporting the serving variants and verifying them on the test split")
             # With the penultimate features as a second output: a variant answers the out-of-distribution score too.
             export_variants(
-                with_features(network), staging_dir, preprocessing=prepared.preprocessing, labels=labels,
+                with_features(network), directory, preprocessing=prepared.preprocessing, labels=labels,
                 verification=[(sample.path, sample.label) for sample in prepared.split.test],
                 calibration=[sample.path for sample in prepared.split.train], say=say,
             )  # fmt: skip
+
+    artefact = save_version(
+        ModelRegistry(registry_root),
+        network,
+        version=version,
+        add_files=add_files,
+        activate=activate and not refused,
+        labels=labels,
+        backbone=config.backbone,
+        preprocessing=prepared.preprocessing,
+        dropout=config.dropout,
+        l2=config.l2,
+        metrics=metrics,
+        data_fingerprint=prepared.split.fingerprint,
+        extra={
+            "config": config.to_json(),
+            "data": str(data),
+            "skipped": prepared.skipped,
+            "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
+            "history": state.history,
+            "resumed_from": resumed_from,
+            "attempts": attempts,
+            "mixed_precision": on_gpu(),
+            **({"not_activated": refused} if refused else {}),
+            **(extra or {}),
+        },
+        ood=ood,
+        ood_calibration=ood_calibration,
+    )
     if activate and refused:
         log.warning("version %s is saved but not activated: %s", version, refused)
         say(f"NOT activating {version!r}: {refused}; it learned next to nothing")
         activate = False
-    elif activate:
-        registry.activate(version)
     say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
     if own_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return read_artefact(registry.path_for(version))
+    return artefact
 
 
 # --------------------------------------------------------------------------
