@@ -221,6 +221,7 @@ async def test_one_retrain_at_a_time_and_a_lost_job_frees_the_lock(world, chat):
 
 
 async def test_rollback_returns_to_the_previous_version_and_says_so(world, chat):
+    world.start("train-worker", "trainer")  # it carries out /rollback: bots never write the registry
     assert (await chat.command(ADMIN, "rollback")).text == "There is no previous model to roll back to."
     add_version(world.registry, "tiny-copy")
     world.registry.activate("tiny-copy")
