@@ -25,13 +25,13 @@ from redis.exceptions import RedisError, ResponseError
 from bots._labels import match_label
 from bots._messages import Button, ButtonAnswer, Guesses, Notice, Reply, Sender
 from bots._ratelimit import RateLimiter
-from bots._retrain_desk import RetrainDesk
+from bots._retrain_desk import RetrainDesk, RollbackBusy
 from bots._store import Store, StoreUnavailable
 from bots._texts import language_of, text
 from carbot import keys, metrics
 from carbot.connections import redis_connection
-from carbot.db import RetrainRun
-from carbot.retrain_runs import FINAL_STATUSES, REPORT_IMAGE, RunEvent
+from carbot.db import RetrainRun, RunStatus
+from carbot.retrain_runs import DECISIONS, FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
 from worker import (
@@ -447,18 +447,23 @@ class Conversation:
         if self.retrain is None:
             return Reply(text("retrain_unavailable", lang))
         try:
-            now, was = await self.retrain.rollback()
+            now, was = await self.retrain.rollback()  # carried out by the train worker
         except LookupError:
             return Reply(text("rollback_none", lang))
+        except RollbackBusy:
+            return Reply(text("rollback_busy", lang))
         return Reply(text("rollback_done", lang, version=now, was=was or "—"))
 
     async def _decide(self, sender: Sender, run_id: int, promote: bool, lang: str) -> ButtonAnswer:
         if not sender.is_admin:
             return ButtonAnswer(notice=text("not_admin", lang))
-        run = await self.retrain.decide(run_id, sender, promote) if self.retrain is not None else None
-        if run is None:
+        decision = await self.retrain.decide(run_id, sender, promote) if self.retrain is not None else None
+        if decision is None:
             return ButtonAnswer(notice=text("run_not_waiting", lang))
-        done = text("promoted_by_admin" if promote else "discarded", lang, run=run_id, version=run.candidate_version)
+        if not decision.carried_out:  # the train worker's "decided" event tells the admin later
+            return ButtonAnswer(notice=text("decision_queued", lang, run=run_id))
+        done = text("promoted_by_admin" if promote else "discarded", lang, run=run_id,
+                    version=decision.run.candidate_version)  # fmt: skip
         return ButtonAnswer(notice=done, edit=Reply(done))
 
     async def set_progress_message(self, run_id: int, reference: str) -> None:
@@ -481,15 +486,17 @@ class Conversation:
         chat_id = run.chat_id
         progress = await self.retrain.progress_message(event.run_id)
         if event.kind in ("started", "progress"):
-            if run.status not in ("queued", "running"):
+            if run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
                 return []
             line = text("retrain_started" if event.kind == "started" else "retrain_progress_title", lang,
                         run=event.run_id) + _progress_line(_numbers(event.data), lang)  # fmt: skip
             return [Notice(chat_id, Reply(line, progress_of=event.run_id), edit=progress)]
-        if event.kind == "failed" and run.status == "failed":
+        if event.kind == "decided":
+            return await self._decision_notices(run, lang, progress)
+        if event.kind == "failed" and run.status == RunStatus.FAILED:
             final = Reply(text("retrain_failed", lang, run=run.id, error=(run.error or "?")[:_ERROR_SHOWN]))
             message = final
-        elif event.kind == "finished" and run.status in FINAL_STATUSES and run.status != "failed":
+        elif event.kind == "finished" and run.status in FINAL_STATUSES and run.status != RunStatus.FAILED:
             final = Reply(text("retrain_done", lang, run=run.id, minutes=_minutes(run)))
             message = self._summary(run, lang)
         else:
@@ -497,6 +504,18 @@ class Conversation:
         # The progress message ends with the outcome; a new message carries the news (edits do not notify).
         edited = [Notice(chat_id, final, edit=progress)] if progress else []
         return edited + [Notice(chat_id, message)]
+
+    async def _decision_notices(self, run: RetrainRun, lang: str, progress: str | None) -> list[Notice]:
+        """The train worker carried out an admin's decision: the progress message says so, and the admin is told
+        in a new message if the bot that took the decision stopped waiting for it (it answered "recorded")."""
+        if run.status not in DECISIONS:  # refused by the registry: the run waits again, its buttons still work
+            return []
+        done = text(run.status, lang, run=run.id, version=run.candidate_version)
+        final = Reply(text("retrain_done", lang, run=run.id, minutes=_minutes(run)) + "\n" + done)
+        notices = [Notice(run.chat_id, final, edit=progress)] if progress else []
+        if await self.retrain.take_unanswered(run.id):
+            notices.append(Notice(run.chat_id, Reply(done)))
+        return notices
 
     def report_picture(self, run: RetrainRun) -> str | None:
         """The report picture of run `run`'s candidate: found from its version name, and only inside the registry.
@@ -524,7 +543,7 @@ class Conversation:
             return Reply(text("summary_nothing", lang, run=run.id, reason=reason, base=run.base_version))
         active, candidate = run.active_metrics, run.candidate_metrics
         lines = [
-            text("summary_promoted" if run.status == "promoted" else "summary_rejected", lang, run=run.id,
+            text("summary_promoted" if run.status == RunStatus.PROMOTED else "summary_rejected", lang, run=run.id,
                  candidate=run.candidate_version, base=run.base_version, reason=reason),
             text("summary_data", lang, **{name: run.counts.get(name, 0) for name in _COUNTS}),
             text("summary_metrics_head", lang, base=run.base_version, candidate=run.candidate_version),
@@ -535,7 +554,7 @@ class Conversation:
                                   active=_percent(active.get(f"{part}_accuracy")),
                                   candidate=_percent(candidate.get(f"{part}_accuracy"))))  # fmt: skip
         buttons: tuple[tuple[Button, ...], ...] = ()
-        if run.status == "rejected":
+        if run.status == RunStatus.REJECTED:
             buttons = ((Button(text("button_promote", lang), f"r:{run.id}:p"),
                         Button(text("button_discard", lang), f"r:{run.id}:x")),)  # fmt: skip
         return Reply("\n".join(lines), buttons=buttons, photo_path=self.report_picture(run))

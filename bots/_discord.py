@@ -47,6 +47,7 @@ from bots._messages import Button, Guesses, Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
+from model import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,6 @@ MAX_MODAL_TITLE = 45
 MAX_TYPED_MODEL = 128
 # What a server without boosts lets a member upload.
 MAX_UPLOAD_BYTES = 10 * 2**20
-
-# Image types the classifier reads (anything else gets a hint, not a download).
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 # -- the client ----------------------------------------------------------------------------------------------
@@ -562,7 +560,7 @@ def is_image(attachment: discord.Attachment) -> bool:
     content_type = (attachment.content_type or "").split(";")[0].strip().lower()
     if content_type:
         return content_type.startswith("image/") and "svg" not in content_type
-    return attachment.filename.lower().endswith(_IMAGE_SUFFIXES)
+    return attachment.filename.lower().endswith(IMAGE_SUFFIXES)
 
 
 def hint_kind(attachment: discord.Attachment) -> str:

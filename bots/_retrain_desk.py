@@ -1,8 +1,10 @@
 """The bots' side of retraining: queue a run, show its progress, act on the admin's decision, follow events.
 
 `RetrainDesk` is what the conversation calls for `/retrain`, `/rollback` and the
-"promote anyway" / "discard" buttons. Its blocking parts (RQ's enqueue, SQL, the
-registry's renames) run in a thread. `follow_retrains` is the loop every bot
+"promote anyway" / "discard" buttons. A bot never writes the model registry (its
+container mounts it read-only): it queues the change on the train queue and waits a
+little for the train worker to make it. Its blocking parts (RQ's enqueue and waits,
+SQL) run in a thread. `follow_retrains` is the loop every bot
 process runs beside its chat: it reads the events the retrain job appends to a
 Redis stream and hands each to a `deliver` function of the platform's adapter.
 
@@ -14,6 +16,7 @@ platform share the work instead of both answering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,16 +28,17 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 from rq import Queue
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job, JobStatus
 
 from bots._messages import Sender
 from carbot import keys, retrain_runs
 from carbot.connections import redis_connection
-from carbot.db import RetrainRun
-from carbot.keys import RETRAIN_FUNC, SERIALIZER
+from carbot.db import RetrainRun, RunStatus
+from carbot.keys import DECIDE_FUNC, RETRAIN_FUNC, ROLLBACK_FUNC, SERIALIZER
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from model import ModelRegistry
-from worker._main import workers_listening
+from worker import workers_listening
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,13 @@ _PENDING_WAIT_S = 5.0
 _PENDING_TTL_S = 120
 _MESSAGE_TTL_S = 7 * 86400
 _BLOCK_MS = 5000
+# How long a button press waits for the train worker to carry out the decision before answering that it will
+# (it takes well under a second when the worker is free); within the conversation's patience with a press (10 s).
+_DECISION_WAIT_S = 5.0
+# How long /rollback waits for the train worker to start it; a rollback job started later does nothing.
+_ROLLBACK_WAIT_S = 30.0
+_ROLLBACK_GRACE_S = 10.0  # beyond that, for a rollback started in time to finish (it takes milliseconds)
+_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -58,12 +69,23 @@ class RetrainRequest:
     workers: int = 0  # train workers listening right now (0: the run waits until one starts)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """An admin's decision on a rejected run, recorded: carried out by the train worker already, or queued for it."""
+
+    run: RetrainRun  # as it was when the decision was recorded (its candidate version)
+    carried_out: bool  # False: the train worker is busy or not running; the bots say so when it is done
+
+
+class RollbackBusy(Exception):
+    """No train worker took `/rollback` in time: nothing was rolled back."""
+
+
 class RetrainDesk:
     """Requests, progress and decisions for one bot process."""
 
     def __init__(self, redis_url: str, settings: Settings, engine) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.registry_dir)
         self._engine = engine
         self._sync = redis_connection(redis_url)
         # Reads block for up to _BLOCK_MS: the socket timeout must be longer.
@@ -138,41 +160,82 @@ class RetrainDesk:
     async def get_run(self, run_id: int) -> RetrainRun | None:
         return await asyncio.to_thread(retrain_runs.get_run, self._engine, run_id)
 
-    async def decide(self, run_id: int, admin: Sender, promote: bool) -> RetrainRun | None:
-        """Promote a rejected candidate anyway, or discard it. Returns the updated run, or None if it was not waiting.
+    async def decide(self, run_id: int, admin: Sender, promote: bool) -> Decision | None:
+        """Promote a rejected candidate anyway, or discard it. None if the run was not waiting for a decision.
 
         Only a run whose candidate the gate rejected is waiting for this decision; a second
-        press (or a press after another admin decided) changes nothing.
+        press (or a press after another admin decided) changes nothing. The train worker carries
+        it out: this waits up to `_DECISION_WAIT_S` for it, and raises if the registry refused.
         """
         return await asyncio.to_thread(self._decide, run_id, f"{admin.platform}:{admin.user_id}", promote)
 
-    def _decide(self, run_id: int, admin: str, promote: bool) -> RetrainRun | None:
-        status = "promoted_by_admin" if promote else "discarded"
+    def _decide(self, run_id: int, admin: str, promote: bool) -> Decision | None:
+        status = RunStatus.PROMOTED_BY_ADMIN if promote else RunStatus.DISCARDED
         # Claimed first, in one conditional UPDATE: a promote and a discard of the same run (two admins, two bots)
         # cannot both act; the second is told the run is no longer waiting.
         run = retrain_runs.claim_decision(self._engine, run_id, status, admin)
         if run is None:
             return None
         try:
-            if promote:
-                self.registry.activate(run.candidate_version)
-            elif not self.registry.discard(run.candidate_version):
-                log.warning("run %s: candidate %s is in use, kept on disk", run_id, run.candidate_version)
+            # Ahead of any queued retrain: the decision takes milliseconds, a run may wait for it.
+            job = self._queue.enqueue_call(DECIDE_FUNC, kwargs={"run_id": run_id}, at_front=True,
+                                           result_ttl=_RESULT_TTL_S, failure_ttl=_RESULT_TTL_S)  # fmt: skip
         except BaseException:
-            # The registry refused (a damaged candidate, say): the run waits for a decision again.
-            retrain_runs.update_run(self._engine, run_id, status="rejected", decided_by=None)
+            retrain_runs.update_run(self._engine, run_id, status=RunStatus.REJECTED, decided_by=None)
             raise
-        log.info("retrain run %s: %s by %s", run_id, status, admin)
-        return retrain_runs.get_run(self._engine, run_id)
+        log.info("retrain run %s: %s by %s, queued for the train worker", run_id, status, admin)
+        ended = self._wait_for(job, _DECISION_WAIT_S)
+        if ended is None:
+            # The train worker's event will tell the admin once it is done.
+            self._sync.set(keys.decision_unanswered_key(run_id), 1, ex=_RESULT_TTL_S)
+            return Decision(run, carried_out=False)
+        if ended != JobStatus.FINISHED:  # the registry refused: the job put the run back to "rejected"
+            raise RuntimeError(f"the train worker could not carry out the decision on run {run_id} (job {ended})")
+        return Decision(run, carried_out=True)
+
+    async def take_unanswered(self, run_id: int) -> bool:
+        """Whether the admin who decided run `run_id` is still to be told it was carried out (asked once only)."""
+        return bool(await self._async.getdel(keys.decision_unanswered_key(run_id)))
 
     async def rollback(self) -> tuple[str, str | None]:
-        """Make the previously active version active again; returns (now active, was active). LookupError if none."""
+        """Make the previously active version active again; returns (now active, was active).
 
-        def roll() -> tuple[str, str | None]:
-            was = self.registry.active_version()
-            return self.registry.rollback(), was
+        The train worker does it. LookupError if there is no previous version, `RollbackBusy` if no
+        train worker took the job within `_ROLLBACK_WAIT_S` (it will do nothing when it does).
+        """
+        return await asyncio.to_thread(self._rollback)
 
-        return await asyncio.to_thread(roll)
+    def _rollback(self) -> tuple[str, str | None]:
+        seconds, micros = self._sync.time()  # the job compares with Redis' clock too
+        job = self._queue.enqueue_call(ROLLBACK_FUNC, kwargs={"not_after": seconds + micros / 1e6 + _ROLLBACK_WAIT_S},
+                                       at_front=True, result_ttl=600, failure_ttl=_RESULT_TTL_S)  # fmt: skip
+        ended = self._wait_for(job, _ROLLBACK_WAIT_S + _ROLLBACK_GRACE_S)
+        if ended is None:
+            with contextlib.suppress(Exception):  # taken meanwhile: it finds itself too late and does nothing
+                job.cancel()
+            raise RollbackBusy("no train worker took the rollback in time")
+        if ended != JobStatus.FINISHED:
+            raise RuntimeError(f"the train worker could not roll back (job {ended})")
+        result = job.return_value(refresh=True) or {}
+        if result.get("expired"):
+            raise RollbackBusy("the train worker took the rollback too late")
+        if result.get("now") is None:
+            raise LookupError("no previous model version to roll back to")
+        return result["now"], result.get("was")
+
+    def _wait_for(self, job: Job, timeout_s: float) -> JobStatus | None:
+        """How `job` ended (finished, failed, ...), or None if it had not ended within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = job.get_status(refresh=True)
+            except InvalidJobOperation:  # the job is gone from Redis (flushed, say)
+                return JobStatus.CANCELED
+            if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                return status
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(_POLL_S)
 
     # -- the progress message -------------------------------------------------------------------------------
 

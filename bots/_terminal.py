@@ -22,6 +22,7 @@ from bots._conversation import Conversation
 from bots._messages import Button, ButtonAnswer, Reply, Sender
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
+from model import IMAGE_SUFFIXES
 
 PROMPT = "you> "
 QUIT = ("/quit", "/exit")
@@ -149,11 +150,8 @@ def _flatten(rows: tuple[tuple[Button, ...], ...]):
         yield from row
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".heic")
-
-
 def _looks_like_path(line: str) -> bool:
-    return os.sep in line.lstrip("/") or Path(line).suffix.lower() in _IMAGE_SUFFIXES
+    return os.sep in line.lstrip("/") or Path(line).suffix.lower() in IMAGE_SUFFIXES
 
 
 def run_shell(settings, *, lines: TextIO = sys.stdin, output: TextIO = sys.stdout, banner: str = "") -> None:

@@ -93,8 +93,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "promoted_by_admin": "✅ {version} is active now (run #{run}, promoted by an admin).",
         "discarded": "🗑️ The candidate {version} of run #{run} was discarded.",
         "run_not_waiting": "That candidate is no longer waiting for a decision.",
+        "decision_queued": "⏳ Decision recorded for run #{run}; the train worker carries it out when it is free "
+        "(I'll say when it is done).",
         "rollback_done": "↩️ Rolled back: {version} is active again (it was {was}); the workers switch between batches.",
         "rollback_none": "There is no previous model to roll back to.",
+        "rollback_busy": "⏳ The train worker is busy or not running, so nothing was rolled back; try again later.",
         "hint_sticker": "Nice sticker! 😄 Send me a photo of a car and I'll name the model.",
         "hint_video": "I can only look at photos, not videos: send a still photo of the car.",
         "hint_voice": "I can't listen, sorry 🙉 Send me a photo of a car.",
@@ -189,8 +192,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "promoted_by_admin": "✅ {version} está ativo agora (execução #{run}, promovido por um administrador).",
         "discarded": "🗑️ O candidato {version} da execução #{run} foi descartado.",
         "run_not_waiting": "Esse candidato não está mais esperando uma decisão.",
+        "decision_queued": "⏳ Decisão registrada para a execução #{run}; o worker de treino a executa quando estiver "
+        "livre (eu aviso quando terminar).",
         "rollback_done": "↩️ Revertido: {version} está ativo de novo (era {was}); os workers trocam entre lotes.",
         "rollback_none": "Não há modelo anterior para reverter.",
+        "rollback_busy": "⏳ O worker de treino está ocupado ou parado, então nada foi revertido; tente mais tarde.",
         "hint_sticker": "Belo sticker! 😄 Mande uma foto de um carro e eu digo o modelo.",
         "hint_video": "Só consigo ver fotos, não vídeos: mande uma foto do carro.",
         "hint_voice": "Não consigo ouvir, desculpe 🙉 Mande uma foto de um carro.",

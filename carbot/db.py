@@ -8,6 +8,7 @@ the latest revision, and a test keeps these models and the migrations in step.
 """
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,21 @@ class Feedback(SQLModel, table=True):
     updated_at: datetime = _timestamp()
 
 
-# The life of a retrain run: queued -> running -> promoted | rejected | failed; an admin may then promote a
-# rejected candidate anyway (promoted_by_admin) or discard it (discarded).
-RUN_STATUSES = ("queued", "running", "promoted", "rejected", "failed", "promoted_by_admin", "discarded")
+class RunStatus(StrEnum):
+    """The life of a retrain run: queued -> running -> promoted | rejected | failed; an admin may then promote a
+    rejected candidate anyway (promoted_by_admin) or discard it (discarded). Stored as its text."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    PROMOTED_BY_ADMIN = "promoted_by_admin"
+    DISCARDED = "discarded"
+
+
+# The column's check constraint (migration 0002 wrote the same values).
+RUN_STATUSES = tuple(status.value for status in RunStatus)
 
 
 class RetrainRun(SQLModel, table=True):
@@ -112,7 +125,7 @@ class RetrainRun(SQLModel, table=True):
     requested_by: str = Field(max_length=96)
     chat_id: str = Field(max_length=64)
     language: str = Field(default="en", max_length=8)
-    status: str = Field(default="queued", max_length=24, index=True)
+    status: str = Field(default=RunStatus.QUEUED.value, max_length=24, index=True)  # a RunStatus
     base_version: str | None = Field(default=None, max_length=128)
     candidate_version: str | None = Field(default=None, max_length=128)
     counts: dict = Field(default_factory=dict, sa_type=JSON, nullable=False)  # photos used, per source and part

@@ -20,6 +20,10 @@ SERIALIZER = JSONSerializer
 # The only functions the workers run, each on its own queue (checked before anything of a job is imported).
 CLASSIFY_FUNC = "worker._tasks.classify_photo"
 RETRAIN_FUNC = "training._train_worker.run_retrain"
+# An admin's decision on a rejected candidate, and /rollback: the train worker is the one process that writes the
+# model registry for them (the bots mount it read-only).
+DECIDE_FUNC = "training._train_worker.carry_out_decision"
+ROLLBACK_FUNC = "training._train_worker.roll_back"
 
 # -- photos on their way through the queue (worker/_contract.py) ---------------------------------------------------
 PHOTO_KEY_PREFIX = f"{PREFIX}:photo:"  # + sha256: a photo's bytes, until the last job that needs them ends
@@ -55,6 +59,11 @@ RETRAIN_LOCK_KEY = f"{PREFIX}:retrain:lock"  # the run id of the retrain in prog
 RETRAIN_PROGRESS_KEY = f"{PREFIX}:retrain:progress"  # hash: the running retrain's latest progress
 RETRAIN_EVENTS_KEY = f"{PREFIX}:retrain:events"  # stream of run events, read by every bot process
 RETRAIN_MESSAGES_KEY = f"{PREFIX}:retrain:messages"  # hash: run id -> the bot message that shows its progress
+
+
+def decision_unanswered_key(run_id: int) -> str:
+    """Set when the bot that took an admin's decision stopped waiting for the train worker to carry it out."""
+    return f"{PREFIX}:retrain:decision-unanswered:{run_id}"
 
 
 # -- the conversation (bots/) --------------------------------------------------------------------------------------

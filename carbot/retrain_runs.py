@@ -21,6 +21,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 import redis
@@ -28,7 +29,7 @@ from rq.job import Job, JobStatus
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from carbot.db import RetrainRun, utcnow
+from carbot.db import RetrainRun, RunStatus, utcnow
 from carbot.keys import RETRAIN_EVENTS_KEY, RETRAIN_LOCK_KEY, RETRAIN_PROGRESS_KEY, SERIALIZER
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ REPORT_IMAGE = "retrain_report.png"
 _EVENTS_MAXLEN = 10_000
 _ERROR_LENGTH = 2000  # the column's size
 # Finished statuses: a run in one of these holds no lock and has no job to wait for.
-FINAL_STATUSES = ("promoted", "rejected", "failed", "promoted_by_admin", "discarded")
+FINAL_STATUSES = frozenset(RunStatus) - {RunStatus.QUEUED, RunStatus.RUNNING}
+# What an admin may decide for a run whose candidate the gate rejected.
+DECISIONS = (RunStatus.PROMOTED_BY_ADMIN, RunStatus.DISCARDED)
 
 
 def job_id(run_id: int) -> str:
@@ -66,7 +69,7 @@ class RunEvent:
     """
 
     run_id: int
-    kind: str  # "started" | "progress" | "finished" | "failed"
+    kind: str  # "started" | "progress" | "finished" | "failed" | "decided" (an admin's decision carried out)
     platform: str
     chat_id: str
     language: str = "en"
@@ -129,7 +132,8 @@ def update_run(engine: Engine, run_id: int, **values: Any) -> None:
         for name, value in values.items():
             if name not in RetrainRun.model_fields:
                 raise AttributeError(f"RetrainRun has no column {name!r}")
-            setattr(run, name, value)
+            # A RunStatus is stored as its text: drivers need not know the enum.
+            setattr(run, name, value.value if isinstance(value, Enum) else value)
         session.add(run)
         session.commit()
 
@@ -145,13 +149,13 @@ def list_runs(engine: Engine, limit: int = 20) -> list[RetrainRun]:
         return list(session.exec(select(RetrainRun).order_by(col(RetrainRun.id).desc()).limit(limit)))
 
 
-def claim_decision(engine: Engine, run_id: int, status: str, admin: str) -> RetrainRun | None:
+def claim_decision(engine: Engine, run_id: int, status: RunStatus, admin: str) -> RetrainRun | None:
     """Record an admin's decision on a rejected run, if (and only if) it is still waiting for one.
 
     One conditional UPDATE: of two decisions on the same run, from any processes, exactly one
     finds it "rejected" and wins; the other gets None. Returns the run as it was before.
     """
-    if status not in ("promoted_by_admin", "discarded"):
+    if status not in DECISIONS:
         raise ValueError(f"not a decision: {status!r}")
     with Session(engine, expire_on_commit=False) as session:
         run = session.get(RetrainRun, run_id)
@@ -159,8 +163,8 @@ def claim_decision(engine: Engine, run_id: int, status: str, admin: str) -> Retr
             return None
         claimed = session.exec(
             update(RetrainRun)
-            .where(col(RetrainRun.id) == run_id, col(RetrainRun.status) == "rejected")
-            .values(status=status, decided_by=admin)
+            .where(col(RetrainRun.id) == run_id, col(RetrainRun.status) == RunStatus.REJECTED)
+            .values(status=RunStatus(status).value, decided_by=admin)
         ).rowcount
         session.commit()
         return run if claimed == 1 else None
@@ -176,7 +180,7 @@ def fail_run(connection: redis.Redis, engine: Engine, run_id: int, error: str) -
         finished = utcnow()
         started = run.started_at or run.requested_at
         duration = (finished - _aware(started)).total_seconds()
-        update_run(engine, run_id, status="failed", error=error[:_ERROR_LENGTH], finished_at=finished,
+        update_run(engine, run_id, status=RunStatus.FAILED, error=error[:_ERROR_LENGTH], finished_at=finished,
                    duration_s=duration)  # fmt: skip
         publish(connection, RunEvent.for_run(run, "failed", error=error[:300]))
         log.error("retrain run %s failed: %s", run_id, error)

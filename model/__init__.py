@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
-from ._preprocess import ImageRejected, Preprocessing, load_image, pixel_count, reduce_for_queue
+from ._preprocess import IMAGE_SUFFIXES, ImageRejected, Preprocessing, load_image, pixel_count, reduce_for_queue
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
 from ._variants import (
@@ -32,12 +32,13 @@ from ._variants import (
 if TYPE_CHECKING:
     from ._network import build_classifier, with_features
     from ._predictor import Answer, Predictor
-    from ._saving import LoadedModel, load_artefact, save_artefact
+    from ._saving import LoadedModel, load_artefact, save_artefact, save_version
 
 __all__ = [
     "BACKBONES",
     "CHECKSUM_FILE",
     "DEFAULT_FALSE_REJECTION",
+    "IMAGE_SUFFIXES",
     "Answer",
     "Artefact",
     "ArtefactCorrupt",
@@ -67,6 +68,7 @@ __all__ = [
     "read_artefact",
     "read_variants",
     "save_artefact",
+    "save_version",
     "with_features",
 ]
 
@@ -76,6 +78,7 @@ _LAZY = {
     "with_features": "._network",
     "Answer": "._predictor",
     "save_artefact": "._saving",
+    "save_version": "._saving",
     "load_artefact": "._saving",
     "LoadedModel": "._saving",
     "Predictor": "._predictor",

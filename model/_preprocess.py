@@ -22,6 +22,11 @@ RESIZE_POLICIES = ("stretch", "pad", "crop")
 # Formats a phone or a chat app actually sends. Naming them keeps Pillow's rarer, less
 # hardened decoders away from untrusted bytes. (The JPEG opener also opens phones' MPO files.)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# File name suffixes of those formats, as Pillow registers them (".jpg", ".jpeg", ".png", ".tif", ...): what
+# counts as an image file wherever a file is picked by its name (datasets, the shell, attachments). HEIC is not
+# among them: the decoder refuses it.
+IMAGE_SUFFIXES = tuple(sorted(suffix for suffix, name in Image.registered_extensions().items()
+                              if name in ACCEPTED_FORMATS))  # fmt: skip
 
 # Transparent areas become white: a cut-out car on a web page is usually on white.
 _BACKGROUND = (255, 255, 255)

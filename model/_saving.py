@@ -6,7 +6,7 @@ what ``model.json`` records, so an artefact never runs code from its own files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from ._backbones import check_backbone
 from ._network import build_classifier
 from ._ood import METHOD, OOD_FILE, OodScorer, load_ood
 from ._preprocess import Preprocessing
+from ._registry import ModelRegistry
 
 
 @dataclass
@@ -99,6 +100,34 @@ def save_artefact(
     write_metadata(directory, meta)
     write_checksums(directory)
     return read_artefact(directory, verify=False)
+
+
+def save_version(
+    registry: ModelRegistry,
+    keras_model: keras.Model,
+    *,
+    version: str,
+    add_files: Callable[[Path], None] | None = None,
+    activate: bool = False,
+    expect_active: str | None | object = ...,
+    **description: Any,
+) -> Artefact:
+    """Stage, save, move into place, and with `activate` activate: the one way a trained network becomes a version.
+
+    `description` is `save_artefact`'s keyword arguments (labels, backbone, preprocessing, ...);
+    `add_files(directory)` writes what else belongs in the version (a report, serving variants)
+    before it is verified and moved into the registry. Nothing of the version is visible until it
+    is complete. Activation happens after the version is in place, with `expect_active` as
+    `ModelRegistry.activate` takes it: on `RegistryConflict` the version stays saved, inactive.
+    Returns the saved artefact, read back from its place in the registry.
+    """
+    with registry.staging(version) as staging_dir:
+        save_artefact(keras_model, staging_dir, version=version, **description)
+        if add_files is not None:
+            add_files(staging_dir)
+    if activate:
+        registry.activate(version, expect_active=expect_active)
+    return read_artefact(registry.path_for(version))
 
 
 def load_artefact(directory: Path) -> LoadedModel:

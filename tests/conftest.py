@@ -159,6 +159,21 @@ def start_worker(redis_url: str, model_registry: Path, tmp_path: Path) -> Iterat
             worker.stop(signal.SIGKILL, timeout=10)
 
 
+@contextlib.contextmanager
+def train_worker_running(
+    redis_url: str, registry: Path, database_url: str, log_dir: Path, name: str = "trainer"
+) -> Iterator[WorkerProcess]:
+    """A `carbot train-worker` on this Redis, registry and database: it carries out decisions and /rollback."""
+    env = worker_env(redis_url, registry, log_dir / f"{name}-data")
+    env["DATABASE_URL"] = database_url
+    worker = WorkerProcess(env, log_dir / f"{name}.log", name, command="train-worker")
+    try:
+        worker.wait_until_listening(redis.Redis.from_url(redis_url))
+        yield worker
+    finally:
+        worker.stop(signal.SIGKILL, timeout=10)
+
+
 def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     """A small, distinct, valid JPEG for a given seed."""
     image = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))

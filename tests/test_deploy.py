@@ -163,8 +163,15 @@ def test_model_registry_and_photo_store_live_on_volumes_where_the_image_points()
     assert mounts("worker")[registry] == "models:ro"  # serving never writes the registry
     assert mounts("train-worker")[registry] == "models" and mounts("train-worker")[data] == "data"
     for bot in BOTS:
-        # Writable: an admin's /rollback, "promote anyway" and "discard" change the registry.
-        assert mounts(bot)[data] == "data" and mounts(bot)[registry] == "models"
+        # Read-only: the train worker carries out an admin's /rollback, "promote anyway" and "discard".
+        assert mounts(bot)[data] == "data" and mounts(bot)[registry] == "models:ro"
+    # The train worker is the one service that writes the registry.
+    writers = [
+        name
+        for name, service in services.items()
+        if any(volume.split(":")[0] == "models" and not volume.endswith(":ro") for volume in service.get("volumes", []))
+    ]
+    assert writers == ["train-worker"]
     assert {"models", "data", "redis-data", "postgres-data"} <= set(document["volumes"])
 
 

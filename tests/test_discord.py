@@ -41,7 +41,7 @@ from bots._texts import TEXTS
 from carbot import keys
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
-from tests.conftest import TEST_LABELS, jpeg_bytes
+from tests.conftest import TEST_LABELS, jpeg_bytes, train_worker_running
 from worker import Candidate, ClassifyClient
 
 # discord.py and dpytest are the Discord bot's own dependencies, not the core's.
@@ -896,7 +896,7 @@ async def test_photos_buttons_menus_and_the_modal_are_acknowledged_before_the_da
 
 
 async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
-    bot, discord_api, conversation, settings, redis_url, tmp_path
+    bot, discord_api, conversation, settings, redis_url, database_url, tmp_path
 ):
     from bots._retrain_desk import RetrainDesk
     from carbot import retrain_runs
@@ -911,6 +911,9 @@ async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
     (registry / "ACTIVE").write_text("v-active\nprevious v-gone\n")
     desk = RetrainDesk(redis_url, settings.model_copy(update={"model_registry": registry}), conversation.store.engine)
     conversation.retrain = desk
+    # The train worker carries out /rollback and the decisions (the bot never writes the registry): it fails there.
+    trainer = train_worker_running(redis_url, registry, database_url, tmp_path)
+    trainer.__enter__()
     try:
         deferred, apology = await discord_api.command(bot, "rollback", user=admin, channel=channel)
         assert (deferred.type, deferred.ephemeral) == (DEFERRED_MESSAGE, True)
@@ -930,4 +933,5 @@ async def test_what_fails_after_the_acknowledgement_still_reaches_the_person(
         [apology] = await discord_api.command(bot, "obsolete", user=admin, channel=channel)
         assert (apology.type, apology.content, apology.ephemeral) == (MESSAGE, EN["failed"], True)
     finally:
+        trainer.__exit__(None, None, None)
         await desk.aclose()

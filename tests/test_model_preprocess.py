@@ -289,3 +289,30 @@ def test_a_bad_photo_is_refused_before_it_is_reduced() -> None:
     with pytest.raises(ImageRejected) as refused:
         reduce_for_queue(b"GIF89a, but then not really")
     assert refused.value.reason == "not_an_image"
+
+
+def test_every_image_suffix_names_a_file_the_decoder_reads(tmp_path: Path) -> None:
+    """`IMAGE_SUFFIXES` is the one list of image file names: each decodes, and HEIC (refused) is not in it."""
+    from model import IMAGE_SUFFIXES
+
+    assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} <= set(IMAGE_SUFFIXES)
+    assert ".heic" not in IMAGE_SUFFIXES
+    formats = Image.registered_extensions()
+    for suffix in IMAGE_SUFFIXES:
+        path = tmp_path / f"photo{suffix}"
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(path, format=formats[suffix])
+        pixels = load_image(path.read_bytes(), Preprocessing(image_size=16))
+        assert pixels.shape == (16, 16, 3) and pixels[8, 8, 0] > 150, suffix
+
+
+def test_the_dataset_scanner_and_the_shell_take_exactly_the_image_suffixes(tmp_path: Path) -> None:
+    from bots._terminal import _looks_like_path
+    from model import IMAGE_SUFFIXES
+    from training import scan_folder
+
+    (tmp_path / "FIAT UNO").mkdir()
+    for suffix in (*IMAGE_SUFFIXES, ".heic", ".txt"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "FIAT UNO" / f"a{suffix}", format="PNG")
+    assert sorted(sample.path.suffix for sample in scan_folder(tmp_path)) == sorted(IMAGE_SUFFIXES)
+    assert all(_looks_like_path(f"car{suffix.upper()}") for suffix in IMAGE_SUFFIXES)
+    assert not _looks_like_path("car.heic")

@@ -221,6 +221,7 @@ async def test_one_retrain_at_a_time_and_a_lost_job_frees_the_lock(world, chat):
 
 
 async def test_rollback_returns_to_the_previous_version_and_says_so(world, chat):
+    world.start("train-worker", "trainer")  # it carries out /rollback: bots never write the registry
     assert (await chat.command(ADMIN, "rollback")).text == "There is no previous model to roll back to."
     add_version(world.registry, "tiny-copy")
     world.registry.activate("tiny-copy")
@@ -228,6 +229,35 @@ async def test_rollback_returns_to_the_previous_version_and_says_so(world, chat)
     reply = await chat.command(ADMIN, "rollback")
     assert reply.text.startswith("↩️ Rolled back: tiny-test is active again (it was tiny-copy)")
     assert world.registry.active_version() == "tiny-test"
+
+
+async def test_a_decision_the_train_worker_takes_later_is_announced_when_it_is_done(world, chat, monkeypatch):
+    monkeypatch.setattr("bots._retrain_desk._DECISION_WAIT_S", 0.5)  # no train worker yet: the press stops waiting
+    add_version(world.registry, "r1-late")
+    engine = chat.store.engine
+    run_id = retrain_runs.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+    retrain_runs.update_run(engine, run_id, status="rejected", reason="worse_overall", candidate_version="r1-late")
+    await chat.retrain.subscribe("telegram")
+    await chat.set_progress_message(run_id, "progress-7")
+
+    answer = await chat.button(ADMIN, f"r:{run_id}:p")
+    assert answer.notice.startswith(f"⏳ Decision recorded for run #{run_id}") and answer.edit is None
+    assert world.registry.active_version() == "tiny-test"  # nothing changed yet: no train worker
+    assert (await chat.button(ADMIN, f"r:{run_id}:x")).notice == "That candidate is no longer waiting for a decision."
+
+    world.start("train-worker", "trainer")
+    [event] = await next_events(chat.retrain, "decided", timeout=60)
+    assert world.registry.active_version() == "r1-late"
+    edited, told = await chat.retrain_notices(event)
+    assert edited.edit == "progress-7" and edited.reply.text.endswith(
+        "✅ r1-late is active now (run #1, promoted by an admin)."
+    )
+    assert (told.chat_id, told.edit, told.reply.text) == (
+        "900",
+        None,
+        "✅ r1-late is active now (run #1, promoted by an admin).",
+    )
+    assert len(await chat.retrain_notices(event)) == 1  # told once: a second delivery only edits
 
 
 async def test_a_run_with_nothing_to_train_on_says_so_without_buttons(world, chat):

@@ -49,7 +49,7 @@ from carbot.settings import Settings
 from model import ModelRegistry
 from tests import test_discord as discord_tests
 from tests import test_telegram as telegram_tests
-from tests.conftest import TEST_LABELS, add_version, jpeg_bytes, worker_env
+from tests.conftest import TEST_LABELS, add_version, jpeg_bytes, train_worker_running, worker_env
 from tests.test_discord import EN, attachment_payload, deferred_answer, photo_file, start_bot
 from tests.test_telegram import ADMIN as TELEGRAM_ADMIN
 from tests.test_telegram import Harness
@@ -78,6 +78,13 @@ def registry(model_registry: Path, tmp_path: Path) -> ModelRegistry:
     add_version(registry, "tiny-b")
     registry.activate("tiny-b")
     return registry
+
+
+@pytest.fixture
+def train_worker(redis_url: str, registry: ModelRegistry, tmp_path: Path):
+    """The train worker, which carries out /rollback (bots never write the registry)."""
+    with train_worker_running(redis_url, registry.root, f"sqlite:///{tmp_path / 'carbot.db'}", tmp_path) as worker:
+        yield worker
 
 
 @pytest.fixture
@@ -177,7 +184,7 @@ def test_only_data_of_the_bots_own_grammar_parses(data: str) -> None:
 
 
 async def test_the_conversation_refuses_every_admin_command_to_non_admins(
-    chat: Conversation, registry: ModelRegistry, redis_url: str
+    chat: Conversation, registry: ModelRegistry, redis_url: str, train_worker
 ) -> None:
     assert set(ADMIN_COMMANDS) == {"stats", "model", "retrain", "rollback"}
     train_queue = redis.Redis.from_url(redis_url)
@@ -286,7 +293,7 @@ async def test_discord_refuses_an_oversized_attachment_without_downloading_it(
 
 
 async def test_path_like_arguments_to_terminal_admin_commands_touch_no_file(
-    chat: Conversation, registry: ModelRegistry, tmp_path: Path
+    chat: Conversation, registry: ModelRegistry, tmp_path: Path, train_worker
 ) -> None:
     import io
 

@@ -7,7 +7,9 @@
 - 5: /forget forgets everything: the photos others asked about, the Redis copies, the chats'
   last photos, and no file is left behind by a prediction whose row could not be written;
 - 6: a promote and a discard of the same run, from two bots at once, cannot both act, and a
-  crash while the registry records a new active version leaves a consistent pair.
+  crash while the registry records a new active version leaves a consistent pair; a bot that
+  cannot write the registry (its container mounts it read-only) still gets an admin's decision
+  and /rollback carried out, by the train worker.
 
 Everything real: redis-server, `carbot worker` and `carbot train-worker` processes, SQLite, the
 Telegram adapter against the fake Bot API server, TensorFlow training the demo model.
@@ -18,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +40,7 @@ from carbot.settings import Settings
 from model import ModelRegistry
 from tests import test_retrain_loop as loop
 from tests import test_telegram as telegram_tests
-from tests.conftest import add_version, jpeg_bytes
+from tests.conftest import add_version, jpeg_bytes, train_worker_running
 from tests.test_telegram import ADMIN as TELEGRAM_ADMIN
 from tests.test_telegram import Harness
 from worker import ClassifyClient
@@ -234,7 +238,9 @@ async def two_bots(redis_url: str, model_registry: Path, tmp_path: Path):
     store = Store(f"sqlite:///{tmp_path / 'carbot.db'}", PhotoStore(tmp_path / "photos", 90))
     store.migrate()
     desks = [RetrainDesk(redis_url, config, store.engine) for _ in range(2)]
-    yield ModelRegistry(root), store.engine, desks
+    # The train worker carries out the decisions; the bots only record them.
+    with train_worker_running(redis_url, root, f"sqlite:///{tmp_path / 'carbot.db'}", tmp_path):
+        yield ModelRegistry(root), store.engine, desks
     for desk in desks:
         await desk.aclose()
     await store.close()
@@ -264,6 +270,73 @@ async def test_a_promote_and_a_discard_of_one_run_cannot_both_act(two_bots) -> N
         else:  # the discard won: the candidate is gone, the active model unchanged
             assert run.status == "discarded" and registry.active_version() == was_active
             assert not registry.exists(version)
+
+
+# Paths that this (the bots') process must not write while the guard holds them: its registry mount is read-only.
+_READ_ONLY: list[str] = []
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_WRITING_EVENTS = ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink", "shutil.rmtree",
+                   "shutil.move", "os.truncate")  # fmt: skip
+
+
+def _refuse_registry_writes(event: str, args: tuple) -> None:
+    if not _READ_ONLY or not (event == "open" or event in _WRITING_EVENTS):
+        return
+    if event == "open":
+        path, mode, flags = args
+        if not isinstance(path, str | bytes | os.PathLike) or not (
+            (mode is not None and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE_FLAGS)
+        ):
+            return
+    paths = [arg for arg in args if isinstance(arg, str | bytes | os.PathLike)]
+    for path in paths:
+        resolved = os.path.abspath(os.fsdecode(path))
+        if any(resolved == root or resolved.startswith(root + os.sep) for root in _READ_ONLY):
+            raise PermissionError(30, f"read-only file system (the bot's registry mount): {event}", resolved)
+
+
+@contextlib.contextmanager
+def read_only_for_this_process(root: Path):
+    """Make `root` read-only for this process only, as a `:ro` mount makes it for a bot's container."""
+    if _refuse_registry_writes not in _HOOKS:  # an audit hook cannot be removed: one, switched by the list
+        sys.addaudithook(_refuse_registry_writes)
+        _HOOKS.append(_refuse_registry_writes)
+    _READ_ONLY.append(os.path.abspath(root))
+    try:
+        yield
+    finally:
+        _READ_ONLY.clear()
+
+
+_HOOKS: list = []
+
+
+async def test_a_bot_that_cannot_write_the_registry_still_gets_decisions_and_rollback_done(two_bots) -> None:
+    registry, engine, (desk, _) = two_bots
+    admin = Sender("telegram", "42", "900", is_admin=True)
+    for version in ("r1-promoted", "r2-discarded"):
+        add_version(registry, version)
+    before = registry.active_version()
+    with read_only_for_this_process(registry.root):
+        with pytest.raises(PermissionError):  # the guard holds: this process itself cannot change the registry
+            registry.activate("r1-promoted")
+        runs = {}
+        for version in ("r1-promoted", "r2-discarded"):
+            runs[version] = retrain_runs.create_run(engine, requested_by="telegram:42", chat_id="900", language="en")
+            retrain_runs.update_run(engine, runs[version], status="rejected", reason="worse_overall",
+                                    candidate_version=version)  # fmt: skip
+
+        promoted = await desk.decide(runs["r1-promoted"], admin, promote=True)
+        assert promoted is not None and promoted.carried_out
+        assert registry.active_version() == "r1-promoted" and registry.previous_version() == before
+        discarded = await desk.decide(runs["r2-discarded"], admin, promote=False)
+        assert discarded is not None and discarded.carried_out
+        assert not registry.exists("r2-discarded")
+        assert [retrain_runs.get_run(engine, run_id).status for run_id in runs.values()] == [
+            "promoted_by_admin", "discarded"]  # fmt: skip
+
+        assert await desk.rollback() == (before, "r1-promoted")
+        assert registry.active_version() == before
 
 
 def test_a_crash_while_activating_leaves_a_consistent_active_and_previous_pair(

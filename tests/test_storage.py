@@ -423,3 +423,14 @@ async def test_from_settings_uses_the_data_folder(tmp_path: Path) -> None:
         assert (await store.stats())["predictions"] == 1
     finally:
         await store.close()
+
+
+def test_the_retrain_run_statuses_are_one_enum_and_the_ones_the_migration_allows() -> None:
+    import importlib
+
+    from carbot.db import RUN_STATUSES, RunStatus
+    from carbot.retrain_runs import DECISIONS, FINAL_STATUSES
+
+    migration = importlib.import_module("carbot.migrations.versions.0002_retrain_runs")
+    assert migration._STATUSES == RUN_STATUSES == tuple(status.value for status in RunStatus)
+    assert set(DECISIONS) < FINAL_STATUSES and RunStatus.QUEUED not in FINAL_STATUSES

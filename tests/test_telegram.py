@@ -32,7 +32,7 @@ from bots._texts import text
 from carbot import db, retrain_runs
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
-from tests.conftest import TEST_LABELS, jpeg_bytes
+from tests.conftest import TEST_LABELS, jpeg_bytes, train_worker_running
 from tests.fake_telegram import ApiCall, FakeTelegram
 from worker import ClassifyClient
 
@@ -488,7 +488,9 @@ async def test_fake_server_refuses_what_telegram_refuses(fake: FakeTelegram) -> 
         assert [item["message"]["message_id"] for item in result] == [message["message_id"]]
 
 
-async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_buttons(bot: Harness, redis_url) -> None:
+async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_buttons(
+    bot: Harness, redis_url, tmp_path
+) -> None:
     """The adapter's side of /retrain: the job's events (published as the train worker does) reach the admin."""
     import redis
 
@@ -536,8 +538,12 @@ async def test_a_retrain_shows_as_one_progress_message_then_a_summary_with_butto
         done = fake.calls_to("editMessageText", lambda call: call.params["message_id"] == message_id)[-1]
         assert done.params["text"] == "✅ Retrain #1 finished in 2 min."
 
-        fake.press_button(boss, summary.result, "r:1:x")
-        [answered] = await fake.wait_for("answerCallbackQuery", lambda call: "discarded" in call.params.get("text", ""))
+        # The train worker carries out the admin's decision (the bot never writes the registry).
+        with train_worker_running(redis_url, bot.settings.registry_dir, f"sqlite:///{tmp_path}/db.sqlite", tmp_path):
+            fake.press_button(boss, summary.result, "r:1:x")
+            [answered] = await fake.wait_for(
+                "answerCallbackQuery", lambda call: "discarded" in call.params.get("text", ""), timeout=60
+            )
         assert retrain_runs.get_run(engine, 1).status == "discarded"
     finally:
         following.cancel()

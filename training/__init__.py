@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from training._fine_tune import RetrainConfig, RetrainOutcome, RetrainProgress, retrain
     from training._recipe import TrainConfig, TrainingFailed, train
     from training._sharing import GiveWay, SharingPolicy, lower_priority, photos_in_progress, share_machine
-    from training._tune import SearchSpace, tune
+    from training._train_worker import run_train_worker
+    from training._tune import MissingExtra, SearchSpace, format_values, keras_tuner, parse_values, train_best, tune
 
 __all__ = [
     "ROTATION",
@@ -74,6 +75,7 @@ __all__ = [
     "Evaluation",
     "FeedbackPhoto",
     "GiveWay",
+    "MissingExtra",
     "RetrainConfig",
     "RetrainOutcome",
     "RetrainProgress",
@@ -89,14 +91,18 @@ __all__ = [
     "build_demo_model",
     "check_samples",
     "evaluate",
+    "format_values",
     "is_held_out",
+    "keras_tuner",
     "load_split",
     "lower_priority",
     "make_synthetic_dataset",
     "make_tf_dataset",
     "photos_in_progress",
+    "parse_values",
     "read_manifest",
     "retrain",
+    "run_train_worker",
     "save_split",
     "scan_folder",
     "share_machine",
@@ -104,6 +110,7 @@ __all__ = [
     "synthetic_jpeg",
     "synthetic_photo",
     "train",
+    "train_best",
     "tune",
     "unlike_photo",
     "unlike_photos",
@@ -125,6 +132,12 @@ _LAZY = {
     "train": "training._recipe",
     "SearchSpace": "training._tune",
     "tune": "training._tune",
+    "train_best": "training._tune",
+    "MissingExtra": "training._tune",
+    "format_values": "training._tune",
+    "keras_tuner": "training._tune",
+    "parse_values": "training._tune",
+    "run_train_worker": "training._train_worker",  # light: RQ and SQL, no Keras
     "RetrainConfig": "training._fine_tune",
     "RetrainOutcome": "training._fine_tune",
     "RetrainProgress": "training._fine_tune",

@@ -50,12 +50,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model import ImageRejected, Preprocessing, load_image
+from model import IMAGE_SUFFIXES, ImageRejected, Preprocessing, load_image
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SPLITS = ("train", "validation", "test")
 
 _SPLIT_FORMAT = "carbot-split/1"
@@ -96,7 +95,7 @@ class Split:
 def scan_folder(root: Path) -> list[Sample]:
     """List the photos of a folder-per-class dataset: ``root/<label>/**/<photo>``, sorted by (label, path).
 
-    A photo is a file whose extension (any case) is one of :data:`IMAGE_EXTENSIONS`;
+    A photo is a file whose extension (any case) is one of :data:`model.IMAGE_SUFFIXES`;
     hidden files and folders are skipped. Files directly in `root` have no class and are ignored.
     """
     root = Path(root)
@@ -106,7 +105,7 @@ def scan_folder(root: Path) -> list[Sample]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(folder.rglob("*")):
             hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-            if path.is_file() and not hidden and path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.is_file() and not hidden and path.suffix.lower() in IMAGE_SUFFIXES:
                 samples.append(Sample(path, folder.name))
     return samples
 

@@ -78,7 +78,7 @@ from model import (
     RegistryConflict,
     export_variants,
     load_artefact,
-    save_artefact,
+    save_version,
     with_features,
 )
 from training._augmentation import augment_batches
@@ -96,7 +96,7 @@ from training._dataset import (
 from training._evaluation import Evaluation, evaluate, write_report
 from training._familiarity import fit_familiarity
 from training._feedback import FeedbackPhoto, is_held_out
-from training._recipe import TrainConfig, _epoch_lr, _unfreeze_top
+from training._recipe import TrainConfig, epoch_lr, unfreeze_top
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +308,34 @@ def retrain(
             batch_size=config.batch_size,
         )  # fmt: skip
     report_image = None
-    with registry.staging(version) as staging_dir:
-        save_artefact(
+
+    def add_files(directory: Path) -> None:
+        nonlocal report_image
+        if evaluation is not None:
+            title = f"Model {version} (retrained from {base.version})"
+            write_report(evaluation, directory, history=history, title=title)
+            comparison = (base.version, version, active_metrics, candidate_metrics, reason)
+            _append_gate_to_report(directory / "report.md", *comparison, counts)
+            _plot_comparison(directory / REPORT_IMAGE, *comparison)
+            report_image = registry.path_for(version) / REPORT_IMAGE  # where staging moves it
+        if variants:
+            # Verified on the hold-out (photos the candidate never trained on), calibrated on its training photos;
+            # exported with the penultimate features as a second output, for the out-of-distribution score.
+            export_variants(
+                with_features(network), directory, preprocessing=preprocessing, labels=labels,
+                verification=[(sample.path, sample.label) for sample in holdout],
+                calibration=[sample.path for sample in base_data.train + fb.train],
+            )  # fmt: skip
+
+    promoted = promote and reason == BETTER
+    try:  # activated only if an admin did not activate another version meanwhile: checked and done under one lock
+        save_version(
+            registry,
             network,
-            staging_dir,
             version=version,
+            add_files=add_files,
+            activate=promoted,
+            expect_active=base.version,
             labels=labels,
             backbone=base.backbone,
             preprocessing=preprocessing,
@@ -343,29 +366,9 @@ def retrain(
             ood=ood,
             ood_calibration=ood_calibration,
         )
-        if evaluation is not None:
-            title = f"Model {version} (retrained from {base.version})"
-            write_report(evaluation, staging_dir, history=history, title=title)
-            comparison = (base.version, version, active_metrics, candidate_metrics, reason)
-            _append_gate_to_report(staging_dir / "report.md", *comparison, counts)
-            _plot_comparison(staging_dir / REPORT_IMAGE, *comparison)
-            report_image = registry.path_for(version) / REPORT_IMAGE  # where staging moves it
-        if variants:
-            # Verified on the hold-out (photos the candidate never trained on), calibrated on its training photos;
-            # exported with the penultimate features as a second output, for the out-of-distribution score.
-            export_variants(
-                with_features(network), staging_dir, preprocessing=preprocessing, labels=labels,
-                verification=[(sample.path, sample.label) for sample in holdout],
-                calibration=[sample.path for sample in base_data.train + fb.train],
-            )  # fmt: skip
-
-    promoted = False
-    if promote and reason == BETTER:
-        try:  # only if an admin did not activate another version meanwhile: checked and done under one lock
-            registry.activate(version, expect_active=base.version)
-            promoted = True
-        except RegistryConflict as exc:
-            log.warning("not activating %s: %s", version, exc)
+    except RegistryConflict as exc:  # saved, not activated
+        log.warning("not activating %s: %s", version, exc)
+        promoted = False
     duration = time.monotonic() - started
     log.info("retrain %s: %s, %s in %.1f s", version, reason, "promoted" if promoted else "not promoted", duration)
     return RetrainOutcome(
@@ -667,7 +670,7 @@ def _finetune(
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, list[float]]:
     """Step 6: the recipe's phase 2 on `network`, in place; returns the Keras history."""
-    unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
+    unfrozen = unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
     start, end = (config.learning_rate / divisor for divisor in _FINETUNE_LR_DIVISORS)
     log.info("fine-tuning %d backbone layers for %d epochs, lr %g -> %g", unfrozen, config.epochs, start, end)
     network.compile(
@@ -677,7 +680,7 @@ def _finetune(
         jit_compile=gpu,
     )
     own = [
-        keras.callbacks.LearningRateScheduler(lambda epoch, lr: _epoch_lr(start, end, config.epochs, epoch)),
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: epoch_lr(start, end, config.epochs, epoch)),
         # A loss gone NaN never comes back: stop spending epochs on it, and let the gate judge what is left.
         keras.callbacks.TerminateOnNaN(),
         _Progress(config.epochs, on_epoch, started),

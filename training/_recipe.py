@@ -78,8 +78,7 @@ from model import (
     Preprocessing,
     build_classifier,
     export_variants,
-    read_artefact,
-    save_artefact,
+    save_version,
     with_features,
 )
 from training._augmentation import augment_batches
@@ -239,56 +238,57 @@ def train(
             f"test accuracy {metrics['test_accuracy']:.3f} is near chance ({test_chance:.3f}, "
             f"the most common class's share)"
         )
-    registry = ModelRegistry(registry_root)
-    with registry.staging(version) as staging_dir:
-        save_artefact(
-            network,
-            staging_dir,
-            version=version,
-            labels=labels,
-            backbone=config.backbone,
-            preprocessing=prepared.preprocessing,
-            dropout=config.dropout,
-            l2=config.l2,
-            metrics=metrics,
-            data_fingerprint=prepared.split.fingerprint,
-            extra={
-                "config": config.to_json(),
-                "data": str(data),
-                "skipped": prepared.skipped,
-                "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
-                "history": state.history,
-                "resumed_from": resumed_from,
-                "attempts": attempts,
-                "mixed_precision": on_gpu(),
-                **({"not_activated": refused} if refused else {}),
-                **(extra or {}),
-            },
-            ood=ood,
-            ood_calibration=ood_calibration,
-        )
+
+    def add_files(directory: Path) -> None:
         if evaluation is not None:
-            _write_report(evaluation, staging_dir, state.history, version)
-            with open(staging_dir / "report.md", "a", encoding="utf-8") as report:
+            _write_report(evaluation, directory, state.history, version)
+            with open(directory / "report.md", "a", encoding="utf-8") as report:
                 report.write("\n" + markdown_section(ood_calibration, ood.threshold))
         if variants:
             say("exporting the serving variants and verifying them on the test split")
             # With the penultimate features as a second output: a variant answers the out-of-distribution score too.
             export_variants(
-                with_features(network), staging_dir, preprocessing=prepared.preprocessing, labels=labels,
+                with_features(network), directory, preprocessing=prepared.preprocessing, labels=labels,
                 verification=[(sample.path, sample.label) for sample in prepared.split.test],
                 calibration=[sample.path for sample in prepared.split.train], say=say,
             )  # fmt: skip
+
+    artefact = save_version(
+        ModelRegistry(registry_root),
+        network,
+        version=version,
+        add_files=add_files,
+        activate=activate and not refused,
+        labels=labels,
+        backbone=config.backbone,
+        preprocessing=prepared.preprocessing,
+        dropout=config.dropout,
+        l2=config.l2,
+        metrics=metrics,
+        data_fingerprint=prepared.split.fingerprint,
+        extra={
+            "config": config.to_json(),
+            "data": str(data),
+            "skipped": prepared.skipped,
+            "counts": {**prepared.counts, "classes": len(labels), "skipped": len(prepared.skipped)},
+            "history": state.history,
+            "resumed_from": resumed_from,
+            "attempts": attempts,
+            "mixed_precision": on_gpu(),
+            **({"not_activated": refused} if refused else {}),
+            **(extra or {}),
+        },
+        ood=ood,
+        ood_calibration=ood_calibration,
+    )
     if activate and refused:
         log.warning("version %s is saved but not activated: %s", version, refused)
         say(f"NOT activating {version!r}: {refused}; it learned next to nothing")
         activate = False
-    elif activate:
-        registry.activate(version)
     say(f"saved model version {version!r}{' (active)' if activate else ''} in {registry_root}")
     if own_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return read_artefact(registry.path_for(version))
+    return artefact
 
 
 # --------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def run_phases(
     # 6. Phase 2: fine-tune the upper part of the backbone.
     if state.phase == FINETUNE:
         # BatchNorm stays frozen over pretrained statistics; random ones (weights=None) have nothing to protect.
-        unfrozen = _unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
+        unfrozen = unfreeze_top(network.get_layer("backbone"), config.finetune_fraction, freeze_batchnorm=pretrained)
         finetune_lr = (lr / config.finetune_lr_divisors[0], lr / config.finetune_lr_divisors[1])
         say(f"phase 2: fine-tuning {unfrozen} backbone layers for up to {config.finetune_epochs} epochs")
         _fit_phase(network, config, state, FINETUNE, config.finetune_epochs, finetune_lr, work_dir, **fit_args)
@@ -595,7 +595,7 @@ class _SaveState(keras.callbacks.Callback):
         self.state.save()
 
 
-def _epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
+def epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
     """Geometric decay from `start` (epoch 0) to `end` (the last epoch)."""
     if epochs <= 1:
         return start
@@ -632,11 +632,11 @@ def _fit_phase(
     def schedule(epoch: int, lr: float) -> float:
         if epoch == initial_epoch:
             return lr
-        return lr * _epoch_lr(*lr_range, epochs, epoch) / _epoch_lr(*lr_range, epochs, epoch - 1)
+        return lr * epoch_lr(*lr_range, epochs, epoch) / epoch_lr(*lr_range, epochs, epoch - 1)
 
     network.compile(
         optimizer=keras.optimizers.SGD(
-            learning_rate=_epoch_lr(*lr_range, epochs, initial_epoch), momentum=config.momentum
+            learning_rate=epoch_lr(*lr_range, epochs, initial_epoch), momentum=config.momentum
         ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3_accuracy")],
@@ -798,7 +798,7 @@ class _OnceLearning(keras.callbacks.Callback):
         self.callback.on_train_end(logs)
 
 
-def _unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
+def unfreeze_top(backbone: keras.Model, fraction: float, *, freeze_batchnorm: bool = True) -> int:
     """Make the upper `fraction` of the backbone's layers trainable (BatchNorm excepted); return how many."""
     backbone.trainable = True
     layers = backbone.layers

@@ -1,4 +1,9 @@
-"""The `/retrain` job, and the RQ worker that runs it (`carbot train-worker`).
+"""The `/retrain` job, the admin's decisions and `/rollback`, and the RQ worker that runs them (`carbot train-worker`).
+
+The train worker is the one process that writes the model registry for the bots (they mount it
+read-only): besides the runs, it carries out an admin's "promote anyway" or "discard" of a
+rejected candidate (`carry_out_decision`, queued by the bot that recorded the decision) and
+`/rollback` (`roll_back`).
 
 A run, step by step (`run_retrain`, executed in RQ's work horse, a fresh child process):
 
@@ -14,8 +19,8 @@ A run, step by step (`run_retrain`, executed in RQ's work horse, a fresh child p
 4. record counts, both models' metrics and the decision in the run's row, and tell the admin.
 
 Whatever goes wrong ends in `carbot.retrain_runs.fail_run`: an exception in the job, the RQ job
-timeout, or the work horse dying (the worker's `work_horse_killed_handler`). The registry is
-only ever changed by `retrain`'s final `activate`, so a failed run leaves the active model serving.
+timeout, or the work horse dying (the worker's `work_horse_killed_handler`). A run only ever changes
+the registry by `retrain`'s final `activate`, so a failed run leaves the active model serving.
 
 This module is imported by the train worker's parent process, which must stay light: TensorFlow
 is imported by `training.retrain` inside the work horse only.
@@ -34,9 +39,9 @@ from sqlmodel import Session, select
 
 from carbot import retrain_runs
 from carbot.connections import redis_connection
-from carbot.db import Feedback, Prediction, make_engine, utcnow
+from carbot.db import Feedback, Prediction, RunStatus, make_engine, utcnow
 from carbot.jobs import OwnJobsOnly
-from carbot.keys import RETRAIN_FUNC, SERIALIZER
+from carbot.keys import DECIDE_FUNC, RETRAIN_FUNC, ROLLBACK_FUNC, SERIALIZER
 from carbot.photos import PhotoStore
 from carbot.retrain_runs import RunEvent
 from carbot.services import database_url
@@ -69,20 +74,21 @@ def run_retrain(run_id: int) -> dict[str, Any]:
 
 
 def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id: int) -> dict[str, Any]:
-    # First, before TensorFlow starts its threads: they inherit the lowered priority (training._sharing).
-    give_way = share_machine(settings, connection)
-    from training._fine_tune import RetrainProgress, retrain
-
     run = retrain_runs.get_run(engine, run_id)
     if run is None:
         raise LookupError(f"retrain run {run_id} is not in the database")
     if run.status in retrain_runs.FINAL_STATUSES:  # failed before it started (its bot could not finish queuing it)
         log.warning("retrain run %s is already %s: nothing to do", run_id, run.status)
         return {"run_id": run_id, "status": run.status}
+    # Before TensorFlow starts its threads: they inherit the lowered priority (training._sharing).
+    give_way = share_machine(settings, connection)
+    # Only now: importing TensorFlow takes seconds that a job with nothing to do, and the jobs behind it, need not wait.
+    from training._fine_tune import RetrainProgress, retrain
+
     started = utcnow()
     active = ModelRegistry(settings.registry_dir).active(verify=False)
     # Recorded now, so a run that fails still says which model it started from.
-    retrain_runs.update_run(engine, run_id, status="running", started_at=started,
+    retrain_runs.update_run(engine, run_id, status=RunStatus.RUNNING, started_at=started,
                           base_version=active.version if active is not None else None)  # fmt: skip
     retrain_runs.publish(connection, RunEvent.for_run(run, "started"))
 
@@ -108,7 +114,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
     )
     finished = utcnow()
     saved = (settings.registry_dir / version).is_dir()
-    status = "promoted" if outcome.promoted else "rejected"
+    status = RunStatus.PROMOTED if outcome.promoted else RunStatus.REJECTED
     retrain_runs.update_run(
         engine,
         run_id,
@@ -126,6 +132,60 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
     retrain_runs.publish(connection, RunEvent.for_run(run, "finished", status=status))
     log.info("retrain run %s: %s (%s), candidate %s", run_id, status, outcome.reason, version)
     return {"run": run_id, "status": status, "reason": outcome.reason, "candidate": version if saved else None}
+
+
+def carry_out_decision(run_id: int) -> dict[str, Any]:
+    """The job an admin's "promote anyway" or "discard" queues: the bot recorded the decision; this acts on it."""
+    settings = get_settings()
+    engine = make_engine(database_url(settings))
+    try:
+        return apply_decision(ModelRegistry(settings.registry_dir), get_current_job().connection, engine, run_id)
+    finally:
+        engine.dispose()
+
+
+def apply_decision(registry: ModelRegistry, connection: redis.Redis, engine: Engine, run_id: int) -> dict[str, Any]:
+    """Activate or delete the candidate of run `run_id` as its recorded decision says, and tell the bots.
+
+    If the registry refuses (a damaged candidate, say), the run waits for a decision again and the job fails.
+    A run that holds no decision (a forged or repeated job) changes nothing.
+    """
+    run = retrain_runs.get_run(engine, run_id)
+    if run is None or run.status not in retrain_runs.DECISIONS or run.candidate_version is None:
+        log.warning("retrain run %s has no decision to carry out", run_id)
+        return {"run": run_id, "status": run.status if run is not None else None}
+    try:
+        if run.status == RunStatus.PROMOTED_BY_ADMIN:
+            registry.activate(run.candidate_version)
+        elif not registry.discard(run.candidate_version):
+            log.warning("run %s: candidate %s is in use, kept on disk", run_id, run.candidate_version)
+    except BaseException:
+        retrain_runs.update_run(engine, run_id, status=RunStatus.REJECTED, decided_by=None)
+        retrain_runs.publish(connection, RunEvent.for_run(run, "decided", status=RunStatus.REJECTED.value))
+        raise
+    log.info("retrain run %s: %s by %s", run_id, run.status, run.decided_by)
+    retrain_runs.publish(connection, RunEvent.for_run(run, "decided", status=run.status))
+    return {"run": run_id, "status": run.status, "candidate": run.candidate_version}
+
+
+def roll_back(not_after: float | None = None) -> dict[str, str | None]:
+    """The job `/rollback` queues: activate the previous version again. Returns {"now", "was"}; "now" None if none.
+
+    `not_after` (Redis' clock, seconds): a job started later does nothing ({"expired": "yes"}); the admin
+    was told the train worker was busy, and a rollback long after the request would surprise.
+    """
+    if not_after is not None:
+        seconds, micros = get_current_job().connection.time()
+        if seconds + micros / 1e6 > not_after:
+            return {"now": None, "was": None, "expired": "yes"}
+    registry = ModelRegistry(get_settings().registry_dir)
+    was = registry.active_version()
+    try:
+        now = registry.rollback()
+    except LookupError:
+        return {"now": None, "was": was}
+    log.info("rolled back to model version %s (was %s)", now, was)
+    return {"now": now, "was": was}
 
 
 def retrain_config(settings: Settings, active: Artefact | None):
@@ -198,9 +258,9 @@ def _aware(moment: datetime) -> datetime:
 
 
 class TrainWorker(OwnJobsOnly, Worker):
-    """RQ's forking worker, running nothing but the retrain job (see `carbot.jobs`)."""
+    """RQ's forking worker, running nothing but the retrain job, decisions and rollbacks (see `carbot.jobs`)."""
 
-    allowed_funcs = (RETRAIN_FUNC,)
+    allowed_funcs = (RETRAIN_FUNC, DECIDE_FUNC, ROLLBACK_FUNC)
 
 
 def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False, name: str | None = None) -> bool:
@@ -215,7 +275,7 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
 
     def horse_killed(job, retpid: int, ret_val: int, rusage: Any) -> None:
         run_id = (job.kwargs or {}).get("run_id")
-        if run_id is not None:
+        if run_id is not None and job.func_name == RETRAIN_FUNC:
             retrain_runs.fail_run(connection, engine, int(run_id), f"the training process died (exit status {ret_val})")
 
     worker = TrainWorker(

@@ -24,7 +24,7 @@ from worker._contract import (
     RejectReason,
 )
 from worker._inference import BatchClassifier, ModelSource
-from worker._main import worker_running, workers_listening
+from worker._main import run_worker, worker_running, workers_listening
 
 __all__ = [
     "BatchClassifier",
@@ -43,6 +43,7 @@ __all__ = [
     "RejectReason",
     "active_preprocessing",
     "classify_files_sync",
+    "run_worker",
     "worker_running",
     "workers_listening",
 ]

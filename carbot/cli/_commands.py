@@ -47,7 +47,7 @@ def main(verbose: bool) -> None:
 def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | None, burst: bool,
            name: str | None) -> None:  # fmt: skip
     """Serve the classify queue with a resident model, in batches."""
-    from worker._main import run_worker
+    from worker import run_worker
 
     try:
         settings = get_settings().with_overrides(max_batch=max_batch, max_wait_ms=max_wait_ms)
@@ -63,7 +63,7 @@ def worker(max_batch: int | None, max_wait_ms: float | None, artefact: Path | No
 def train_worker(burst: bool, name: str | None) -> None:
     """Serve the train queue: each `/retrain` runs in a fresh child process (run it on a GPU host)."""
     from carbot.db import migrate
-    from training._train_worker import run_train_worker
+    from training import run_train_worker
 
     settings = get_settings()
     migrate(services.database_url(settings))  # a run's row must be readable even if no bot has started yet
@@ -127,8 +127,7 @@ def classify(images: tuple[Path, ...], as_json: bool, local: bool, top_k: int) -
     if local:
         outcomes = _classify_locally(settings, photos, top_k)
     else:
-        from worker import ClassifyClient, classify_files_sync
-        from worker._main import worker_running
+        from worker import ClassifyClient, classify_files_sync, worker_running
 
         with services.redis_url(settings) as url, worker_running(settings, url):
             outcomes = classify_files_sync(lambda: ClassifyClient.from_settings(settings, url), photos, top_k=top_k)
@@ -339,10 +338,9 @@ def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_f
 
     Every trial is `carbot train`'s recipe, scored on the validation split; the test split is left for the end.
     """
-    from training import TrainConfig
-    from training._tune import MissingExtra, SearchSpace, format_values, keras_tuner, parse_values
-    from training._tune import train_best as run_final
-    from training._tune import tune as run_search
+    from training import MissingExtra, SearchSpace, TrainConfig, format_values, keras_tuner, parse_values
+    from training import train_best as run_final
+    from training import tune as run_search
 
     try:
         keras_tuner()
