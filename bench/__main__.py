@@ -84,7 +84,7 @@ def sharing(seconds: float, rounds: int, rate: float, json_path: Path | None) ->
     """Photo latency under a steady load: alone, beside a retrain, and beside a retrain that gives way."""
     from bench.sharing import run_sharing
 
-    results = run_sharing(_settings(), seconds=seconds, rounds=rounds, rate=rate)
+    results = run_sharing(get_settings(), seconds=seconds, rounds=rounds, rate=rate)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")

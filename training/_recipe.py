@@ -390,7 +390,7 @@ def _train_until_learned(
     say: Callable[[str], None],
     verbose: int,
     callbacks: Sequence[keras.callbacks.Callback],
-) -> tuple[keras.Model, _State, dict | None, list[dict[str, Any]]]:
+) -> tuple[keras.Model, RunState, dict | None, list[dict[str, Any]]]:
     """Run the phases until the validation accuracy leaves chance, at most ``config.attempts`` times.
 
     Attempt n > 0 uses seed ``config.seed + n * RETRY_SEED_STEP`` and its own checkpoints in
@@ -406,7 +406,7 @@ def _train_until_learned(
         run_dir = work_dir if attempt == 0 else work_dir / f"attempt-{attempt}"
         run_dir.mkdir(parents=True, exist_ok=True)
         network = build_network(run_config, len(prepared.labels))
-        state = _State.load(run_dir, run_config, prepared.split.fingerprint)
+        state = RunState.load(run_dir, run_config, prepared.split.fingerprint)
         if state.phase != HEAD or state.epoch > 0:
             if attempt == 0:
                 resumed_from = {"phase": state.phase, "epoch": state.epoch}
@@ -436,7 +436,7 @@ def _train_until_learned(
 def run_phases(
     network: keras.Model,
     config: TrainConfig,
-    state: _State,
+    state: RunState,
     work_dir: Path,
     prepared: PreparedData,
     *,
@@ -531,7 +531,7 @@ def _balanced_class_weights(samples: Sequence[Sample], labels: Sequence[str]) ->
 # Training
 
 
-class _State:
+class RunState:
     """Where a run stands (phase, epochs done, history), kept in ``work_dir/state.json``."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
@@ -539,7 +539,7 @@ class _State:
         self.meta = meta
 
     @classmethod
-    def load(cls, work_dir: Path, config: TrainConfig, fingerprint: str) -> _State:
+    def load(cls, work_dir: Path, config: TrainConfig, fingerprint: str) -> RunState:
         path = work_dir / STATE_FILE
         identity = {"config": config.to_json(), "data_fingerprint": fingerprint}
         if path.exists() and (work_dir / CHECKPOINT_FILE).exists():
@@ -586,7 +586,7 @@ class _State:
 class _SaveState(keras.callbacks.Callback):
     """After each epoch (and after the checkpoint was written), record it in the state file."""
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: RunState) -> None:
         super().__init__()
         self.state = state
 
@@ -605,7 +605,7 @@ def epoch_lr(start: float, end: float, epochs: int, epoch: int) -> float:
 def _fit_phase(
     network: keras.Model,
     config: TrainConfig,
-    state: _State,
+    state: RunState,
     phase: str,
     epochs: int,
     lr_range: tuple[float, float],

@@ -40,8 +40,8 @@ from training._recipe import (
     HEAD,
     SPLIT_FILE,
     PreparedData,
+    RunState,
     TrainConfig,
-    _State,
     build_network,
     predict_scores,
     prepare_data,
@@ -261,7 +261,7 @@ def _recipe_tuner_class(kt: Any) -> type:
             keras.backend.clear_session()  # the previous trial's graphs and layer names
             network = build_network(config, len(self.prepared.labels))
             # A trial interrupted earlier is handed out again by KerasTuner: go on from its last epoch.
-            state = _State.load(trial_dir, config, self.prepared.split.fingerprint)
+            state = RunState.load(trial_dir, config, self.prepared.split.fingerprint)
             if state.phase != HEAD or state.epoch > 0:
                 network.load_weights(trial_dir / CHECKPOINT_FILE)
             run_phases(network, config, state, trial_dir, self.prepared, say=self.say, verbose=self.fit_verbose)
