@@ -30,6 +30,7 @@ from bots._texts import language_for
 from carbot import db, metrics
 from carbot.db import Feedback, Person, Prediction, utcnow
 from carbot.photos import PhotoStore, PhotoStoreError
+from carbot.settings import normalize_database_url
 from worker import Candidate
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Store:
 
     def __init__(self, database_url: str, photos: PhotoStore, *, engine: Engine | None = None) -> None:
         """A store on `database_url`, through `engine` if given (`carbot.db.make_engine`'s otherwise)."""
-        url = db.normalize_url(database_url)
+        url = normalize_database_url(database_url)
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             # Every pooled connection (and the migration's) would open its own, empty database.
             raise ValueError("an in-memory SQLite database cannot back the store; give it a file")
@@ -88,10 +89,7 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
         """The store the settings describe: `DATABASE_URL` (or SQLite in the data folder) and `<data_dir>/photos`."""
-        from carbot.services import database_url
-
-        photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
-        return cls(database_url(settings), photos)
+        return cls(settings.sql_url, PhotoStore(settings.photo_dir, settings.photo_retention_days))
 
     @classmethod
     def open_for_bot(cls, settings: Settings) -> Store:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, CheckConstraint, DateTime, Engine, UniqueConstraint, event, text
-from sqlalchemy.engine import URL, make_url
 from sqlmodel import Field, SQLModel, create_engine
+
+from carbot.settings import normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -140,14 +141,6 @@ class RetrainRun(SQLModel, table=True):
     duration_s: float | None = None
 
 
-def normalize_url(url: str) -> URL:
-    """The URL with a PostgreSQL driver made explicit: psycopg 3 is the one this project installs."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgres", "postgresql"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # pysqlite's own transaction handling is off: `_sqlite_begin` starts every transaction.
     dbapi_connection.isolation_level = None
@@ -181,8 +174,10 @@ def read_only(engine: Engine) -> Engine:
 
 def make_engine(url: str) -> Engine:
     """A pooled engine for `url`, shareable across threads (the bots use it from `asyncio.to_thread`)."""
-    parsed = normalize_url(url)
+    parsed = normalize_database_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # a fresh data folder
         # Pool connections are handed between worker threads; the pool guarantees one user at a time.
         engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_on_connect)
@@ -200,7 +195,7 @@ def alembic_config(url: str | None = None) -> Any:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url is not None:
         # The ini-style parser treats "%" as interpolation, and passwords may contain one.
-        config.set_main_option("sqlalchemy.url", normalize_url(url).render_as_string(False).replace("%", "%%"))
+        config.set_main_option("sqlalchemy.url", normalize_database_url(url).render_as_string(False).replace("%", "%%"))
     return config
 
 

@@ -26,7 +26,7 @@ from prometheus_client.exposition import choose_encoder
 
 from carbot import metrics
 from carbot.connections import redis_connection
-from carbot.settings import Settings
+from carbot.settings import Settings, normalize_database_url
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,9 @@ def database_answers(url: str) -> Check:
     """The database at `url` answers `SELECT 1`."""
     from sqlalchemy import create_engine, text
 
-    from carbot.db import make_engine, normalize_url
+    from carbot.db import make_engine
 
-    parsed = normalize_url(url)
+    parsed = normalize_database_url(url)
     if parsed.get_backend_name() == "postgresql":
         # Without a connect timeout a check on an unreachable host would hang for minutes.
         engine = create_engine(parsed, connect_args={"connect_timeout": int(CHECK_TIMEOUT_S)}, pool_pre_ping=True)
@@ -175,5 +175,5 @@ def queue_and_database_checks(settings: Settings) -> dict[str, Check]:
 
     return {
         "redis": redis_answers(lambda: services.running_redis_url(settings)),
-        "database": database_answers(services.database_url(settings)),
+        "database": database_answers(settings.sql_url),
     }

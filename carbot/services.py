@@ -179,14 +179,6 @@ def running_redis_url(settings: Settings) -> str | None:
     return private.url if _answers(private.url) else None
 
 
-def database_url(settings: Settings) -> str:
-    """`DATABASE_URL`, or SQLite in the data folder."""
-    if settings.database_url:
-        return settings.database_url
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return settings.sqlite_url
-
-
 class SupervisedProcess:
     """A child process kept running until `stop()`: when it exits, for whatever reason, it is started again.
 

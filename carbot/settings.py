@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
 
 
 def _alias(name: str) -> AliasChoices:
@@ -110,11 +111,30 @@ class Settings(BaseSettings):
 
     @property
     def registry_dir(self) -> Path:
+        """The model registry: `CARBOT_MODEL_REGISTRY`, or `models` in the data folder."""
         return self.model_registry or self.data_dir / "models"
+
+    @property
+    def photo_dir(self) -> Path:
+        """The photo store: every photo people sent, by its SHA-256, for retraining (see `photo_retention_days`)."""
+        return self.data_dir / "photos"
 
     @property
     def sqlite_url(self) -> str:
         return f"sqlite:///{(self.data_dir / 'carbot.db').resolve()}"
+
+    @property
+    def sql_url(self) -> str:
+        """The database: `DATABASE_URL` with its driver made explicit, or SQLite in the data folder."""
+        return normalize_database_url(self.database_url or self.sqlite_url).render_as_string(hide_password=False)
+
+
+def normalize_database_url(url: str) -> URL:
+    """The URL with a PostgreSQL driver made explicit: psycopg 3 is the one this project installs."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from carbot import cli
 from carbot.settings import get_settings
 from tests.conftest import TEST_LABELS, jpeg_bytes
+from worker import ClassifyClient, PhotoRejected
 
 
 @pytest.fixture
@@ -70,11 +72,20 @@ def test_classify_local_runs_the_model_in_process(photos, settings_env):
     assert sum(label in result.output for label in TEST_LABELS) == 3
 
 
+async def queue_unreduced(redis_url: str, photo: bytes) -> None:
+    async with ClassifyClient(redis_url) as client:
+        with pytest.raises(PhotoRejected):
+            await client.classify(photo)
+
+
 def test_status_reports_queue_workers_and_model(redis_url, start_worker, photos, settings_env):
     settings_env(REDIS_URL=redis_url)
     start_worker("status-worker")
     runner = CliRunner()
     assert runner.invoke(cli.main, ["classify", *map(str, photos)]).exit_code == 1
+    # `carbot classify` refuses the bad file before queueing it (as the bots do); queued as it is, the worker
+    # rejects it, and that failed job is what status must count.
+    asyncio.run(queue_unreduced(redis_url, photos[3].read_bytes()))
 
     result = runner.invoke(cli.main, ["status", "--json"])
     assert result.exit_code == 0, result.output

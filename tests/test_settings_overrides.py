@@ -39,3 +39,13 @@ def test_values_are_validated_and_unknown_names_refused() -> None:
 def test_the_worker_command_refuses_an_option_out_of_range() -> None:
     result = CliRunner().invoke(main, ["worker", "--max-batch", "0"])
     assert result.exit_code == 2 and "max_batch" in result.output
+
+
+def test_the_settings_own_the_values_derived_from_them(tmp_path) -> None:
+    """Every process finds the database, the photo store and the registry the same way: from the settings."""
+    settings = Settings(data_dir=tmp_path, database_url=None, model_registry=None)
+    assert settings.sql_url == f"sqlite:///{(tmp_path / 'carbot.db').resolve()}"
+    assert settings.photo_dir == tmp_path / "photos" and settings.registry_dir == tmp_path / "models"
+    # The URL a hosting provider hands out names no driver: psycopg 3 is the one installed.
+    hosted = Settings(database_url="postgres://carbot:p%40ss@db.example:5432/carbot")
+    assert hosted.sql_url == "postgresql+psycopg://carbot:p%40ss@db.example:5432/carbot"

@@ -44,7 +44,6 @@ from carbot.jobs import OwnJobsOnly
 from carbot.keys import DECIDE_FUNC, RETRAIN_FUNC, ROLLBACK_FUNC, SERIALIZER
 from carbot.photos import PhotoStore
 from carbot.retrain_runs import RunEvent
-from carbot.services import database_url
 from carbot.settings import Settings, get_settings
 from model import Artefact, ModelRegistry
 from training._feedback import FeedbackPhoto, FeedbackPolicy, Vote, choose_feedback
@@ -62,7 +61,7 @@ def run_retrain(run_id: int) -> dict[str, Any]:
     """The job queued by `/retrain`: one whole run. Returns a short summary (kept as the RQ job's result)."""
     settings = get_settings()
     connection = get_current_job().connection
-    engine = make_engine(database_url(settings))
+    engine = make_engine(settings.sql_url)
     try:
         return _execute(settings, connection, engine, run_id)
     except Exception as exc:
@@ -92,7 +91,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
                           base_version=active.version if active is not None else None)  # fmt: skip
     retrain_runs.publish(connection, RunEvent.for_run(run, "started"))
 
-    photos = PhotoStore(settings.data_dir / "photos", settings.photo_retention_days)
+    photos = PhotoStore(settings.photo_dir, settings.photo_retention_days)
     feedback, found = collect_feedback(engine, photos, feedback_policy(settings))
     log.info("retrain run %s: %d feedback photos (%s)", run_id, len(feedback), found)
 
@@ -137,7 +136,7 @@ def _execute(settings: Settings, connection: redis.Redis, engine: Engine, run_id
 def carry_out_decision(run_id: int) -> dict[str, Any]:
     """The job an admin's "promote anyway" or "discard" queues: the bot recorded the decision; this acts on it."""
     settings = get_settings()
-    engine = make_engine(database_url(settings))
+    engine = make_engine(settings.sql_url)
     try:
         return apply_decision(ModelRegistry(settings.registry_dir), get_current_job().connection, engine, run_id)
     finally:
@@ -271,7 +270,7 @@ def run_train_worker(settings: Settings, redis_url: str, *, burst: bool = False,
     """
     # RQ's dequeue blocks up to worker_ttl - 15 s: the socket timeout must outlast it.
     connection = redis_connection(redis_url, blocking_s=TRAIN_WORKER_TTL_S - 15)
-    engine = make_engine(database_url(settings))
+    engine = make_engine(settings.sql_url)
 
     def horse_killed(job, retpid: int, ret_val: int, rusage: Any) -> None:
         run_id = (job.kwargs or {}).get("run_id")

@@ -66,7 +66,7 @@ def train_worker(burst: bool, name: str | None) -> None:
     from training import run_train_worker
 
     settings = get_settings()
-    migrate(services.database_url(settings))  # a run's row must be readable even if no bot has started yet
+    migrate(settings.sql_url)  # a run's row must be readable even if no bot has started yet
     checks = health.queue_and_database_checks(settings)
     with services.redis_url(settings) as url, health.serving(settings, metrics.PLAIN, checks):
         run_train_worker(settings, url, burst=burst, name=name)
@@ -80,7 +80,7 @@ def runs(limit: int, as_json: bool) -> None:
     from carbot.db import make_engine, migrate
     from carbot.retrain_runs import list_runs
 
-    url = services.database_url(get_settings())
+    url = get_settings().sql_url
     migrate(url)
     engine = make_engine(url)
     try:
@@ -221,7 +221,7 @@ def migrate() -> None:
 
     from carbot.db import migrate as upgrade
 
-    url = services.database_url(get_settings())
+    url = get_settings().sql_url
     upgrade(url)
     click.echo(f"database schema up to date: {make_url(url).render_as_string(hide_password=True)}")
 
