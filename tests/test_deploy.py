@@ -30,6 +30,7 @@ from carbot.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_GPU = ROOT / "compose.gpu.yaml"  # merged over compose.yaml on a GPU host
 DOCKERFILE = ROOT / "Dockerfile"
 REQUIREMENTS = ROOT / "requirements"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -49,6 +50,18 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def merged(base: dict, override: dict) -> dict:
+    """`docker compose -f base -f override`'s merge for what the GPU file holds: mappings merge, values replace."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def compose_on_a_gpu_host() -> dict:
+    return merged(compose(), yaml.safe_load(COMPOSE_GPU.read_text()))
+
+
 # -- compose.yaml -------------------------------------------------------------------------------------------------
 
 
@@ -60,6 +73,7 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess:
 
 
 def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    assert check_compose_schema(COMPOSE_GPU).returncode == 0
     checked = check_compose_schema(COMPOSE)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -122,8 +136,18 @@ def test_the_migrate_service_command_brings_a_new_database_to_the_latest_schema(
     assert revision == ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def test_compose_reserves_a_gpu_for_each_worker_replica() -> None:
+def test_compose_serves_from_the_cpu_by_default_without_tensorflow_in_the_workers() -> None:
+    """Most hosts have no GPU: plain `docker compose up` runs there, the workers on the `serve` image."""
     services = compose()["services"]
+    assert services["worker"]["build"]["args"]["VARIANT"] == "serve" and services["worker"]["image"].endswith(":serve")
+    assert "replicas" in services["worker"]["deploy"] and "resources" not in services["worker"]["deploy"]
+    assert services["train-worker"]["image"].endswith(":cpu")  # TensorFlow for training, on the CPU
+    for name in SERVICES - {"worker"}:
+        assert "deploy" not in services[name], f"{name} reserves nothing"
+
+
+def test_compose_reserves_a_gpu_for_each_worker_replica() -> None:
+    services = compose_on_a_gpu_host()["services"]
     for name in GPU_SERVICES:
         [device] = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1, name
@@ -176,7 +200,7 @@ def test_model_registry_and_photo_store_live_on_volumes_where_the_image_points()
 
 
 def test_every_variable_compose_reads_is_in_env_example() -> None:
-    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text()))
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text() + COMPOSE_GPU.read_text()))
     assert {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "WORKER_REPLICAS"} <= used
     assert used - env_example_names() == set()
 
