@@ -1,6 +1,6 @@
 """`python -m bench COMMAND`: the measurement tools, run from a checkout (they are not part of the product).
 
-- `serving`: this system against the model's ceiling, one-at-a-time predict and plain RQ;
+- `serving`: this system against the model's ceilings (TensorFlow, the chosen runtime), predict and plain RQ;
 - `loadtest`: many chat users at once through the conversation, a private Redis and workers;
 - `faults`: the load test with one part broken on purpose;
 - `fuzz`: mutated pictures through the photo decoder;
@@ -66,7 +66,7 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
 )
 def serving(photos: int, image_size: int, backbone: str, json_path: Path | None) -> None:
-    """Measure this system against the model's ceiling, one-at-a-time predict and plain RQ, side by side."""
+    """Measure this system against TensorFlow's and the chosen runtime's ceilings, predict and plain RQ."""
     from bench.serving import run_benchmark
 
     results = run_benchmark(get_settings(), photos=photos, image_size=image_size, backbone=backbone)

@@ -7,6 +7,7 @@ import math
 
 from bench.serving import run_benchmark
 from carbot.settings import Settings
+from model import RUNTIMES, VARIANT_RUNTIMES
 
 
 def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
@@ -24,13 +25,21 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     methods = results["methods"]
     assert set(methods) == {
         "a_model_ceiling",
+        "a_prime_runtime_ceiling",
         "b_predict_one_at_a_time",
         "c_plain_rq",
         "d_batch_worker",
         "e_single_photo",
         "f_decode_and_model",
     }
-    for name in ("a_model_ceiling", "b_predict_one_at_a_time", "c_plain_rq", "d_batch_worker", "f_decode_and_model"):
+    for name in (
+        "a_model_ceiling",
+        "a_prime_runtime_ceiling",
+        "b_predict_one_at_a_time",
+        "c_plain_rq",
+        "d_batch_worker",
+        "f_decode_and_model",
+    ):
         rate = methods[name]["images_per_s"]
         assert 0 < rate < 1e6 and math.isfinite(rate), name
 
@@ -41,6 +50,26 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert set(d["wall_s"]) == {"forward", "forward_on_padding", "decode", "rest"}
     assert d["worker_forward_images_per_s"] > 0
     assert d["top1_agreement_with_a"] > 0.5  # the worker serves the same model and preprocessing as (a)
+    assert d["top1_agreement_with_a_prime"] > 0.5
+    assert set(d["ms_per_photo"]) == {"wall", "client_reduce", "worker_decode", "model", "rest"}
+    assert d["ms_per_photo"]["model"] > 0 and d["ms_per_photo"]["client_reduce"] > 0
+    assert d["worker_decode_ms"]["n"] == 8 and d["worker_queue_ms"]["n"] == 8
+
+    # Every variant was exported and judged against Keras; the worker chose among them (auto) and said why.
+    assert set(results["variants"]) == set(VARIANT_RUNTIMES)
+    for variant in results["variants"].values():
+        assert variant["status"] in ("verified", "refused", "failed") and variant["reason"]
+    served = results["runtime"]
+    assert results["config"]["runtime_setting"] == "auto" and served["version"] == "bench"
+    assert served["runtime"] in RUNTIMES and served["reason"]
+    if served["runtime"] != "tensorflow":
+        assert results["variants"][served["runtime"]]["status"] == "verified"  # a refused variant never serves
+    assert methods["a_prime_runtime_ceiling"]["runtime"] == served["runtime"]
+
+    # The client reduces each photo as the bots' does: the queued PNGs are smaller than the files.
+    reduction = results["client_reduce"]
+    assert 0 < reduction["queued_kb_mean"] < reduction["original_kb_mean"]
+    assert reduction["telegram_ms_p50"] > 0 and "320x240" in reduction["ms_p50"]
     for name in ("c_plain_rq", "d_batch_worker"):
         assert 50 < methods[name]["peak_rss_mb"] < 20_000, name
 
@@ -51,18 +80,22 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     a, f = methods["a_model_ceiling"], methods["f_decode_and_model"]
     assert results["shares"]["f/a"] == round(f["images_per_s"] / a["images_per_s"], 3)
     assert results["shares"]["d/f"] == round(d["images_per_s"] / f["images_per_s"], 3)
+    a_prime = methods["a_prime_runtime_ceiling"]
+    assert results["shares"]["f/a'"] == round(f["images_per_s"] / a_prime["images_per_s"], 3)
 
     partial = results["partial_batch"]
     assert partial["photos"] == 8 and sum(partial["plan"]) >= 8 and partial["padded_to"] == [8]
     assert partial["planned_ms"] > 0 and partial["padded_ms"] > 0
 
     ratios = results["ratios"]
-    assert set(ratios) == {"d/a", "d/a_drift_free", "d/b", "d/c", "single_photo_overhead_ms"}
+    assert set(ratios) == {"d/a", "d/a'", "d/a'_drift_free", "d/b", "d/c", "single_photo_overhead_ms"}
     for ratio in ratios.values():
         assert math.isfinite(ratio["value"]) and isinstance(ratio["pass"], bool)
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["tensorflow"]
 
     table = capsys.readouterr().out
     for line in ("(a) model ceiling", "(d) this system", "(f) decoding + model", "d/a", "d/b", "d/c", "d/f = "):
+        assert line in table
+    for line in ("(a') ", "d/a'", "serves on", "(d) per photo", "client reduce"):
         assert line in table
     assert "single-photo overhead" in table
