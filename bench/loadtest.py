@@ -79,6 +79,17 @@ REJECTED, BUSY, TIMEOUT, FAILED, RATE_LIMITED, OTHER = "rejected", "busy", "time
 LOST = "lost"  # no reply at all: the handler raised, or said nothing within the deadline plus a minute
 
 
+class PersistentRedis(PrivateRedis):
+    """A private Redis that survives being killed, for the fault harness's Redis-restart scenario.
+
+    Every write goes to an append-only file in its folder, fsynced before Redis answers, so one
+    started again on the same folder holds every queued job and photo it acknowledged.
+    """
+
+    def server_arguments(self) -> list[str]:
+        return [*super().server_arguments(), "--appendonly", "yes", "--appendfsync", "always"]
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """One run's shape. `None` means "the setting's value" (queue limit, deadlines, worker knobs)."""
@@ -346,7 +357,8 @@ class Rig:
         try:
             self.registry, self.model_version, self.model_note = prepare_registry(self.settings, self.root / "models")
             self.say(f"model {self.model_version} ({self.model_note})")
-            self.redis = PrivateRedis(self.root / "redis", persistent=self.persistent_redis).start()
+            server = PersistentRedis if self.persistent_redis else PrivateRedis
+            self.redis = server(self.root / "redis").start()
             self.url = self.redis.url
             self.run_settings = self.settings.with_overrides(
                 redis_url=self.url,

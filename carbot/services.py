@@ -78,17 +78,14 @@ def _answers(url: str) -> bool:
 class PrivateRedis:
     """A `redis-server` process owned by this program, on a Unix socket.
 
-    Nothing is persisted unless `persistent`: then every write goes to an append-only file in
-    `run_dir`, fsynced before Redis answers (`appendfsync always`), so a server stopped or killed
-    and started again on the same folder still holds every queued job and photo it acknowledged.
+    Nothing is persisted: it holds a desk's queue for as long as the program runs. (A subclass
+    may add to `server_arguments`, as the fault harness does to make it keep an append-only file.)
     `supervised`: a server that dies is started again on the same socket (`SupervisedProcess`);
     what it held in memory is gone, and the clients reconnect.
     """
 
-    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, persistent: bool = False,
-                 supervised: bool = False) -> None:  # fmt: skip
+    def __init__(self, run_dir: Path, *, startup_timeout_s: float = 10.0, supervised: bool = False) -> None:
         self.run_dir = run_dir
-        self.persistent = persistent
         self.socket = _socket_path(run_dir)
         self.url = f"unix://{self.socket}"
         self._startup_timeout_s = startup_timeout_s
@@ -111,20 +108,22 @@ class PrivateRedis:
             time.sleep(0.02)
         return self
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        self.socket.unlink(missing_ok=True)
-        command = [
+    def server_arguments(self) -> list[str]:
+        """`redis-server`'s command line (a later option overrides an earlier one)."""
+        return [
             find_redis_server(),
             "--port", "0",
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--save", "",
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "always",
+            "--appendonly", "no",
             "--dir", str(self.run_dir),
             "--logfile", str(self.run_dir / "redis.log"),
         ]  # fmt: skip
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.socket.unlink(missing_ok=True)
+        return subprocess.Popen(self.server_arguments(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, *, crash: bool = False) -> None:
         """Stop the server (SIGTERM); `crash` kills it with SIGKILL instead, as a power cut would."""
