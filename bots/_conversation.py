@@ -31,6 +31,7 @@ from bots._texts import language_of, text
 from carbot import keys, metrics
 from carbot.connections import redis_connection
 from carbot.db import RetrainRun, RunStatus
+from carbot.photos import photo_name
 from carbot.retrain_runs import DECISIONS, FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
 from model import ArtefactCorrupt, ModelRegistry, read_artefact
@@ -139,7 +140,8 @@ class Conversation:
             # The person still gets the answer; without a stored prediction there is nothing to vote on.
             log.warning("answer given without buttons: the prediction could not be recorded")
             prediction_id = None
-        await self.remember_photo(sender, prediction.photo_sha256, sent_by=sent_by)
+        # By the original's name, as the store keeps it (the queue held a copy reduced for the model).
+        await self.remember_photo(sender, photo_name(photo), sent_by=sent_by)
         return self._answer(prediction, prediction_id, lang)
 
     async def top3(
@@ -200,7 +202,12 @@ class Conversation:
             # Only if it is still theirs: someone else's photo may have come since.
             await self.redis.eval(_DELETE_IF_SENT_BY, 1, key, sender.user_id)
         photo_keys = [keys.PHOTO_KEY_PREFIX + sha for sha in photo_hashes]
-        await self.redis.delete(index, keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), *photo_keys)
+        copies = [keys.photo_copies_key(sha) for sha in photo_hashes]
+        for listed in copies:  # the reduced copies queued for the model, under their own names
+            photo_keys += [key.decode() for key in await self.redis.smembers(listed)]
+        await self.redis.delete(
+            index, keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), *photo_keys, *copies
+        )
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from bots._messages import Sender
 from bots._texts import language_for
 from carbot import db, metrics
 from carbot.db import Feedback, Person, Prediction, utcnow
-from carbot.photos import PhotoStore, PhotoStoreError
+from carbot.photos import PhotoStore, PhotoStoreError, photo_name
 from carbot.settings import normalize_database_url
 from worker import Candidate
 
@@ -235,7 +234,7 @@ class Store:
         latency_ms: float,
         owner: Sender | None = None,
     ) -> int:
-        sha = hashlib.sha256(photo).hexdigest()
+        sha = photo_name(photo)
 
         def work(session: Session) -> int:
             person = _person(session, sender)

@@ -39,6 +39,11 @@ def photo_key(photo: bytes) -> str:
     return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
 
 
+def photo_copies_key(original_sha256: str) -> str:
+    """A set: the keys of the reduced copies queued for the original photo with this SHA-256 (/forget finds them)."""
+    return f"{PREFIX}:photo-copies:{original_sha256}"
+
+
 def photo_refs_key(key: str) -> str:
     """The counter of jobs that need the photo stored under `key`."""
     return PHOTO_REFS_PREFIX + key.removeprefix(PHOTO_KEY_PREFIX)

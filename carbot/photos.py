@@ -28,6 +28,11 @@ _TEMP_SUFFIX = ".tmp"
 _STALE_TEMP_S = 3600
 
 
+def photo_name(data: bytes) -> str:
+    """The name a photo is stored and recorded under, everywhere: the SHA-256 of its bytes, in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class PhotoStoreError(OSError):
     """A photo could not be written (disk full, permissions...). The caller can carry on without it."""
 
@@ -46,7 +51,7 @@ class PhotoStore:
 
         Raises `PhotoStoreError` when the disk refuses the write.
         """
-        sha = hashlib.sha256(data).hexdigest()
+        sha = photo_name(data)
         if self.retention_days == 0:
             return sha
         target = self.path(sha)
@@ -70,7 +75,7 @@ class PhotoStore:
             data = self.path(sha).read_bytes()
         except FileNotFoundError:
             return None
-        if hashlib.sha256(data).hexdigest() != sha:
+        if photo_name(data) != sha:
             # A damaged file must not end up in a training set under the wrong label.
             logger.warning("Photo %s is damaged on disk; ignoring it", sha[:12])
             return None

@@ -30,7 +30,8 @@ from rq.results import Result
 
 from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
-from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_key
+from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_copies_key, photo_key
+from carbot.photos import photo_name
 from model import ArtefactCorrupt, ImageRejected, ModelRegistry, Preprocessing, reduce_for_queue
 from worker._contract import (
     ClassifyError,
@@ -210,9 +211,10 @@ class ClassifyClient:
                 f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo.",
                 RejectReason.TOO_LARGE,
             )
+        original = None
         if self.preprocessing is not None:
             try:
-                photo = reduce_for_queue(photo, self.preprocessing)
+                original, photo = photo, reduce_for_queue(photo, self.preprocessing)
             except ImageRejected as exc:  # refused here, with the reason the worker would have given
                 raise PhotoRejected(str(exc), RejectReason(exc.reason)) from None
         if deadline is not None:
@@ -236,6 +238,11 @@ class ClassifyClient:
                     pipeline=pipe,
                 )
                 store_photo(pipe, photo, self.photo_ttl_s)
+                if original is not None:
+                    # Filed under the original's name too, so a person's /forget reaches the copy while it waits.
+                    copies = photo_copies_key(photo_name(original))
+                    pipe.sadd(copies, key)
+                    pipe.expire(copies, self.photo_ttl_s)
                 pipe.execute()
         except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
             # Redis at its memory bound (or a replica): no room for the photo, which is "busy", not a crash.
