@@ -39,7 +39,7 @@ import numpy as np
 import redis
 
 from bench.loadtest import prepare_registry
-from bench.serving import make_photos
+from bench.serving import make_photos, worker_env
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -86,7 +86,7 @@ def run_sharing(
             run_settings = settings.model_copy(update={"redis_url": url, "model_registry": registry,
                                                        "data_dir": root / "data", "queue_limit": 10_000,
                                                        "request_timeout_s": 120.0})  # fmt: skip
-            env = _env(run_settings, url, registry, root)
+            env = worker_env(run_settings, url, registry, root)
             say("starting the worker and both retrains (yielding off and on)")
             name = f"sharing-{os.getpid()}"
             worker = _start([sys.executable, "-m", "carbot", "worker", "--name", name], env, root / "worker.log")
@@ -252,18 +252,6 @@ class Count(keras.callbacks.Callback):
 retrain(registry, feedback, version="sharing", config=RetrainConfig(epochs=100000, finetune_fraction=1.0),
         promote=False, variants=False, callbacks=[*give_way.callbacks(), Count()])
 """
-
-
-def _env(settings: Settings, url: str, registry: Path, root: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "REDIS_URL": url,
-        "CARBOT_MODEL_REGISTRY": str(registry),
-        "CARBOT_DATA_DIR": str(root / "data"),
-        "CARBOT_CLASSIFY_QUEUE": settings.classify_queue,
-        "PYTHONUNBUFFERED": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
 
 
 def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
