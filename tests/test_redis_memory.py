@@ -18,7 +18,7 @@ from PIL import Image
 
 from carbot.services import PrivateRedis
 from tests.conftest import WorkerProcess, worker_env
-from worker import ClassifyClient, Prediction, QueueBusy
+from worker import Classification, ClassifyClient, QueueBusy
 
 BOUND = 48 * 2**20
 
@@ -57,13 +57,13 @@ def test_a_full_redis_answers_busy_keeps_its_bound_and_loses_no_queued_photo(
 
         outcomes, late, peak = asyncio.run(everybody_at_once())
         busy = [o for o in outcomes if isinstance(o, QueueBusy)]
-        answered = [o for o in outcomes if isinstance(o, Prediction)]
+        answered = [o for o in outcomes if isinstance(o, Classification)]
         assert busy and answered  # some did not fit, and were told so at once
         assert len(busy) + len(answered) == len(photos)  # nothing else: no crash, no lost photo
         # Redis checks its bound before each write, so the writes in flight can pass it: at most one photo
         # per submitting thread (4 per client), counted twice (in its input buffer, then stored).
         assert peak <= BOUND + 2 * 4 * max(map(len, photos)) + 2 * 2**20
-        assert isinstance(late, Prediction)
+        assert isinstance(late, Classification)
         assert connection.keys("carbot:photo*") == []  # every photo's bytes left with its job
 
 

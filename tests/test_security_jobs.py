@@ -28,7 +28,7 @@ from rq.registry import FailedJobRegistry
 from carbot.jobs import REFUSED
 from carbot.keys import CLASSIFY_FUNC, RETRAIN_FUNC, SERIALIZER
 from tests.conftest import WorkerProcess, jpeg_bytes, worker_env
-from worker import ClassifyClient, Prediction
+from worker import Classification, ClassifyClient
 
 PLANTED = """
 from pathlib import Path
@@ -162,5 +162,5 @@ async def test_the_workers_own_jobs_still_run_beside_refused_ones(
             wait_until_failed(queue, [job.id for job in planted])
         finally:
             worker.stop()
-    assert all(isinstance(answer, Prediction) for answer in answers)
+    assert all(isinstance(answer, Classification) for answer in answers)
     assert sorted(path.name for path in markers.iterdir()) == []

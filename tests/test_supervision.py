@@ -25,7 +25,7 @@ from carbot.connections import redis_connection
 from carbot.keys import SERIALIZER
 from carbot.settings import Settings
 from tests.conftest import jpeg_bytes
-from worker import ClassifyClient, Prediction, classify_files_sync
+from worker import Classification, ClassifyClient, classify_files_sync
 from worker._main import worker_running, workers_listening
 
 
@@ -92,10 +92,10 @@ def test_a_killed_worker_child_is_restarted_and_the_next_photo_answered(embedded
         submitted = time.monotonic()
         [outcome] = classify_files_sync(lambda: ClassifyClient.from_settings(patient, url), [jpeg_bytes(1)])
         answered_s = time.monotonic() - submitted
-        assert isinstance(outcome, Prediction), outcome
+        assert isinstance(outcome, Classification), outcome
         assert classify_worker.restarts == 1 and classify_worker.process.pid != killed
         [outcome] = classify_files_sync(lambda: ClassifyClient.from_settings(settings, url), [jpeg_bytes(3)])
-        assert isinstance(outcome, Prediction), outcome
+        assert isinstance(outcome, Classification), outcome
 
         killed_trainer = train_worker.process.pid
         os.kill(killed_trainer, signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_a_killed_worker_child_is_restarted_and_the_next_photo_answered(embedded
                    what="redis-server restarted")  # fmt: skip
         wait_until(lambda: answers(url), what="the new redis-server answers")
         [outcome] = classify_files_sync(lambda: ClassifyClient.from_settings(settings, url), [jpeg_bytes(2)])
-        assert isinstance(outcome, Prediction), outcome
+        assert isinstance(outcome, Classification), outcome
         children = (classify_worker.process, train_worker.process)
     # Leaving the block is still RQ's warm shutdown (SIGTERM, exit 0), and nothing is started again after it.
     assert [child.returncode for child in children] == [0, 0]

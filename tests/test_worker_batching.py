@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, STATS_KEY
 from tests.conftest import TEST_LABELS, jpeg_bytes
-from worker import ClassifyClient, PhotoRejected, Prediction
+from worker import Classification, ClassifyClient, PhotoRejected
 
 
 def queue_of(url: str) -> Queue:
@@ -44,7 +44,7 @@ async def test_batches_form_under_concurrent_load(redis_url, start_worker):
     async with ClassifyClient(redis_url) as client:
         predictions = await asyncio.gather(*(client.classify(photo) for photo in photos))
 
-    assert all(isinstance(p, Prediction) for p in predictions)
+    assert all(isinstance(p, Classification) for p in predictions)
     for prediction in predictions:
         assert prediction.model_version == "tiny-test"
         assert len(prediction.top_k) == 3
@@ -76,7 +76,7 @@ async def test_one_corrupt_photo_fails_alone_in_its_batch(redis_url, start_worke
     assert isinstance(rejected, PhotoRejected)
     assert "Traceback" not in str(rejected) and "PIL" not in str(rejected)
     assert str(rejected)  # a sentence for a person
-    assert all(isinstance(p, Prediction) for p in outcomes)
+    assert all(isinstance(p, Classification) for p in outcomes)
     # The 15 good ones were answered in the same batch as the bad one, not after it.
     assert stats(redis_url)["batches"] == 1
     assert all(p.timings["batch_size"] == 16 for p in outcomes)
@@ -137,7 +137,7 @@ async def test_hundreds_of_concurrent_awaits_use_no_thread_each(redis_url, start
         predictions = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(300)))
     watcher.cancel()
     assert len(predictions) == 300
-    assert all(isinstance(p, Prediction) for p in predictions)
+    assert all(isinstance(p, Classification) for p in predictions)
     assert peak_threads < 20
 
 
@@ -149,7 +149,7 @@ async def test_malformed_jobs_fail_alone_and_the_worker_survives(redis_url, star
     connection.hset(garbage.key, "data", b"\x80\x04\x95 a pickle from some other client")
     worker = start_worker()
     async with ClassifyClient(redis_url) as client:
-        assert isinstance(await client.classify(jpeg_bytes(2)), Prediction)  # queued after both bad jobs
+        assert isinstance(await client.classify(jpeg_bytes(2)), Classification)  # queued after both bad jobs
 
     assert worker.process.poll() is None
     traversal, garbage = (Job.fetch(j.id, connection=connection, serializer=SERIALIZER) for j in (traversal, garbage))

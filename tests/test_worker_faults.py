@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from carbot.keys import SERIALIZER, STATS_KEY
 from tests.conftest import jpeg_bytes
-from worker import ClassifyClient, ClassifyTimeout, Prediction, QueueBusy
+from worker import Classification, ClassifyClient, ClassifyTimeout, QueueBusy
 
 
 def big_photo(seed: int) -> bytes:
@@ -61,7 +61,9 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
         await asyncio.get_running_loop().run_in_executor(None, lambda: start_worker("rescuer", max_batch=4))
         outcomes = await answers
 
-    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    assert all(isinstance(o, Classification) for o in outcomes), [
+        o for o in outcomes if not isinstance(o, Classification)
+    ]
     connection = redis.Redis.from_url(redis_url)
     for job_id in in_flight:  # the photos the dead worker held were answered by the next one
         job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
@@ -82,7 +84,7 @@ async def test_a_photo_taken_by_a_worker_that_died_before_starting_it_is_answere
         started = time.monotonic()
         prediction = await answer
 
-    assert isinstance(prediction, Prediction)
+    assert isinstance(prediction, Classification)
     # RQ's own cleanup alone would take over a minute (and the person would be told "too slow").
     assert time.monotonic() - started < 30
     assert queue.intermediate_queue.get_job_ids() == []
@@ -108,7 +110,7 @@ async def test_a_failed_wake_up_of_the_result_listener_does_not_fail_the_photo(r
         answers = await asyncio.gather(first, second, return_exceptions=True)
 
     assert attempts
-    assert all(isinstance(answer, Prediction) for answer in answers), answers
+    assert all(isinstance(answer, Classification) for answer in answers), answers
 
 
 async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, big_photos):
@@ -131,7 +133,9 @@ async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, bi
 
         start_worker("next")
         outcomes = await answers
-    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    assert all(isinstance(o, Classification) for o in outcomes), [
+        o for o in outcomes if not isinstance(o, Classification)
+    ]
 
 
 async def test_full_queue_answers_busy_at_once(redis_url):
@@ -155,7 +159,7 @@ async def test_deadline_gives_timeout_and_the_worker_skips_the_job(redis_url, st
             await client.classify(jpeg_bytes(5), timeout_s=0.5)
         start_worker()
         # A fresh photo submitted now is answered; the stale one was failed as expired, not computed.
-        assert isinstance(await client.classify(jpeg_bytes(6)), Prediction)
+        assert isinstance(await client.classify(jpeg_bytes(6)), Classification)
 
     connection = redis.Redis.from_url(redis_url)
     failed = FailedJobRegistry(queue=queue_of(redis_url)).get_job_ids()

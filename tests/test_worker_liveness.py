@@ -26,7 +26,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from carbot.keys import SERIALIZER, photo_key
 from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
 from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
-from worker import ClassifyClient, PhotoRejected, Prediction
+from worker import Classification, ClassifyClient, PhotoRejected
 from worker._batch_worker import QUARANTINED
 from worker._contract import photo_refs_key
 
@@ -109,7 +109,9 @@ async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_d
         doomed.process.wait()
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)
 
-    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    assert all(isinstance(o, Classification) for o in outcomes), [
+        o for o in outcomes if not isinstance(o, Classification)
+    ]
     survivor = ({"w1", "w2"} - {doomed.name}).pop()
     for job_id in in_flight:  # the dead worker's photos were answered by the other one, once
         job = fetch(redis_url, job_id)
@@ -143,7 +145,7 @@ async def test_a_photo_that_kills_two_workers_is_set_aside_and_the_third_lives(r
         with pytest.raises(PhotoRejected, match="stopped the classifier twice"):
             await answer
         # The third worker is alive, and the next photo is answered as usual.
-        assert isinstance(await client.classify(jpeg_bytes(1)), Prediction)
+        assert isinstance(await client.classify(jpeg_bytes(1)), Classification)
     assert third.process.poll() is None
     assert fetch(redis_url, job_id).latest_result().exc_string.strip().endswith(QUARANTINED)
 
@@ -161,7 +163,7 @@ async def test_photos_of_a_killed_batch_run_alone_so_an_innocent_photo_is_not_bl
         worker.process.wait()
         rescuer = start_worker("rescuer")
         outcomes = await asyncio.gather(*answers)
-    assert all(isinstance(o, Prediction) for o in outcomes)
+    assert all(isinstance(o, Classification) for o in outcomes)
     rerun = [o for o in outcomes if o.job_id in in_flight]
     assert len(rerun) == len(in_flight) > 1
     assert {o.timings["batch_size"] for o in rerun} == {1}
@@ -175,7 +177,7 @@ async def test_a_photo_leaves_redis_when_its_last_job_ends(redis_url, start_work
     async with ClassifyClient(redis_url) as client:
         # The same photo three times at once: one copy in Redis, kept until the last job ends.
         outcomes = await asyncio.gather(*(client.classify(photo) for _ in range(3)))
-        assert all(isinstance(o, Prediction) for o in outcomes)
+        assert all(isinstance(o, Classification) for o in outcomes)
         assert connection.exists(photo_key(photo), photo_refs_key(photo_key(photo))) == 0
         with pytest.raises(PhotoRejected):
             await client.classify(b"not a picture at all")
@@ -201,7 +203,7 @@ async def test_a_hot_swap_during_a_burst_answers_every_photo_once_and_waits_for_
     async with ClassifyClient(redis_url) as client:
         before = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(20)))
         registry.activate("bigger")
-        after: list[Prediction] = []
+        after: list[Classification] = []
         for seed in range(20, 400):  # photos keep coming while the new model loads
             after.append(await client.classify(jpeg_bytes(seed)))
             if after[-1].model_version == "bigger":
@@ -241,7 +243,9 @@ async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each
     finally:
         for worker in workers:
             worker.stop()
-    assert all(isinstance(o, Prediction) for o in outcomes), [o for o in outcomes if not isinstance(o, Prediction)]
+    assert all(isinstance(o, Classification) for o in outcomes), [
+        o for o in outcomes if not isinstance(o, Classification)
+    ]
     answered_once(redis_url, [o.job_id for o in outcomes])
     assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {"ahead", "behind"}
 
@@ -255,16 +259,16 @@ def test_the_worker_survives_a_redis_restart(tmp_path: Path, model_registry: Pat
         worker = WorkerProcess(env, tmp_path / "w.log", "survivor")
         worker.wait_until_listening(redis.Redis.from_url(server.url))
 
-        async def one_photo(seed: int) -> Prediction:
+        async def one_photo(seed: int) -> Classification:
             async with ClassifyClient(server.url) as client:
                 return await client.classify(jpeg_bytes(seed))
 
-        assert isinstance(asyncio.run(one_photo(1)), Prediction)
+        assert isinstance(asyncio.run(one_photo(1)), Classification)
         server.stop(crash=True)
         time.sleep(1)  # the worker's blocking dequeue sees the connection die and backs off
         server.start()
         answer = asyncio.run(one_photo(2))
-        assert isinstance(answer, Prediction)
+        assert isinstance(answer, Classification)
         assert worker.process.poll() is None
         log = worker.log()
         worker.stop()

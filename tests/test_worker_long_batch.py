@@ -21,7 +21,7 @@ from rq.registry import FinishedJobRegistry
 
 from carbot.keys import SERIALIZER
 from tests.test_worker_liveness import answered_once
-from worker import ClassifyClient, Prediction
+from worker import Classification, ClassifyClient
 from worker._batch_worker import HEARTBEAT_TTL_S, BatchWorker
 
 
@@ -58,7 +58,7 @@ async def test_a_batch_longer_than_the_heartbeat_at_the_defaults_is_answered_onc
         finally:
             stop.set()
             await sweeper
-    assert all(isinstance(o, Prediction) for o in outcomes)
+    assert all(isinstance(o, Classification) for o in outcomes)
     batch_ms = {o.timings["decode_ms"] + o.timings["inference_ms"] for o in outcomes}
     assert {o.timings["batch_size"] for o in outcomes} == {len(photos)}  # one batch
     assert min(batch_ms) > HEARTBEAT_TTL_S * 1000 * 1.2  # the precondition: it outlived a heartbeat
