@@ -284,7 +284,7 @@ def stats(as_json: bool) -> None:
     "--variants/--no-variants",
     default=True,
     show_default=True,
-    help="Also export and verify the optimised serving variants (ONNX Runtime, OpenVINO); slow on a small model.",
+    help="Also export and verify the optimised serving variants (ONNX Runtime, OpenVINO).",
 )
 def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: int, head_epochs: int,
           finetune_epochs: int, learning_rate: float, seed: int, version: str | None, work_dir: Path | None,
