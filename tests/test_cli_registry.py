@@ -142,16 +142,19 @@ def test_rollback_without_a_previous_version_fails_cleanly(registry):
 
 
 def test_train_saves_a_new_version_with_its_report_and_can_activate_it(registry, tmp_path):
+    from model import read_variants
     from training import make_synthetic_dataset
 
     # Enough photos and epochs to learn something: --activate refuses a model at chance (issue 17).
     data = make_synthetic_dataset(tmp_path / "photos", per_class=50, size=(48, 36), seed=3)
     result = run("train", str(data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
                  "--batch-size", "16", "--head-epochs", "8", "--finetune-epochs", "1", "--learning-rate", "0.05",
-                 "--version", "trained", "--activate")  # fmt: skip
+                 "--version", "trained", "--activate", "--no-variants")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "saved trained" in result.output and "test accuracy" in result.output
     assert registry.active_version() == "trained"
     artefact = registry.active()
     assert len(artefact.labels) == 6 and "test_accuracy" in artefact.metrics
     assert (artefact.path / "report.md").is_file() and (artefact.path / "confusion_matrix.png").is_file()
+    # --no-variants: no serving variants exported (the slow part of a small model's save).
+    assert read_variants(artefact.path) is None and not (artefact.path / "variants").exists()

@@ -112,7 +112,7 @@ def test_carbot_train_activate_refuses_a_chance_level_run(
         # The CLI's own defaults for attempts (3): what a user gets.
         result = CliRunner().invoke(cli.main, [
             "train", str(shuffled_dataset), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-            "--head-epochs", "3", "--finetune-epochs", "1", "--version", "v1", "--activate",
+            "--head-epochs", "3", "--finetune-epochs", "1", "--version", "v1", "--activate", "--no-variants",
         ])  # fmt: skip
     finally:
         get_settings.cache_clear()
@@ -139,7 +139,7 @@ def test_deterministic_training_gives_the_same_model_from_the_same_seed(tmp_path
         run = subprocess.run(
             [sys.executable, "-m", "carbot", "train", str(data), "--backbone", "tiny", "--weights", "none",
              "--image-size", "32", "--head-epochs", "6", "--finetune-epochs", "1", "--learning-rate", "0.05",
-             "--version", version, "--deterministic"],
+             "--version", version, "--deterministic", "--no-variants"],
             env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout + run.stderr

@@ -30,7 +30,7 @@ def train_in_a_fresh_process(dataset: Path, registry_root: Path, *, version: str
         "from tests.test_training_recipe import small_config\n"
         "from training import train\n"
         f"train(Path({str(dataset)!r}), Path({str(registry_root)!r}), small_config(), version={version!r}, "
-        f"work_dir=Path({str(work_dir)!r}), progress=False)\n"
+        f"work_dir=Path({str(work_dir)!r}), progress=False, variants=False)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=600)
     return read_artefact(registry_root / version)
@@ -112,9 +112,8 @@ def test_recipe_trains_an_accurate_model_and_reuses_its_split(dataset: Path, tmp
     # A second version from the same work_dir is tested on the very same photos.
     split = load_split(work_dir / "split.csv")
     assert artefact.meta["data_fingerprint"] == split.fingerprint
-    rerun = train(
-        dataset, registry_root, small_config(), version="v2", work_dir=work_dir, progress=False, activate=True
-    )
+    rerun = train(dataset, registry_root, small_config(), version="v2", work_dir=work_dir, progress=False,
+                  activate=True, variants=False)  # fmt: skip
     assert rerun.meta["data_fingerprint"] == split.fingerprint
     assert load_split(work_dir / "split.csv").test == split.test
     assert ModelRegistry(registry_root).active_version() == "v2"
@@ -127,7 +126,7 @@ def test_recipe_trains_an_accurate_model_and_reuses_its_split(dataset: Path, tmp
     other_work.mkdir()
     shutil.copy(work_dir / "split.csv", other_work / "split.csv")
     config = small_config(weights=weights_file, head_epochs=1, finetune_epochs=0)
-    started = train(dataset, registry_root, config, version="v3", work_dir=other_work, progress=False)
+    started = train(dataset, registry_root, config, version="v3", work_dir=other_work, progress=False, variants=False)
     assert started.meta["extra"]["config"]["weights"] == str(weights_file)
     assert started.meta["data_fingerprint"] == split.fingerprint  # the copied split was reused
     loaded = load_artefact(started.path).keras_model.get_layer("backbone")
@@ -150,12 +149,13 @@ def test_interrupted_run_resumes_from_its_last_epoch(dataset: Path, tmp_path: Pa
             work_dir=work_dir,
             progress=False,
             callbacks=[_InterruptInFinetuning()],
+            variants=False,
         )
     state = json.loads((work_dir / "state.json").read_text())
     assert (state["phase"], state["epoch"]) == ("finetune", 1)
     assert not ModelRegistry(registry_root).exists("v1")
 
-    artefact = train(dataset, registry_root, config, version="v1", work_dir=work_dir, progress=False)
+    artefact = train(dataset, registry_root, config, version="v1", work_dir=work_dir, progress=False, variants=False)
     extra = artefact.meta["extra"]
     assert extra["resumed_from"] == {"phase": "finetune", "epoch": 1}
     assert len(extra["history"]["head"]["loss"]) == 1

@@ -264,6 +264,7 @@ def test_retrain_learns_corrections_and_is_promoted(world: Path, monkeypatch: py
         split_file=world / "split.csv",
         config=LEARN,
         on_epoch=progress.append,
+        variants=False,
     )
 
     # Promoted because it learnt: better on the feedback hold-out, no worse overall.
@@ -324,7 +325,9 @@ def test_a_worse_candidate_is_saved_but_not_promoted(world: Path) -> None:
     # Confirmations (👍) of ordinary photos, but a learning rate that wrecks whatever it touches.
     feedback = store(shapes(60, stream=11), world / "photos")
     wrecking = RetrainConfig(epochs=2, learning_rate=1e5, finetune_fraction=1.0)
-    outcome = retrain(world / "models", feedback, version="r-bad", base_dataset=world / "data", config=wrecking)
+    outcome = retrain(
+        world / "models", feedback, version="r-bad", base_dataset=world / "data", config=wrecking, variants=False
+    )
 
     assert outcome.promoted is False
     assert outcome.reason in ("worse_overall", "not_better_on_feedback"), outcome
@@ -343,10 +346,10 @@ def test_without_a_feedback_holdout_nothing_is_promoted_and_the_split_is_reused(
     split_file = world / "retrain-split.csv"
 
     first = retrain(world / "models", feedback, version="r1", base_dataset=world / "data", split_file=split_file,
-                    config=QUICK)  # fmt: skip
+                    config=QUICK, variants=False)  # fmt: skip
     saved_split = split_file.read_bytes()
     second = retrain(world / "models", feedback, version="r2", base_dataset=world / "data", split_file=split_file,
-                     config=QUICK)  # fmt: skip
+                     config=QUICK, variants=False)  # fmt: skip
 
     for outcome in (first, second):
         assert (outcome.reason, outcome.promoted) == ("no_feedback_holdout", False)
@@ -401,7 +404,7 @@ def test_a_failed_retrain_leaves_nothing_behind(world: Path, monkeypatch: pytest
     # Fails while the candidate is being written, after the artefact itself was saved.
     monkeypatch.setattr(retrain_module, "_plot_comparison", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        retrain(world / "models", feedback, version="r1", base_dataset=world / "data", config=QUICK)
+        retrain(world / "models", feedback, version="r1", base_dataset=world / "data", config=QUICK, variants=False)
     assert not registry.exists("r1")
     assert registry.active_version() == BASE_VERSION
     assert sorted(p.name for p in registry.root.iterdir()) == ["ACTIVE", BASE_VERSION]

@@ -85,7 +85,8 @@ def test_carbot_tune_prints_saves_and_trains_the_best(
             ["tune", str(dataset), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
              "--batch-size", "16", "--head-epochs", "8", "--finetune-epochs", "1", "--trials", "1",
              "--learning-rates", "0.02", "--dropouts", "0.1,0.2", "--finetune-fractions", "1",
-             "--work-dir", str(tmp_path / "work"), "--train-best", "--version", "tuned", "--activate"],
+             "--work-dir", str(tmp_path / "work"), "--train-best", "--version", "tuned", "--activate",
+             "--no-variants"],
         )  # fmt: skip
     finally:
         get_settings.cache_clear()

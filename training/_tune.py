@@ -196,11 +196,13 @@ def train_best(
     version: str | None = None,
     activate: bool = False,
     progress: bool = True,
+    variants: bool = True,
 ) -> Artefact:
     """Train the final model with the best values through :func:`~training._recipe.train`, on the search's split.
 
     Its work dir is ``<search work dir>/best-<config hash>`` (the search's split saved there too),
-    so an interrupted final run resumes like any other.
+    so an interrupted final run resumes like any other. `variants` is `train`'s: with it the version
+    also gets its optimised serving variants.
     """
     digest = hashlib.sha256(json.dumps(result.config.to_json(), sort_keys=True).encode()).hexdigest()[:12]
     final_dir = result.work_dir / f"best-{digest}"
@@ -216,6 +218,7 @@ def train_best(
         work_dir=final_dir,
         activate=activate,
         progress=progress,
+        variants=variants,
         extra={"tuned": {"best": result.best, "val_accuracy": result.score, "search": str(result.path)}},
     )
     result.artefact = artefact

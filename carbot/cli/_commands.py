@@ -280,9 +280,15 @@ def stats(as_json: bool) -> None:
     is_flag=True,
     help="Deterministic TensorFlow kernels: the same seed and data give the same model (slower).",
 )
+@click.option(
+    "--variants/--no-variants",
+    default=True,
+    show_default=True,
+    help="Also export and verify the optimised serving variants (ONNX Runtime, OpenVINO).",
+)
 def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: int, head_epochs: int,
           finetune_epochs: int, learning_rate: float, seed: int, version: str | None, work_dir: Path | None,
-          activate: bool, deterministic: bool) -> None:  # fmt: skip
+          activate: bool, deterministic: bool, variants: bool) -> None:  # fmt: skip
     """Train a classifier on DATA (a folder per class, or a CSV manifest `path,label`) with the study's recipe."""
     from training import TrainConfig, TrainingFailed
     from training import train as run_training
@@ -300,7 +306,7 @@ def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: 
     )
     try:
         artefact = run_training(data, get_settings().registry_dir, config, version=version, work_dir=work_dir,
-                                activate=activate)  # fmt: skip
+                                activate=activate, variants=variants)  # fmt: skip
     except TrainingFailed as exc:
         raise click.ClickException(str(exc)) from None
     metrics = artefact.metrics
@@ -331,9 +337,16 @@ def train(data: Path, backbone: str, weights: str, image_size: int, batch_size: 
 @click.option("--train-best", is_flag=True, help="Then train a model version with the best values.")
 @click.option("--version", help="With --train-best: the new version's name (default: v<UTC timestamp>).")
 @click.option("--activate", is_flag=True, help="With --train-best: make the new version active.")
+@click.option(
+    "--variants/--no-variants",
+    default=True,
+    show_default=True,
+    help="With --train-best: also export and verify the optimised serving variants (ONNX Runtime, OpenVINO).",
+)
 def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_fractions: str, backbone: str,
          weights: str, image_size: int, batch_size: int, head_epochs: int, finetune_epochs: int, seed: int,
-         work_dir: Path | None, train_best: bool, version: str | None, activate: bool) -> None:  # fmt: skip
+         work_dir: Path | None, train_best: bool, version: str | None, activate: bool,
+         variants: bool) -> None:  # fmt: skip
     """Search learning rate, dropout and fine-tuned depth for DATA (KerasTuner: pip install 'carbot[tune]').
 
     Every trial is `carbot train`'s recipe, scored on the validation split; the test split is left for the end.
@@ -360,7 +373,9 @@ def tune(data: Path, trials: int, learning_rates: str, dropouts: str, finetune_f
         from training import TrainingFailed
 
         try:
-            artefact = run_final(result, data, settings.registry_dir, version=version, activate=activate)
+            artefact = run_final(
+                result, data, settings.registry_dir, version=version, activate=activate, variants=variants
+            )
         except TrainingFailed as exc:
             raise click.ClickException(str(exc)) from None
         accuracy = artefact.metrics.get("test_accuracy", 0)
