@@ -64,12 +64,18 @@ def big_photos() -> list[bytes]:
     return [noisy_photo(seed) for seed in range(60)]
 
 
-async def started_jobs(url: str, timeout: float = 60) -> list[str]:
-    """The ids of the jobs a worker holds right now, as soon as there are some."""
+async def started_jobs(url: str, timeout: float = 60, *, by: str | None = None) -> list[str]:
+    """The ids of the jobs a worker holds right now (`by`: that worker), as soon as there are some.
+
+    A dead worker's jobs stay in the registry until they are rescued: `by` waits for the live one's.
+    """
     registry = StartedJobRegistry(queue=queue_of(url))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ids := registry.get_job_ids():
+        ids = registry.get_job_ids()
+        if by is not None:
+            ids = [job_id for job_id in ids if fetch(url, job_id).worker_name == by]
+        if ids:
             return ids
         await asyncio.sleep(0.001)
     raise AssertionError("no batch was started")
@@ -138,7 +144,7 @@ async def test_a_photo_that_kills_two_workers_is_set_aside_and_the_third_lives(r
         answer = asyncio.ensure_future(client.classify(poisoned))
         for name in ("first", "second"):
             worker = start_worker(name)
-            [job_id] = await started_jobs(redis_url)
+            [job_id] = await started_jobs(redis_url, by=name)
             worker.process.send_signal(signal.SIGKILL)
             worker.process.wait()
         third = start_worker("third")
