@@ -215,6 +215,12 @@ def running_run(connection: redis.Redis, engine: Engine) -> int | str | None:
     if holder == PENDING:  # a bot is queuing a run this very moment
         return PENDING
     run_id = int(holder)
+    run = get_run(engine, run_id)
+    if run is not None and run.status in FINAL_STATUSES:
+        # It has ended, and its lock is being freed this very moment (the event that said so may come
+        # first): an admin who heard it ended may ask for the next run at once.
+        release_lock(connection, run_id)
+        return None
     status = _job_status(connection, run_id)
     if status in (None, JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
         fail_run(connection, engine, run_id, f"the retrain job stopped without finishing (job {status or 'missing'})")

@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 from bots import Conversation, Sender, Store
 from bots._retrain_desk import RetrainDesk
 from carbot import cli, keys, retrain_runs
-from carbot.db import make_engine
+from carbot.db import RunStatus, make_engine
 from carbot.photos import PhotoStore
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings, get_settings
@@ -218,6 +218,15 @@ async def test_one_retrain_at_a_time_and_a_lost_job_frees_the_lock(world, chat):
     runs = {run.id: run for run in runs_table(world)}
     assert runs[1].status == "failed" and "stopped without finishing" in runs[1].error
     assert runs[2].status == "queued"
+
+
+async def test_a_run_that_has_ended_holds_no_lock_even_before_it_is_freed(world, chat):
+    """Its admin may hear that it ended (the event) before its lock is freed: the next /retrain is queued."""
+    assert "Retrain #1 queued" in (await chat.command(ADMIN, "retrain")).text
+    engine = make_engine(world.database_url)
+    retrain_runs.update_run(engine, 1, status=RunStatus.FAILED)  # it ended; its lock is not released yet
+    engine.dispose()
+    assert "Retrain #2 queued" in (await chat.command(ADMIN, "retrain")).text
 
 
 async def test_rollback_returns_to_the_previous_version_and_says_so(world, chat):
