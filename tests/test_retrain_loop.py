@@ -412,7 +412,12 @@ async def test_corrections_retrain_a_promoted_model_that_answers_them_while_noth
 
     # The run's record: who, what data, both models' metrics, the decision.
     outcome = (run.status, run.reason, run.requested_by, run.base_version)
-    assert outcome == ("promoted", "better", "telegram:42", base_version), (run, run.candidate_metrics)
+    assert outcome == ("promoted", "better", "telegram:42", base_version), (
+        run.reason,
+        run.candidate_metrics,
+        run.active_metrics,
+        run.counts,
+    )
     # Every photo entered, but for a correction that only one person made to its label (one voice is not enough).
     entered = run.counts["feedback_train"] + run.counts["feedback_holdout"]
     assert entered == len(labels) * 20 - run.counts["feedback_single_source"], run.counts

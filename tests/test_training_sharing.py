@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
@@ -143,7 +145,9 @@ def test_pausing_is_bounded_so_a_retrain_always_finishes(redis_url: str) -> None
 
 
 def test_an_unreachable_redis_never_stops_training(tmp_path: Path) -> None:
-    gone = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"), socket_connect_timeout=1)
+    # No retries: redis-py's default (10, backing off) would make each of the test's polls take seconds.
+    gone = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"), socket_connect_timeout=1,
+                       retry=Retry(NoBackoff(), 0))  # fmt: skip
     give_way = GiveWay(gone, QUEUE, SharingPolicy(poll_s=0))
     steps = Steps()
     fit_in_thread(give_way, steps).join(timeout=120)
