@@ -9,9 +9,9 @@ written.
 
 from __future__ import annotations
 
-import hashlib
-
 from rq.serializers import JSONSerializer
+
+from carbot.photos import photo_name
 
 PREFIX = "carbot"
 
@@ -36,7 +36,7 @@ RUNTIME_KEY = f"{PREFIX}:runtimes"  # hash: worker name -> JSON {version, runtim
 
 def photo_key(photo: bytes) -> str:
     """The key under which a photo's bytes are stored: its SHA-256, so identical photos share one copy."""
-    return PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()
+    return PHOTO_KEY_PREFIX + photo_name(photo)
 
 
 def photo_copies_key(original_sha256: str) -> str:
