@@ -211,19 +211,15 @@ class ClassifyClient:
                 f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo.",
                 RejectReason.TOO_LARGE,
             )
-        original = None
-        if self.preprocessing is not None:
-            try:
-                original, photo = photo, reduce_for_queue(photo, self.preprocessing)
-            except ImageRejected as exc:  # refused here, with the reason the worker would have given
-                raise PhotoRejected(str(exc), RejectReason(exc.reason)) from None
         if deadline is not None:
             # The worker reads the deadline on Redis's clock: no two hosts need to agree on the time.
             deadline = self._clock.from_local(deadline)
         try:
             if self._queue.count >= self.queue_limit:
                 raise QueueBusy("Too many photos are waiting right now; please try again in a minute.")
-            key = photo_key(photo)
+            # Only now, when it will be queued: a photo refused as "busy" costs no decoding.
+            queued = self._reduced(photo)
+            key = photo_key(queued)
             with self._sync.pipeline() as pipe:
                 # One transaction: the job and its photo land together (RQ's enqueue must come first in it).
                 job = self._queue.enqueue_call(
@@ -237,10 +233,10 @@ class ClassifyClient:
                     retry=Retry(max=self.retries) if self.retries else None,
                     pipeline=pipe,
                 )
-                store_photo(pipe, photo, self.photo_ttl_s)
-                if original is not None:
-                    # Filed under the original's name too, so a person's /forget reaches the copy while it waits.
-                    copies = photo_copies_key(photo_name(original))
+                store_photo(pipe, queued, self.photo_ttl_s)
+                if queued is not photo:
+                    # A reduced copy: filed under the original's name too, so /forget reaches it while it waits.
+                    copies = photo_copies_key(photo_name(photo))
                     pipe.sadd(copies, key)
                     pipe.expire(copies, self.photo_ttl_s)
                 pipe.execute()
@@ -250,6 +246,15 @@ class ClassifyClient:
         except redis.RedisError as exc:
             raise ClassifyFailed(_UNREACHABLE) from exc
         return job.id
+
+    def _reduced(self, photo: bytes) -> bytes:
+        """The photo as the active model reads it (`model.reduce_for_queue`); as it came without a preprocessing."""
+        if self.preprocessing is None:
+            return photo
+        try:
+            return reduce_for_queue(photo, self.preprocessing)
+        except ImageRejected as exc:  # refused here, with the reason the worker would have given
+            raise PhotoRejected(str(exc), RejectReason(exc.reason)) from None
 
     async def aclose(self) -> None:
         await self._listener.aclose()
