@@ -205,9 +205,7 @@ class Conversation:
         copies = [keys.photo_copies_key(sha) for sha in photo_hashes]
         for listed in copies:  # the reduced copies queued for the model, under their own names
             photo_keys += [key.decode() for key in await self.redis.smembers(listed)]
-        await self.redis.delete(
-            index, keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), *photo_keys, *copies
-        )
+        await self.redis.delete(index, _awaiting_key(sender), *photo_keys, *copies)
 
     async def set_reply_message(self, prediction_id: int, message_id: str) -> None:
         """Adapters call this with the id of the message that carries a classification."""
@@ -256,14 +254,12 @@ class Conversation:
             question = self._choices(prediction_id, others, labels, "which_model", "another_model", lang)
             return ButtonAnswer(notice=text("thanks_down", lang), follow_up=question)
         if kind == "c" and value == "x":
-            await self.redis.set(
-                keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id), prediction_id, ex=600
-            )
+            await self.redis.set(_awaiting_key(sender), prediction_id, ex=600)
             return ButtonAnswer(notice=text("another_model", lang), follow_up=_type_model(labels, lang))
         if kind == "c" and value.isdigit() and int(value) < len(labels):
             label = labels[int(value)]
             await self.store.correct(prediction_id, sender, label)
-            await self.redis.delete(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
+            await self.redis.delete(_awaiting_key(sender))
             done = text("corrected", lang, label=label)
             return ButtonAnswer(notice=done, edit=Reply(done))
         return ButtonAnswer(notice=text("stale", lang))
@@ -290,7 +286,7 @@ class Conversation:
 
     async def _text(self, sender: Sender, message: str) -> Reply | None:
         lang = language_of(sender)
-        awaiting = await self.redis.get(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
+        awaiting = await self.redis.get(_awaiting_key(sender))
         record = await self.store.get_prediction(int(awaiting)) if awaiting else None
         if record is None:
             return self.hint(sender, "text")
@@ -298,7 +294,7 @@ class Conversation:
         label, candidates = match_label(message, labels)
         if label is not None:
             await self.store.correct(record.id, sender, label)
-            await self.redis.delete(keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id))
+            await self.redis.delete(_awaiting_key(sender))
             return Reply(text("corrected", lang, label=label))
         if candidates:
             return self._choices(record.id, candidates, labels, "did_you_mean", "none_of_these", lang)
@@ -616,6 +612,11 @@ def _numbers(data: object) -> dict:
         return {}
     return {key: value for key, value in data.items()
             if key in _PROGRESS_FIELDS and isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
+
+
+def _awaiting_key(sender: Sender) -> str:
+    """Where the prediction this person is typing a correction for, in this chat, is noted."""
+    return keys.awaiting_key(sender.platform, sender.chat_id, sender.user_id)
 
 
 def _megabytes(size: int) -> int:

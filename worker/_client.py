@@ -87,7 +87,7 @@ class Classification:
 
     job_id: str
     model_version: str
-    photo_sha256: str
+    photo_sha256: str  # of the bytes the worker read: for a photo the client reduced, the copy's
     top_k: tuple[Candidate, ...]
     timings: dict = field(default_factory=dict)
     ood: Familiarity | None = None  # None: the model version gives no out-of-distribution verdict
