@@ -96,11 +96,21 @@ def answered_once(url: str, job_ids: list[str]) -> None:
     assert FailedJobRegistry(queue=queue).count == 0
 
 
-def killer_of(url: str, workers: dict[str, WorkerProcess], job_ids: list[str]) -> WorkerProcess:
-    """The worker that holds `job_ids`."""
-    names = {fetch(url, job_id).worker_name for job_id in job_ids}
-    assert len(names) == 1, names
-    return workers[names.pop()]
+async def unfinished_batch_of(url: str, worker: WorkerProcess, attempts: int = 20) -> list[str]:
+    """The jobs `worker` holds, frozen (SIGSTOP) while it still holds them: the caller kills it.
+
+    Seeing a job in the started registry and signalling the worker are two steps; on a
+    loaded machine the worker could finish the batch in between and the kill would then
+    test nothing. Frozen first, the jobs it has not finished yet stay unfinished.
+    """
+    for _ in range(attempts):
+        held = await started_jobs(url, by=worker.name)
+        worker.process.send_signal(signal.SIGSTOP)
+        unfinished = [job_id for job_id in held if fetch(url, job_id).get_status() != "finished"]
+        if unfinished:
+            return unfinished
+        worker.process.send_signal(signal.SIGCONT)  # it finished that batch already: catch its next one
+    raise AssertionError(f"{worker.name} never held a batch long enough to be frozen in it")
 
 
 async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_defaults(
@@ -110,8 +120,8 @@ async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_d
     async with ClassifyClient(redis_url) as client:  # the default deadline: 30 s
         submitted = [asyncio.ensure_future(client.classify(photo)) for photo in big_photos]
         # Both workers take batches at once: the first one's are the ones its death must not lose.
-        in_flight = await started_jobs(redis_url, by="w1")
-        doomed = killer_of(redis_url, workers, in_flight)
+        doomed = workers["w1"]
+        in_flight = await unfinished_batch_of(redis_url, doomed)
         doomed.process.send_signal(signal.SIGKILL)
         doomed.process.wait()
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)
