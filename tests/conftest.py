@@ -7,6 +7,7 @@ or one on PATH) on a private Unix socket, TensorFlow with a tiny backbone, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -17,11 +18,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import redis
 from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.registry import StartedJobRegistry
 
+from carbot.keys import SERIALIZER
 from carbot.services import PrivateRedis
 
 TEST_IMAGE_SIZE = 32
@@ -181,3 +187,54 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
+
+
+def noisy_jpeg(seed: int, size: tuple[int, int] = (1600, 1200)) -> bytes:
+    """A noisy phone-size JPEG: slow enough to decode that a batch of them takes a while."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def classify_queue(url: str) -> Queue:
+    """The classify queue on the test's Redis, as RQ sees it."""
+    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+
+
+def fetch_job(url: str, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+
+
+async def started_jobs(url: str, timeout: float = 60, *, by: str | None = None) -> list[str]:
+    """The ids of the jobs a worker holds right now (`by`: that worker), as soon as there are some.
+
+    A dead worker's jobs stay in the registry until they are rescued: `by` waits for the live one's.
+    """
+    registry = StartedJobRegistry(queue=classify_queue(url))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = registry.get_job_ids()
+        if by is not None:
+            ids = [job_id for job_id in ids if fetch_job(url, job_id).worker_name == by]
+        if ids:
+            return ids
+        await asyncio.sleep(0.001)  # the client submitting the photos runs on this loop
+    raise AssertionError("no batch was started")
+
+
+async def frozen_in_a_batch(url: str, worker: WorkerProcess, attempts: int = 20) -> list[str]:
+    """The jobs `worker` has not finished, with the worker frozen (SIGSTOP) holding them: the caller kills it.
+
+    Seeing a job in the started registry and signalling the worker are two steps; on a
+    loaded machine the worker can finish its batch in between, and a kill would then test
+    nothing. Frozen first, what it holds unfinished stays unfinished.
+    """
+    for _ in range(attempts):
+        held = await started_jobs(url, by=worker.name)
+        worker.process.send_signal(signal.SIGSTOP)
+        unfinished = [job_id for job_id in held if fetch_job(url, job_id).get_status() != "finished"]
+        if unfinished:
+            return unfinished
+        worker.process.send_signal(signal.SIGCONT)  # it finished that batch already: catch its next one
+    raise AssertionError(f"{worker.name} never held a batch long enough to be frozen in it")

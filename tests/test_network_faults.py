@@ -11,17 +11,14 @@ also makes the worker's connection timeout 1 + 10 s instead of 5 + 10 s.
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 from rq import Queue
 from rq.registry import StartedJobRegistry
 from rq.results import Result
@@ -33,7 +30,7 @@ from carbot.connections import SOCKET_TIMEOUT_S, redis_connection
 from carbot.keys import SERIALIZER
 from carbot.photos import PhotoStore
 from carbot.settings import Settings
-from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
+from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, noisy_jpeg, worker_env
 from tests.netproxy import BlackholeProxy
 from worker import Classification, ClassifyClient, ClassifyError, ClassifyFailed, ClassifyTimeout
 
@@ -146,14 +143,6 @@ async def test_the_result_listener_recovers_after_its_connection_went_silent(pro
         worker.stop()
 
 
-def noisy_photo(seed: int) -> bytes:
-    """A noisy phone-size JPEG: a batch of them takes long enough to cut the network in the middle of it."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_once_redis_is_back(
     proxy, redis_url, model_registry, tmp_path
 ):
@@ -162,7 +151,7 @@ async def test_a_worker_cut_off_in_the_middle_of_a_batch_stays_up_and_answers_on
     worker = await loop.run_in_executor(None, start_worker_at, proxy.url, redis_url, model_registry, tmp_path, "cut")
     direct = redis.Redis.from_url(redis_url)
     started_jobs = StartedJobRegistry(queue=Queue("classify", connection=direct, serializer=SERIALIZER))
-    photos = [noisy_photo(seed) for seed in range(40)]
+    photos = [noisy_jpeg(seed) for seed in range(40)]
     try:
         async with ClassifyClient(redis_url) as client:  # the bot's side is not cut off; default deadline
             burst = asyncio.gather(*(client.classify(photo) for photo in photos), return_exceptions=True)

@@ -16,12 +16,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, STATS_KEY
-from tests.conftest import TEST_LABELS, jpeg_bytes
+from tests.conftest import TEST_LABELS, classify_queue, jpeg_bytes
 from worker import Classification, ClassifyClient, PhotoRejected
-
-
-def queue_of(url: str) -> Queue:
-    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
 
 
 def stats(url: str) -> dict[str, int]:
@@ -32,7 +28,7 @@ async def queue_then_start_worker(redis_url: str, client: ClassifyClient, photos
     """Classify every photo, starting the worker only once all of them are queued: they make one batch."""
     answers = asyncio.gather(*(client.classify(photo) for photo in photos), return_exceptions=True)
     deadline = time.monotonic() + 30
-    while queue_of(redis_url).count < len(photos) and time.monotonic() < deadline:
+    while classify_queue(redis_url).count < len(photos) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await asyncio.get_running_loop().run_in_executor(None, start_worker)
     return await answers

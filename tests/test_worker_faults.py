@@ -3,50 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import signal
 import time
 
-import numpy as np
 import pytest
 import redis
-from PIL import Image
-from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from carbot.keys import SERIALIZER, STATS_KEY
-from tests.conftest import jpeg_bytes
+from tests.conftest import classify_queue, frozen_in_a_batch, jpeg_bytes, noisy_jpeg, started_jobs
 from worker import Classification, ClassifyClient, ClassifyTimeout, QueueBusy
-
-
-def big_photo(seed: int) -> bytes:
-    """A noisy phone-size JPEG: slow enough to decode that a batch of them takes a while."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def queue_of(url: str) -> Queue:
-    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
-
-
-async def wait_for_started_jobs(url: str, timeout: float = 60) -> list[str]:
-    """The ids of jobs a worker holds right now (in RQ's StartedJobRegistry), as soon as there are some."""
-    registry = StartedJobRegistry(queue=queue_of(url))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ids = registry.get_job_ids()
-        if ids:
-            return ids
-        await asyncio.sleep(0.001)
-    raise AssertionError("no batch was started")
 
 
 @pytest.fixture(scope="module")
 def big_photos() -> list[bytes]:
-    return [big_photo(seed) for seed in range(40)]
+    return [noisy_jpeg(seed) for seed in range(40)]
 
 
 async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_photos):
@@ -54,7 +26,7 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
     # The rescuer starts only after the kill (seconds of TensorFlow import): a deadline to cover that.
     async with ClassifyClient(redis_url, timeout_s=90) as client:
         answers = asyncio.gather(*(client.classify(photo) for photo in big_photos), return_exceptions=True)
-        in_flight = await wait_for_started_jobs(redis_url)
+        in_flight = await frozen_in_a_batch(redis_url, first)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait()
         # Started off the event loop: the client keeps reading results while the rescuer loads.
@@ -69,11 +41,11 @@ async def test_sigkill_mid_batch_loses_no_photo(redis_url, start_worker, big_pho
         job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
         assert job.get_status() == "finished"
         assert job.latest_result().worker_name == "rescuer"
-    assert FailedJobRegistry(queue=queue_of(redis_url)).count == 0
+    assert FailedJobRegistry(queue=classify_queue(redis_url)).count == 0
 
 
 async def test_a_photo_taken_by_a_worker_that_died_before_starting_it_is_answered(redis_url, start_worker):
-    queue = queue_of(redis_url)
+    queue = classify_queue(redis_url)
     async with ClassifyClient(redis_url) as client:  # the default deadline: 30 s
         answer = asyncio.ensure_future(client.classify(jpeg_bytes(3)))
         while queue.count == 0:
@@ -117,7 +89,7 @@ async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, bi
     worker = start_worker("polite", max_batch=4)
     async with ClassifyClient(redis_url, timeout_s=90) as client:
         answers = asyncio.gather(*(client.classify(photo) for photo in big_photos), return_exceptions=True)
-        in_flight = await wait_for_started_jobs(redis_url)
+        in_flight = await started_jobs(redis_url)
         worker.process.send_signal(signal.SIGTERM)
         exit_code = await asyncio.get_running_loop().run_in_executor(None, worker.process.wait, 30)
 
@@ -125,7 +97,7 @@ async def test_sigterm_finishes_the_batch_then_exits(redis_url, start_worker, bi
         connection = redis.Redis.from_url(redis_url)
         for job_id in in_flight:
             assert Job.fetch(job_id, connection=connection, serializer=SERIALIZER).get_status() == "finished"
-        queue = queue_of(redis_url)
+        queue = classify_queue(redis_url)
         assert StartedJobRegistry(queue=queue).count == 0
         assert FailedJobRegistry(queue=queue).count == 0
         assert queue.count > 0  # the rest waits, untouched, for the next worker
@@ -142,7 +114,7 @@ async def test_full_queue_answers_busy_at_once(redis_url):
     async with ClassifyClient(redis_url, queue_limit=3) as client:
         waiting = [asyncio.create_task(client.classify(jpeg_bytes(seed), timeout_s=30)) for seed in range(3)]
         deadline = time.monotonic() + 30
-        while queue_of(redis_url).count < 3 and time.monotonic() < deadline:
+        while classify_queue(redis_url).count < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         started = time.monotonic()
         with pytest.raises(QueueBusy, match="try again"):
@@ -150,7 +122,7 @@ async def test_full_queue_answers_busy_at_once(redis_url):
         assert time.monotonic() - started < 5  # prompt, not after the request timeout
         for task in waiting:
             task.cancel()
-    assert queue_of(redis_url).count == 3  # the refused photo was never queued
+    assert classify_queue(redis_url).count == 3  # the refused photo was never queued
 
 
 async def test_deadline_gives_timeout_and_the_worker_skips_the_job(redis_url, start_worker):
@@ -162,7 +134,7 @@ async def test_deadline_gives_timeout_and_the_worker_skips_the_job(redis_url, st
         assert isinstance(await client.classify(jpeg_bytes(6)), Classification)
 
     connection = redis.Redis.from_url(redis_url)
-    failed = FailedJobRegistry(queue=queue_of(redis_url)).get_job_ids()
+    failed = FailedJobRegistry(queue=classify_queue(redis_url)).get_job_ids()
     assert len(failed) == 1
     result = Job.fetch(failed[0], connection=connection, serializer=SERIALIZER).latest_result()
     assert "JobExpired" in result.exc_string

@@ -19,13 +19,20 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
-from rq import Queue
-from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from carbot.keys import SERIALIZER, photo_key
+from carbot.keys import photo_key
 from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
-from tests.conftest import TEST_LABELS, WorkerProcess, jpeg_bytes, worker_env
+from tests.conftest import (
+    TEST_LABELS,
+    WorkerProcess,
+    classify_queue,
+    fetch_job,
+    frozen_in_a_batch,
+    jpeg_bytes,
+    noisy_jpeg,
+    worker_env,
+)
 from worker import Classification, ClassifyClient, PhotoRejected
 from worker._batch_worker import QUARANTINED
 from worker._contract import photo_refs_key
@@ -36,18 +43,6 @@ _offset = float(os.environ["CLOCK_SKEW_S"])
 _time = time.time
 time.time = lambda: _time() + _offset
 """
-
-
-def queue_of(url: str) -> Queue:
-    return Queue("classify", connection=redis.Redis.from_url(url), serializer=SERIALIZER)
-
-
-def noisy_photo(seed: int, size: tuple[int, int] = (1600, 1200)) -> bytes:
-    """A noisy phone-size JPEG: slow enough to decode that a batch of them takes a while."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def slow_png() -> bytes:
@@ -61,56 +56,18 @@ def slow_png() -> bytes:
 
 @pytest.fixture(scope="module")
 def big_photos() -> list[bytes]:
-    return [noisy_photo(seed) for seed in range(60)]
-
-
-async def started_jobs(url: str, timeout: float = 60, *, by: str | None = None) -> list[str]:
-    """The ids of the jobs a worker holds right now (`by`: that worker), as soon as there are some.
-
-    A dead worker's jobs stay in the registry until they are rescued: `by` waits for the live one's.
-    """
-    registry = StartedJobRegistry(queue=queue_of(url))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ids = registry.get_job_ids()
-        if by is not None:
-            ids = [job_id for job_id in ids if fetch(url, job_id).worker_name == by]
-        if ids:
-            return ids
-        await asyncio.sleep(0.001)
-    raise AssertionError("no batch was started")
-
-
-def fetch(url: str, job_id: str) -> Job:
-    return Job.fetch(job_id, connection=redis.Redis.from_url(url), serializer=SERIALIZER)
+    return [noisy_jpeg(seed) for seed in range(60)]
 
 
 def answered_once(url: str, job_ids: list[str]) -> None:
     """Every job finished with exactly one result, and RQ's registries say the same."""
     for job_id in job_ids:
-        job = fetch(url, job_id)
+        job = fetch_job(url, job_id)
         assert job.get_status() == "finished", (job_id, job.get_status())
         assert len(job.results()) == 1, [result.type for result in job.results()]
-    queue = queue_of(url)
+    queue = classify_queue(url)
     assert StartedJobRegistry(queue=queue).count == 0
     assert FailedJobRegistry(queue=queue).count == 0
-
-
-async def unfinished_batch_of(url: str, worker: WorkerProcess, attempts: int = 20) -> list[str]:
-    """The jobs `worker` holds, frozen (SIGSTOP) while it still holds them: the caller kills it.
-
-    Seeing a job in the started registry and signalling the worker are two steps; on a
-    loaded machine the worker could finish the batch in between and the kill would then
-    test nothing. Frozen first, the jobs it has not finished yet stay unfinished.
-    """
-    for _ in range(attempts):
-        held = await started_jobs(url, by=worker.name)
-        worker.process.send_signal(signal.SIGSTOP)
-        unfinished = [job_id for job_id in held if fetch(url, job_id).get_status() != "finished"]
-        if unfinished:
-            return unfinished
-        worker.process.send_signal(signal.SIGCONT)  # it finished that batch already: catch its next one
-    raise AssertionError(f"{worker.name} never held a batch long enough to be frozen in it")
 
 
 async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_defaults(
@@ -121,7 +78,7 @@ async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_d
         submitted = [asyncio.ensure_future(client.classify(photo)) for photo in big_photos]
         # Both workers take batches at once: the first one's are the ones its death must not lose.
         doomed = workers["w1"]
-        in_flight = await unfinished_batch_of(redis_url, doomed)
+        in_flight = await frozen_in_a_batch(redis_url, doomed)
         doomed.process.send_signal(signal.SIGKILL)
         doomed.process.wait()
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)
@@ -131,7 +88,7 @@ async def test_a_worker_killed_mid_batch_costs_its_photos_a_few_seconds_at_the_d
     ]
     survivor = ({"w1", "w2"} - {doomed.name}).pop()
     for job_id in in_flight:  # the dead worker's photos were answered by the other one, once
-        job = fetch(redis_url, job_id)
+        job = fetch_job(redis_url, job_id)
         assert job.latest_result().worker_name == survivor
     answered_once(redis_url, [o.job_id for o in outcomes])
 
@@ -142,7 +99,7 @@ async def test_a_worker_killed_while_idle_leaves_queued_photos_to_the_others(red
     doomed.process.wait()
     async with ClassifyClient(redis_url) as client:
         outcomes = await asyncio.gather(*(client.classify(jpeg_bytes(seed)) for seed in range(20)))
-    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {survivor.name}
+    assert {fetch_job(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {survivor.name}
     answered_once(redis_url, [o.job_id for o in outcomes])
 
 
@@ -155,7 +112,7 @@ async def test_a_photo_that_kills_two_workers_is_set_aside_and_the_third_lives(r
         answer = asyncio.ensure_future(client.classify(poisoned))
         for name in ("first", "second"):
             worker = start_worker(name)
-            [job_id] = await started_jobs(redis_url, by=name)
+            [job_id] = await frozen_in_a_batch(redis_url, worker)
             worker.process.send_signal(signal.SIGKILL)
             worker.process.wait()
         third = start_worker("third")
@@ -164,18 +121,18 @@ async def test_a_photo_that_kills_two_workers_is_set_aside_and_the_third_lives(r
         # The third worker is alive, and the next photo is answered as usual.
         assert isinstance(await client.classify(jpeg_bytes(1)), Classification)
     assert third.process.poll() is None
-    assert fetch(redis_url, job_id).latest_result().exc_string.strip().endswith(QUARANTINED)
+    assert fetch_job(redis_url, job_id).latest_result().exc_string.strip().endswith(QUARANTINED)
 
 
 async def test_photos_of_a_killed_batch_run_alone_so_an_innocent_photo_is_not_blamed(redis_url, start_worker):
     # A batch killed once: each of its photos may be what killed it, so each runs again alone.
-    queue = queue_of(redis_url)
+    queue = classify_queue(redis_url)
     async with ClassifyClient(redis_url) as client:
-        answers = [asyncio.ensure_future(client.classify(noisy_photo(seed))) for seed in range(8)]
+        answers = [asyncio.ensure_future(client.classify(noisy_jpeg(seed))) for seed in range(8)]
         while queue.count < 8:
             await asyncio.sleep(0.01)
         worker = start_worker("once")
-        in_flight = await started_jobs(redis_url)
+        in_flight = await frozen_in_a_batch(redis_url, worker)
         worker.process.send_signal(signal.SIGKILL)
         worker.process.wait()
         rescuer = start_worker("rescuer")
@@ -255,7 +212,7 @@ async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each
     try:
         async with ClassifyClient(redis_url) as client:
             outcomes = await asyncio.gather(
-                *(client.classify(noisy_photo(seed, (800, 600))) for seed in range(40)), return_exceptions=True
+                *(client.classify(noisy_jpeg(seed, (800, 600))) for seed in range(40)), return_exceptions=True
             )
     finally:
         for worker in workers:
@@ -264,7 +221,7 @@ async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each
         o for o in outcomes if not isinstance(o, Classification)
     ]
     answered_once(redis_url, [o.job_id for o in outcomes])
-    assert {fetch(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {"ahead", "behind"}
+    assert {fetch_job(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {"ahead", "behind"}
 
 
 def test_the_worker_survives_a_redis_restart(tmp_path: Path, model_registry: Path) -> None:
