@@ -12,6 +12,7 @@ import asyncio
 import io
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +223,37 @@ async def test_workers_whose_clocks_are_a_minute_off_answer_in_time_and_run_each
     ]
     answered_once(redis_url, [o.job_id for o in outcomes])
     assert {fetch_job(redis_url, o.job_id).latest_result().worker_name for o in outcomes} == {"ahead", "behind"}
+
+
+PLAIN_RQ_WORKER = """
+import sys
+import redis
+from rq import SimpleWorker
+from carbot.keys import SERIALIZER
+SimpleWorker(["classify"], connection=redis.Redis.from_url(sys.argv[1]), serializer=SERIALIZER).work(burst=True)
+"""
+
+
+async def test_a_plain_rq_worker_a_minute_ahead_answers_on_redis_clock(redis_url, model_registry, tmp_path):
+    """RQ's own SimpleWorker running the plain job function, on a host whose clock is a minute fast.
+
+    The photo's deadline (30 s) is on Redis's clock: read on the worker's own, it had passed already.
+    """
+    site = tmp_path / "skewed-clock"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SKEW)
+    env = {**worker_env(redis_url, model_registry, tmp_path / "data"), "PYTHONPATH": str(site), "CLOCK_SKEW_S": "60"}
+    async with ClassifyClient(redis_url) as client:
+        answer = asyncio.ensure_future(client.classify(jpeg_bytes(5)))
+        while classify_queue(redis_url).count == 0:
+            await asyncio.sleep(0.01)
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PLAIN_RQ_WORKER, redis_url, env=env, cwd=Path(__file__).parent.parent
+        )
+        assert await worker.wait() == 0
+        prediction = await answer
+    assert isinstance(prediction, Classification)
+    assert prediction.timings["batch_size"] == 1  # the plain job function answered it, one photo per pass
 
 
 def test_the_worker_survives_a_redis_restart(tmp_path: Path, model_registry: Path) -> None:

@@ -8,11 +8,12 @@ the benchmark uses exactly that as its "plain RQ" baseline.
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 
+import redis
 from rq import get_current_job
 
+from carbot.jobs import RedisClock
 from carbot.settings import get_settings
 from worker._contract import JobExpired, PhotoRequest
 from worker._inference import BatchClassifier, ModelSource
@@ -25,12 +26,20 @@ def _classifier() -> BatchClassifier:
     return BatchClassifier(ModelSource(registry=settings.registry_dir, max_batch=1), decode_threads=1)
 
 
+@lru_cache(maxsize=4)
+def _clock(connection: redis.Redis) -> RedisClock:
+    # One per connection, so the offset is measured every 30 s, not once per photo.
+    return RedisClock(connection)
+
+
 def classify_photo(**kwargs: object) -> dict:
     """Classify one photo (see `worker._contract` for the arguments and the result)."""
     request = PhotoRequest.from_kwargs(kwargs)
-    if request.expired(time.time()):
+    connection = get_current_job().connection
+    # The deadline is on Redis's clock (the client wrote it so): this host's clock may be off.
+    if request.expired(_clock(connection).now()):
         raise JobExpired()
-    photo = get_current_job().connection.get(request.photo)
+    photo = connection.get(request.photo)
     report = _classifier().classify([(request.digest, photo)], [request.top_k])
     outcome = report.outcomes[0]
     if isinstance(outcome, Exception):
