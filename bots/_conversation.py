@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import TypeVar
 
@@ -47,6 +47,11 @@ from worker import (
 )
 
 log = logging.getLogger(__name__)
+
+# A photo not fetched yet: the adapter's download, awaited only once the rate limit lets the photo
+# through, so a flood costs the bot no downloads. It gives the bytes, or the reply to give instead.
+PhotoDownload = Callable[[], Awaitable["bytes | Reply"]]
+
 T = TypeVar("T")
 
 # Below this top-1 probability the answer says the bot is not sure (and still shows the three).
@@ -92,9 +97,12 @@ class Conversation:
     # -- photos ---------------------------------------------------------------------------------------------
 
     @metrics.observe_photo
-    async def photo(self, sender: Sender, message_id: str | None, photo: bytes, *, sent_by: str | None = None) -> Reply:
+    async def photo(
+        self, sender: Sender, message_id: str | None, photo: bytes | PhotoDownload, *, sent_by: str | None = None
+    ) -> Reply:
         """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error).
 
+        `photo`: its bytes, or its download (a `PhotoDownload`), awaited only if the rate limit allows.
         `sent_by`: the platform user id of whoever sent the photo when the sender only asks about it (a
         /top3 reply, Discord's "Identify car"); the photo is then recorded as theirs too, for their /forget.
         """
@@ -108,6 +116,10 @@ class Conversation:
             return Reply(text("failed", lang))
         if not allowed:
             return Reply(text("rate_limited", lang, per_minute=self.limiter.per_minute))
+        if not isinstance(photo, bytes):
+            photo = await photo()
+            if isinstance(photo, Reply):  # too large to fetch, or unreadable: nothing to classify
+                return photo
         started = time.perf_counter()
         try:
             prediction = await self.classifier.classify(photo)
@@ -145,7 +157,7 @@ class Conversation:
         return self._answer(prediction, prediction_id, lang)
 
     async def top3(
-        self, sender: Sender, message_id: str | None, photo: bytes | None, *, sent_by: str | None = None
+        self, sender: Sender, message_id: str | None, photo: bytes | PhotoDownload | None, *, sent_by: str | None = None
     ) -> Reply:
         """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat.
 

@@ -42,7 +42,7 @@ import discord
 from discord import MessageType, app_commands
 
 from bots._assembly import build_conversation, serving_redis
-from bots._conversation import Conversation
+from bots._conversation import Conversation, PhotoDownload
 from bots._messages import Button, Guesses, Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
@@ -187,11 +187,7 @@ async def handle_message(bot: CarBot, message: discord.Message) -> None:
 
 async def answer_image(bot: CarBot, message: discord.Message, sender: Sender, attachment: discord.Attachment) -> None:
     async with message.channel.typing():
-        photo = await read_attachment(attachment, attachment_limit(bot.conversation))
-        if photo is None:
-            reply = unreadable(bot.conversation, sender, attachment)
-        else:
-            reply = await bot.conversation.photo(sender, str(message.id), photo)
+        reply = await bot.conversation.photo(sender, str(message.id), download_of(bot.conversation, sender, attachment))
     sent = await send_reply(message, reply)
     if reply.prediction_id is not None:
         await bot.conversation.set_reply_message(reply.prediction_id, str(sent.id))
@@ -213,11 +209,8 @@ async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachme
         return
     async with answering(interaction):
         await interaction.response.defer(thinking=True)  # before the download, the classifier, the database
-        data = await read_attachment(photo, attachment_limit(conversation)) if photo is not None else None
-        if photo is not None and data is None:
-            reply = unreadable(conversation, sender, photo)
-        else:
-            reply = await conversation.top3(sender, None, data)
+        download = download_of(conversation, sender, photo) if photo is not None else None
+        reply = await conversation.top3(sender, None, download)
         await answer_classification(interaction, reply)
 
 
@@ -231,12 +224,9 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
         return
     async with answering(interaction):
         await interaction.response.defer(thinking=True)
-        data = await read_attachment(image, attachment_limit(conversation))
-        if data is None:
-            reply = unreadable(conversation, sender, image)
-        else:
-            # The message's author sent the photo: it is recorded as theirs too, so that their /forget removes it.
-            reply = await conversation.photo(sender, str(message.id), data, sent_by=str(message.author.id))
+        # The message's author sent the photo: it is recorded as theirs too, so that their /forget removes it.
+        download = download_of(conversation, sender, image)
+        reply = await conversation.photo(sender, str(message.id), download, sent_by=str(message.author.id))
         await answer_classification(interaction, reply)
 
 
@@ -577,6 +567,16 @@ def attachment_limit(conversation: Conversation) -> int:
     """Bigger attachments are refused before downloading: the active model's photo limit, which the classifier
     enforces anyway (or Discord's own upload limit for a classifier that sets none)."""
     return conversation.classifier.max_photo_bytes or MAX_UPLOAD_BYTES
+
+
+def download_of(conversation: Conversation, sender: Sender, attachment: discord.Attachment) -> PhotoDownload:
+    """The attachment's download, run by the conversation only if the rate limit lets the photo through."""
+
+    async def download() -> bytes | Reply:
+        data = await read_attachment(attachment, attachment_limit(conversation))
+        return unreadable(conversation, sender, attachment) if data is None else data
+
+    return download
 
 
 async def read_attachment(attachment: discord.Attachment, limit: int) -> bytes | None:

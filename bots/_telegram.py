@@ -59,7 +59,7 @@ from telegram.ext import (
 )
 
 from bots._assembly import build_conversation, serving_redis
-from bots._conversation import Conversation
+from bots._conversation import Conversation, PhotoDownload
 from bots._messages import Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
@@ -103,7 +103,7 @@ async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     message = update.effective_message
     bot = _bot(context)
     sender = sender_of(update, bot.settings)
-    photo = await _download(message, bot, sender)
+    photo = _download(message, bot, sender)
     if isinstance(photo, Reply):
         await send_reply(message, photo, bot.conversation)
         return
@@ -123,7 +123,7 @@ async def on_top3(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     photo, sent_by = None, None
     replied = message.reply_to_message
     if replied is not None and _image_of(replied) is not None:
-        photo = await _download(replied, bot, sender)
+        photo = _download(replied, bot, sender)
         if isinstance(photo, Reply):
             await send_reply(message, photo, bot.conversation)
             return
@@ -455,8 +455,8 @@ def quiet_http_logs() -> None:
             bot_logger.setLevel(logging.INFO)
 
 
-async def _download(message: Message, bot: TelegramBot, sender: Sender) -> bytes | Reply:
-    """The bytes of the message's image, or the reply to give when it cannot be had."""
+def _download(message: Message, bot: TelegramBot, sender: Sender) -> PhotoDownload | Reply:
+    """The download of the message's image (run by the conversation if the rate limit allows), or the reply now."""
     image = _image_of(message)
     if isinstance(image, tuple):
         image = pick_photo_size(image, bot.image_size)
@@ -464,13 +464,17 @@ async def _download(message: Message, bot: TelegramBot, sender: Sender) -> bytes
         return bot.conversation.hint(sender, "document")
     if image.file_size is not None and image.file_size > bot.max_download:
         return bot.conversation.too_large(sender, bot.max_download)
-    try:
-        file = await image.get_file()
-    except BadRequest as exc:
-        if "too big" in exc.message.lower():
-            return bot.conversation.too_large(sender, bot.max_download)
-        raise
-    return bytes(await file.download_as_bytearray())
+
+    async def download() -> bytes | Reply:
+        try:
+            file = await image.get_file()
+        except BadRequest as exc:
+            if "too big" in exc.message.lower():
+                return bot.conversation.too_large(sender, bot.max_download)
+            raise
+        return bytes(await file.download_as_bytearray())
+
+    return download
 
 
 def _image_of(message: Message) -> tuple[PhotoSize, ...] | object | None:

@@ -51,7 +51,8 @@ from discord.ext.test import backend  # noqa: E402
 from discord.ext.test import factories as facts  # noqa: E402
 from discord.webhook.async_ import AsyncWebhookAdapter  # noqa: E402
 
-from bots._discord import CarBot, build_bot, render, run_discord  # noqa: E402
+import bots._discord  # noqa: E402
+from bots._discord import CarBot, build_bot, read_attachment, render, run_discord  # noqa: E402
 
 EN, PT = TEXTS["en"], TEXTS["pt"]
 ADMIN_ID = 1  # settings.admin_ids = ["discord:1"]
@@ -581,6 +582,23 @@ async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api
     assert deferred.type == DEFERRED_MESSAGE and not identified.ephemeral
     prediction_id = assert_classification(identified.embeds[0], identified.components)
     assert reply_message_ids(database_url)[prediction_id] == (str(mention.id), str(identified.message["id"]))
+
+
+async def test_a_photo_over_the_rate_limit_is_refused_before_it_is_downloaded(bot, tmp_path, monkeypatch):
+    """A flood costs the bot no downloads: the limit is counted first, the attachment fetched only if it passes."""
+    alice = dpytest.get_config().members[0]
+    dm = await alice.create_dm()
+    downloads = []
+
+    async def counted(attachment, limit):
+        downloads.append(attachment.filename)
+        return await read_attachment(attachment, limit)
+
+    monkeypatch.setattr(bots._discord, "read_attachment", counted)
+    bot.conversation.limiter.per_minute = 0  # every photo is over the limit
+    await dpytest.message("", channel=dm, member=alice._user, attachments=[str(photo_file(tmp_path))])
+    assert dpytest.get_message().content == EN["rate_limited"].format(per_minute=0)
+    assert downloads == []  # refused before its attachment was fetched
 
 
 async def test_wrong_input_gets_a_hint(bot, discord_api, tmp_path):

@@ -266,6 +266,19 @@ async def test_top3_as_a_reply_as_a_caption_and_alone(bot: Harness, worker: None
     assert not fake.calls_to("sendMessage", lambda call: _replies_to(call, other))
 
 
+async def test_a_photo_over_the_rate_limit_is_refused_before_it_is_downloaded(bot: Harness) -> None:
+    """A flood costs the bot no downloads: the limit is counted first, the file fetched only if it passes."""
+    fake = bot.fake
+    ana = fake.user(7, "Ana")
+    chat = fake.private_chat(ana)
+    bot.conversation.limiter.per_minute = 0  # every photo is over the limit
+    photo = fake.send_photo(chat, ana, three_sizes(6))
+    [answer] = await bot.reply_to(photo)
+    assert answer.params["text"] == text("rate_limited", "en", per_minute=0)
+    assert not fake.calls_to("getFile") and fake.downloads == []
+    assert bot.prediction_rows() == []
+
+
 async def test_album_photos_are_answered_one_by_one(bot: Harness, worker: None) -> None:
     fake = bot.fake
     ana = fake.user(7, "Ana")
