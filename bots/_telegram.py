@@ -64,7 +64,7 @@ from bots._messages import Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from worker import active_preprocessing
+from model import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,21 @@ _KEY = "carbot"  # where the adapter keeps its state in `application.bot_data`
 
 @dataclass(frozen=True)
 class TelegramBot:
-    """What the handlers share: the conversation and a few facts read once at start."""
+    """What the handlers share: the conversation, the settings, and what the active model asks of a download."""
 
     conversation: Conversation
     settings: Settings
-    image_size: int  # the model's input size: the smallest photo size that covers it is downloaded
-    max_download: int  # bigger files are refused before downloading
+
+    @property
+    def image_size(self) -> int:
+        """The active model's input size: the smallest photo size that covers it is downloaded."""
+        preprocessing = self.conversation.classifier.preprocessing_now()
+        return (preprocessing or Preprocessing()).image_size
+
+    @property
+    def max_download(self) -> int:
+        """Bigger files are refused before downloading: the active model's limit, at most Telegram's own."""
+        return min(self.conversation.classifier.max_photo_bytes or DOWNLOAD_LIMIT, DOWNLOAD_LIMIT)
 
 
 # -- handlers ------------------------------------------------------------------------------------------------
@@ -243,12 +252,7 @@ def build_application(settings: Settings, conversation: Conversation) -> Applica
     # Photos wait seconds for the worker: one person's photo must not hold up everybody else's updates.
     application = builder.concurrent_updates(True).build()
 
-    application.bot_data[_KEY] = TelegramBot(
-        conversation=conversation,
-        settings=settings,
-        image_size=active_preprocessing(settings.registry_dir).image_size,
-        max_download=min(conversation.classifier.max_photo_bytes or DOWNLOAD_LIMIT, DOWNLOAD_LIMIT),
-    )
+    application.bot_data[_KEY] = TelegramBot(conversation=conversation, settings=settings)
 
     new = filters.UpdateType.MESSAGE  # edited messages and channel posts are ignored
     application.add_handlers(

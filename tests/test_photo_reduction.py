@@ -9,6 +9,7 @@ a real worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
 
@@ -17,11 +18,13 @@ import pytest
 import redis
 from PIL import Image
 from rq import Queue
+from rq.job import Job
 
 from carbot.keys import PHOTO_KEY_PREFIX, SERIALIZER
 from carbot.settings import Settings
-from tests.conftest import TEST_IMAGE_SIZE
-from worker import ClassifyClient, PhotoRejected, RejectReason
+from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
+from tests.conftest import TEST_IMAGE_SIZE, TEST_LABELS, jpeg_bytes
+from worker import ActivePreprocessing, ClassifyClient, PhotoRejected, RejectReason
 
 
 def phone_photo(seed: int) -> bytes:
@@ -64,3 +67,42 @@ async def test_a_bad_photo_is_refused_by_the_bots_client_before_anything_is_queu
     assert refused.value.reason == RejectReason.NOT_AN_IMAGE
     assert Queue("classify", connection=connection, serializer=SERIALIZER).count == 0
     assert connection.keys(PHOTO_KEY_PREFIX + "*") == []
+
+
+def save_tiny(registry: ModelRegistry, version: str, preprocessing: Preprocessing) -> None:
+    """A small untrained model with the test labels that reads photos as `preprocessing` says."""
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=preprocessing.image_size)
+    with registry.staging(version) as directory:
+        save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
+                      preprocessing=preprocessing)  # fmt: skip
+
+
+async def test_the_bots_client_follows_the_active_model_to_its_new_input_size_and_limit(redis_url, tmp_path):
+    """After a promotion (or rollback) to a model that reads photos differently, photos are reduced for it.
+
+    At the default check interval (5 s): the test waits it out instead of shortening it.
+    """
+    registry = ModelRegistry(tmp_path / "models")
+    save_tiny(registry, "small", Preprocessing(image_size=TEST_IMAGE_SIZE))
+    save_tiny(registry, "large", Preprocessing(image_size=2 * TEST_IMAGE_SIZE, max_bytes=2**20))
+    registry.activate("small")
+    connection = redis.Redis.from_url(redis_url)
+
+    def queued_size(job_id: str) -> tuple[int, int]:
+        job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
+        with Image.open(io.BytesIO(connection.get(job.kwargs["photo"]))) as img:
+            return img.size
+
+    photo = jpeg_bytes(3, (640, 480))
+    async with ClassifyClient.from_settings(Settings(model_registry=tmp_path / "models"), redis_url) as client:
+        submit = functools.partial(asyncio.get_running_loop().run_in_executor, None, client.submit)
+        assert queued_size(await submit(photo)) == (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+        assert client.max_photo_bytes == Preprocessing().max_bytes
+
+        registry.activate("large")
+        await asyncio.sleep(ActivePreprocessing.DEFAULT_CHECK_S + 0.5)
+        assert queued_size(await submit(photo)) == (2 * TEST_IMAGE_SIZE, 2 * TEST_IMAGE_SIZE)
+        assert client.max_photo_bytes == 2**20
+        with pytest.raises(PhotoRejected) as refused:
+            await submit(phone_photo(2))  # over the new model's 1 MB
+        assert refused.value.reason is RejectReason.TOO_LARGE

@@ -7,6 +7,7 @@ loads a model.
 
 from worker._batch_worker import BatchWorker
 from worker._client import (
+    ActivePreprocessing,
     Candidate,
     Classification,
     ClassifyClient,
@@ -30,6 +31,7 @@ __all__ = [
     "BatchClassifier",
     "BatchWorker",
     "Candidate",
+    "ActivePreprocessing",
     "ClassifyClient",
     "ClassifyError",
     "ClassifyFailed",

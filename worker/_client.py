@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from uuid import uuid4
 
 import redis
@@ -32,7 +34,7 @@ from carbot.connections import redis_connection
 from carbot.jobs import RedisClock
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, client_wake_key, photo_copies_key, photo_key
 from carbot.photos import photo_name
-from model import ArtefactCorrupt, ImageRejected, ModelRegistry, Preprocessing, reduce_for_queue
+from model import ArtefactCorrupt, ImageRejected, ModelRegistry, Preprocessing, read_artefact, reduce_for_queue
 from worker._contract import (
     ClassifyError,
     ClassifyFailed,
@@ -122,6 +124,53 @@ def active_preprocessing(registry_dir) -> Preprocessing:
     return active.preprocessing if active is not None else Preprocessing()
 
 
+class ActivePreprocessing:
+    """How the active model reads a photo, followed as the registry's active version changes.
+
+    The bots reduce every photo to the active model's input before queueing it; after a
+    promotion or a rollback to a model with another input size or other limits, they
+    reduce for that one. The registry's pointer (one small file) is read at most every
+    `check_s` seconds; until a change is seen (and while the worker swaps its model in)
+    the worker resizes what it gets, so a photo is never refused for it, only resized twice.
+    """
+
+    DEFAULT_CHECK_S = 5.0
+
+    def __init__(self, registry_dir: Path, *, check_s: float = DEFAULT_CHECK_S) -> None:
+        self.registry = ModelRegistry(registry_dir)
+        self.check_s = check_s
+        self._version: str | None = None
+        self._preprocessing = Preprocessing()
+        self._checked_at: float | None = None
+        self._lock = threading.Lock()  # the client submits from several threads
+
+    def current(self) -> Preprocessing:
+        """The active model's preprocessing (the default one while no model can be read)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._checked_at is None or now - self._checked_at >= self.check_s:
+                self._checked_at = now
+                self._follow()
+            return self._preprocessing
+
+    def _follow(self) -> None:
+        try:
+            version = self.registry.active_version()
+            if version == self._version:
+                return
+            preprocessing = (
+                read_artefact(self.registry.path_for(version), verify=False).preprocessing
+                if version is not None
+                else Preprocessing()
+            )
+        except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
+            log.warning("cannot read the active model (%s); photos are reduced as before", exc)
+            return
+        if self._version is not None:
+            log.info("the active model is now %s: photos are reduced to %d px", version, preprocessing.image_size)
+        self._version, self._preprocessing = version, preprocessing
+
+
 class ClassifyClient:
     """Submits photos to the `classify` queue and awaits their results.
 
@@ -140,7 +189,7 @@ class ClassifyClient:
         photo_ttl_s: int = 900,
         result_ttl_s: int = 600,
         max_photo_bytes: int | None = None,
-        preprocessing: Preprocessing | None = None,
+        preprocessing: Preprocessing | ActivePreprocessing | None = None,
         submit_threads: int = 4,
     ) -> None:
         self.queue_limit = queue_limit
@@ -149,11 +198,12 @@ class ClassifyClient:
         self.retries = retries
         self.photo_ttl_s = photo_ttl_s
         self.result_ttl_s = result_ttl_s
-        self.max_photo_bytes = max_photo_bytes  # None: no check here, the worker checks against its model
+        # None: the limit of the preprocessing, if any; else no check here (the worker checks against its model).
+        self._max_photo_bytes = max_photo_bytes
         # Given: photos are queued as the network will see them (`model.reduce_for_queue`), decoded here,
         # off the event loop, so Redis holds and the worker decodes a small PNG instead of a phone's JPEG.
-        # None: the photo is queued as it came.
-        self.preprocessing = preprocessing
+        # An `ActivePreprocessing` follows the active model. None: the photo is queued as it came.
+        self._preprocessing = preprocessing
         self._sync = redis_connection(redis_url)
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
         self._clock = RedisClock(self._sync)
@@ -164,10 +214,9 @@ class ClassifyClient:
     def from_settings(cls, settings, redis_url: str) -> ClassifyClient:
         """A client configured by `carbot.settings.Settings`, talking to `redis_url`.
 
-        Photos over the active model's byte limit (read once, now) are refused before anything is queued,
-        and the others are queued reduced to what that model reads.
+        Photos over the active model's byte limit are refused before anything is queued, and the others
+        are queued reduced to what that model reads; both follow the active model as it changes.
         """
-        preprocessing = active_preprocessing(settings.registry_dir)
         return cls(
             redis_url,
             queue=settings.classify_queue,
@@ -177,9 +226,22 @@ class ClassifyClient:
             retries=settings.job_retries,
             photo_ttl_s=settings.image_ttl_s,
             result_ttl_s=settings.result_ttl_s,
-            max_photo_bytes=preprocessing.max_bytes,
-            preprocessing=preprocessing,
+            preprocessing=ActivePreprocessing(settings.registry_dir),
         )
+
+    def preprocessing_now(self) -> Preprocessing | None:
+        """How photos are reduced before they are queued right now (None: they are queued as they came)."""
+        if isinstance(self._preprocessing, ActivePreprocessing):
+            return self._preprocessing.current()
+        return self._preprocessing
+
+    @property
+    def max_photo_bytes(self) -> int | None:
+        """Photos over this many bytes are refused before anything is queued (None: no limit here)."""
+        if self._max_photo_bytes is not None:
+            return self._max_photo_bytes
+        preprocessing = self.preprocessing_now()
+        return preprocessing.max_bytes if preprocessing is not None else None
 
     async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Classification:
         """Classify one photo through the queue.
@@ -206,9 +268,10 @@ class ClassifyClient:
         """Store the photo and enqueue its job (blocking; `classify` runs this in a thread). Returns the job id."""
         if not photo:
             raise PhotoRejected("The file is empty.", RejectReason.EMPTY)
-        if self.max_photo_bytes is not None and len(photo) > self.max_photo_bytes:
+        limit = self.max_photo_bytes
+        if limit is not None and len(photo) > limit:
             raise PhotoRejected(
-                f"The file is larger than {self.max_photo_bytes // 2**20} MB; please send a smaller photo.",
+                f"The file is larger than {limit // 2**20} MB; please send a smaller photo.",
                 RejectReason.TOO_LARGE,
             )
         if deadline is not None:
@@ -249,10 +312,11 @@ class ClassifyClient:
 
     def _reduced(self, photo: bytes) -> bytes:
         """The photo as the active model reads it (`model.reduce_for_queue`); as it came without a preprocessing."""
-        if self.preprocessing is None:
+        preprocessing = self.preprocessing_now()
+        if preprocessing is None:
             return photo
         try:
-            return reduce_for_queue(photo, self.preprocessing)
+            return reduce_for_queue(photo, preprocessing)
         except ImageRejected as exc:  # refused here, with the reason the worker would have given
             raise PhotoRejected(str(exc), RejectReason(exc.reason)) from None
 
