@@ -262,7 +262,7 @@ class Conversation:
             changed = await self.store.vote(prediction_id, sender, "down")
             if not changed:
                 return ButtonAnswer(notice=text("vote_unchanged", lang))
-            others = [c["label"] for c in record.top_k[1:]]
+            others = [c.label for c in record.top_k[1:]]
             question = self._choices(prediction_id, others, labels, "which_model", "another_model", lang)
             return ButtonAnswer(notice=text("thanks_down", lang), follow_up=question)
         if kind == "c" and value == "x":

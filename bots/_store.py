@@ -67,7 +67,7 @@ class PredictionRecord:
     chat_id: str
     photo_sha256: str
     model_version: str
-    top_k: list[dict]
+    top_k: tuple[Candidate, ...]  # as the worker answered it, best first
     created_at: datetime
 
 
@@ -339,7 +339,7 @@ def _prediction_record(session: Session, prediction_id: int) -> PredictionRecord
         chat_id=prediction.chat_id,
         photo_sha256=prediction.photo_sha256,
         model_version=prediction.model_version,
-        top_k=[dict(item) for item in prediction.top_k],
+        top_k=tuple(Candidate(label=item["label"], probability=item["probability"]) for item in prediction.top_k),
         created_at=_as_utc(prediction.created_at),
     )
 

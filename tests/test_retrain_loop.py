@@ -329,7 +329,7 @@ async def give_feedback(
         record = await chat.store.get_prediction(reply.prediction_id)
         versions.add(record.model_version)
         label = say(truth)
-        if record.top_k[0]["label"] == label:
+        if record.top_k[0].label == label:
             await chat.button(sender, f"v:{record.id}:u")
             continue
         wrong.append((truth, photo))

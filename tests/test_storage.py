@@ -211,7 +211,7 @@ async def test_record_and_read_back_a_prediction(store: Store, database_url: str
     assert isinstance(found, PredictionRecord)
     assert (found.id, found.platform, found.user_id, found.chat_id) == (prediction_id, "telegram", "1001", "chat-1")
     assert found.model_version == "v7"
-    assert found.top_k == TOP_K
+    assert found.top_k == tuple(Candidate(**c) for c in TOP_K)
     assert found.created_at.tzinfo is not None and before <= found.created_at <= datetime.now(UTC)
     assert store.photos.get(found.photo_sha256) == b"a car"
     assert query(database_url, "SELECT message_id, reply_message_id FROM predictions") == [("m-1", "reply-42")]
@@ -247,7 +247,7 @@ async def test_a_full_disk_still_records_the_prediction(
         prediction_id = await record(store, ALICE, photo=b"too big for the disk")
 
     found = await store.get_prediction(prediction_id)
-    assert found is not None and found.top_k == TOP_K
+    assert found is not None and found.top_k == tuple(Candidate(**c) for c in TOP_K)
     assert store.photos.get(found.photo_sha256) is None
     assert any("not kept" in r.getMessage() and "No space" in r.getMessage() for r in caplog.records)
     assert not [path for path in store.photos.root.rglob("*") if path.is_file()]  # no temporary file left
