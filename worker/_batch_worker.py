@@ -401,13 +401,16 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             job.retries_left = 0
         ends = not job.should_retry
         metrics.job_failed(outcome_of(exc))
-        self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
+        # Before RQ writes the failure: whoever reads it (the person's client) finds the job's photo
+        # already gone, as a success's result and release are one round trip. Were the worker to die
+        # in between, the rescued job would fail again for want of its photo, which it was about to do.
         with self.connection.pipeline() as pipe:
             if ends:
                 self.job_ended(job, pipe)
             else:
                 pipe.delete(starts_key(job.id))  # this attempt ended; the retry starts afresh
             pipe.execute()
+        self._finalize_failure(job, queue, execution, (type(exc), exc, exc.__traceback__))
 
     def job_ended(self, job: Job, pipeline) -> None:
         """A job that will not run again: forget its starts and release its photo's bytes."""
