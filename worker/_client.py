@@ -111,19 +111,6 @@ class Classification:
         )
 
 
-def active_preprocessing(registry_dir) -> Preprocessing:
-    """How the active model in `registry_dir` reads a photo (its size limits, its input size).
-
-    Read from the active artefact; with no readable model yet, the preprocessing a model trained now gets.
-    """
-    try:
-        active = ModelRegistry(registry_dir).active(verify=False)
-    except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
-        log.warning("cannot read the active model (%s); using the default preprocessing's limits", exc)
-        return Preprocessing()
-    return active.preprocessing if active is not None else Preprocessing()
-
-
 class ActivePreprocessing:
     """How the active model reads a photo, followed as the registry's active version changes.
 
@@ -164,11 +151,19 @@ class ActivePreprocessing:
                 else Preprocessing()
             )
         except (ArtefactCorrupt, OSError, ValueError, KeyError) as exc:
-            log.warning("cannot read the active model (%s); photos are reduced as before", exc)
+            log.warning("cannot read the active model (%s); using the preprocessing read before, if any", exc)
             return
         if self._version is not None:
             log.info("the active model is now %s: photos are reduced to %d px", version, preprocessing.image_size)
         self._version, self._preprocessing = version, preprocessing
+
+
+def active_preprocessing(registry_dir: Path) -> Preprocessing:
+    """How the active model in `registry_dir` reads a photo (its size limits, its input size), read now.
+
+    With no readable model yet, the preprocessing a model trained now gets.
+    """
+    return ActivePreprocessing(registry_dir).current()
 
 
 class ClassifyClient:
