@@ -80,14 +80,18 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def add_version(registry, version: str) -> None:
-    """Save another small, untrained model with the test labels into `registry` as `version` (not activated)."""
+def add_version(registry, version: str, preprocessing=None) -> None:
+    """Save another small, untrained model with the test labels into `registry` as `version` (not activated).
+
+    It reads photos as `preprocessing` says (by default at TEST_IMAGE_SIZE, with the default limits).
+    """
     from model import Preprocessing, build_classifier, save_artefact
 
-    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=TEST_IMAGE_SIZE)
+    preprocessing = preprocessing or Preprocessing(image_size=TEST_IMAGE_SIZE)
+    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=preprocessing.image_size)
     with registry.staging(version) as directory:
         save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
-                      preprocessing=Preprocessing(image_size=TEST_IMAGE_SIZE))  # fmt: skip
+                      preprocessing=preprocessing)  # fmt: skip
 
 
 def worker_env(redis_url: str, registry: Path, data_dir: Path, **settings: object) -> dict[str, str]:

@@ -22,8 +22,8 @@ from rq.job import Job
 
 from carbot.keys import PHOTO_KEY_PREFIX, SERIALIZER
 from carbot.settings import Settings
-from model import ModelRegistry, Preprocessing, build_classifier, save_artefact
-from tests.conftest import TEST_IMAGE_SIZE, TEST_LABELS, jpeg_bytes
+from model import ModelRegistry, Preprocessing
+from tests.conftest import TEST_IMAGE_SIZE, add_version, jpeg_bytes
 from worker import ActivePreprocessing, ClassifyClient, PhotoRejected, RejectReason
 
 
@@ -69,22 +69,14 @@ async def test_a_bad_photo_is_refused_by_the_bots_client_before_anything_is_queu
     assert connection.keys(PHOTO_KEY_PREFIX + "*") == []
 
 
-def save_tiny(registry: ModelRegistry, version: str, preprocessing: Preprocessing) -> None:
-    """A small untrained model with the test labels that reads photos as `preprocessing` says."""
-    network = build_classifier(len(TEST_LABELS), backbone="tiny", image_size=preprocessing.image_size)
-    with registry.staging(version) as directory:
-        save_artefact(network, directory, version=version, labels=TEST_LABELS, backbone="tiny",
-                      preprocessing=preprocessing)  # fmt: skip
-
-
 async def test_the_bots_client_follows_the_active_model_to_its_new_input_size_and_limit(redis_url, tmp_path):
     """After a promotion (or rollback) to a model that reads photos differently, photos are reduced for it.
 
     At the default check interval (5 s): the test waits it out instead of shortening it.
     """
     registry = ModelRegistry(tmp_path / "models")
-    save_tiny(registry, "small", Preprocessing(image_size=TEST_IMAGE_SIZE))
-    save_tiny(registry, "large", Preprocessing(image_size=2 * TEST_IMAGE_SIZE, max_bytes=2**20))
+    add_version(registry, "small", Preprocessing(image_size=TEST_IMAGE_SIZE))
+    add_version(registry, "large", Preprocessing(image_size=2 * TEST_IMAGE_SIZE, max_bytes=2**20))
     registry.activate("small")
     connection = redis.Redis.from_url(redis_url)
 
