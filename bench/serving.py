@@ -30,7 +30,7 @@ one after the other, on the same photos:
 (d) this system: `carbot worker` (the `BatchWorker`, batches of up to 32) in its
     own process, the photos submitted all at once through the same client. The
     client is configured as the bots' (`ClassifyClient.from_settings`): it reduces
-    each photo to a small lossless PNG of the model's input (`model.reduce_for_queue`)
+    each photo to a small uncompressed BMP of the model's input (`model.reduce_for_queue`)
     before queueing it, and that time counts. Its answers are compared with the
     Keras model's on the same photos (top-1 agreement).
 (e) one photo alone: photos sent one after another through (d)'s worker; the
@@ -467,6 +467,7 @@ def measure_reduce(jpegs: Sequence[bytes], predictor: Any) -> dict[str, Any]:
         original_bytes, queued_bytes = original_bytes + len(jpeg), queued_bytes + len(reduced)
     total_ms = sum(times_ms)
     return {
+        "format": _queue_formats(jpegs[:BATCH], predictor),
         "ms_p50": {size: round(percentile(times, 50), 2) for size, times in by_size.items()},
         "telegram_ms_p50": round(percentile([times_ms[i] for i in _small_indices(len(jpegs))], 50), 2),
         "total_ms": round(total_ms, 1),
@@ -474,6 +475,30 @@ def measure_reduce(jpegs: Sequence[bytes], predictor: Any) -> dict[str, Any]:
         "original_kb_mean": round(original_bytes / 1024 / max(1, len(jpegs)), 1),
         "queued_kb_mean": round(queued_bytes / 1024 / max(1, len(jpegs)), 1),
     }
+
+
+def _queue_formats(jpegs: Sequence[bytes], predictor: Any) -> dict[str, dict[str, float]]:
+    """The queued photo written and read back as BMP (what `reduce_for_queue` writes) and as PNG, side by side."""
+    from model import load_image
+
+    pixels = [load_image(jpeg, predictor.preprocessing) for jpeg in jpegs]
+    figures = {}
+    for name, options in (("bmp", {"format": "BMP"}), ("png", {"format": "PNG", "compress_level": 1})):
+        write_ms, read_ms, size = [], [], 0
+        for image in pixels:
+            buffer, started = io.BytesIO(), time.perf_counter()
+            Image.fromarray(image).save(buffer, **options)
+            written = time.perf_counter()
+            load_image(buffer.getvalue(), predictor.preprocessing)
+            write_ms.append((written - started) * 1000)
+            read_ms.append((time.perf_counter() - written) * 1000)
+            size += buffer.tell()
+        figures[name] = {
+            "write_ms_p50": round(percentile(write_ms, 50), 3),
+            "read_ms_p50": round(percentile(read_ms, 50), 3),
+            "kb_mean": round(size / 1024 / max(1, len(pixels)), 1),
+        }
+    return figures
 
 
 def measure_partial_batch(predictor: Any, artefact: Path, decoded: np.ndarray, repeats: int = 3) -> dict[str, Any]:
@@ -899,6 +924,10 @@ def format_table(results: dict[str, Any]) -> str:
         "client reduction (reduce_for_queue) p50: "
         + ", ".join(f"{size} {ms:.1f} ms" for size, ms in reduction["ms_p50"].items())
         + f"; {reduction['original_kb_mean']:.0f} KB a photo on average, {reduction['queued_kb_mean']:.0f} KB queued",
+        "queued as BMP: written "
+        + _format_line(reduction["format"]["bmp"])
+        + "; as PNG (compress level 1) it would be written "
+        + _format_line(reduction["format"]["png"]),
         "",
         "variants (verified against the Keras model: top-1 agreement >= 99 %, accuracy lost <= 0.5 point):",
     ]
@@ -960,6 +989,10 @@ def format_table(results: dict[str, Any]) -> str:
     )
     lines.append(f"total {results['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def _format_line(figures: dict[str, float]) -> str:
+    return f"in {figures['write_ms_p50']:.2f} ms, read in {figures['read_ms_p50']:.2f} ms, {figures['kb_mean']:.0f} KB"
 
 
 def _wall_line(d: dict[str, Any]) -> str:

@@ -66,10 +66,12 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
         assert results["variants"][served["runtime"]]["status"] == "verified"  # a refused variant never serves
     assert methods["a_prime_runtime_ceiling"]["runtime"] == served["runtime"]
 
-    # The client reduces each photo as the bots' does: the queued PNGs are smaller than the files.
+    # The client reduces each photo as the bots' does: the queued BMPs are smaller than the files.
     reduction = results["client_reduce"]
     assert 0 < reduction["queued_kb_mean"] < reduction["original_kb_mean"]
     assert reduction["telegram_ms_p50"] > 0 and "320x240" in reduction["ms_p50"]
+    assert set(reduction["format"]) == {"bmp", "png"}  # the queue's format beside the one it replaced
+    assert all(figures["write_ms_p50"] > 0 and figures["kb_mean"] > 0 for figures in reduction["format"].values())
     for name in ("c_plain_rq", "d_batch_worker"):
         assert 50 < methods[name]["peak_rss_mb"] < 20_000, name
 

@@ -49,7 +49,7 @@ async def test_the_bots_queue_the_reduced_photo_and_get_the_originals_answer(red
         [queued_key] = [key for key in connection.keys(PHOTO_KEY_PREFIX + "*")]
         queued = connection.get(queued_key)
         with Image.open(io.BytesIO(queued)) as img:
-            assert (img.format, img.size) == ("PNG", (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE))
+            assert (img.format, img.size) == ("BMP", (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE))
         assert len(queued) * 50 < len(photo)  # what Redis holds and the worker decodes
 
         start_worker()

@@ -196,7 +196,7 @@ class ClassifyClient:
         # None: the limit of the preprocessing, if any; else no check here (the worker checks against its model).
         self._max_photo_bytes = max_photo_bytes
         # Given: photos are queued as the network will see them (`model.reduce_for_queue`), decoded here,
-        # off the event loop, so Redis holds and the worker decodes a small PNG instead of a phone's JPEG.
+        # off the event loop, so Redis holds and the worker reads a small BMP instead of decoding a phone's JPEG.
         # An `ActivePreprocessing` follows the active model. None: the photo is queued as it came.
         self._preprocessing = preprocessing
         self._sync = redis_connection(redis_url)
