@@ -93,6 +93,7 @@ class Classification:
     top_k: tuple[Candidate, ...]
     timings: dict = field(default_factory=dict)
     ood: Familiarity | None = None  # None: the model version gives no out-of-distribution verdict
+    runtime: str = ""  # the backend that answered (`model.RUNTIMES`); "" from a worker that did not say
 
     @property
     def unfamiliar(self) -> bool:
@@ -108,6 +109,7 @@ class Classification:
             top_k=tuple(Candidate(c["label"], float(c["probability"])) for c in value["top_k"]),
             timings=value.get("timings", {}),
             ood=Familiarity.from_result(value.get("ood")),
+            runtime=str(value.get("runtime", "")),
         )
 
 

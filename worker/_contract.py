@@ -9,15 +9,17 @@ the key and small keyword arguments:
 
 The result is JSON too:
 
-    {"model_version": "v3", "photo": "<sha256>",
+    {"model_version": "v3", "runtime": "openvino-int8", "photo": "<sha256>",
      "top_k": [{"label": "FIAT ARGO", "probability": 0.91}, ...],
      "timings": {"queue_ms": .., "decode_ms": .., "inference_ms": .., "batch_size": ..},
      "ood": {"score": 0.93, "threshold": 1.8, "unfamiliar": false}}
 
+"runtime" names the backend that ran the forward pass (`model.RUNTIMES`): a version's
+variants are verified to agree with it, and this says which one answered.
 "ood" is there when the model version has an out-of-distribution score: "unfamiliar"
 means the photo looks unlike the photos the model was trained on (a score above the
-threshold calibrated at training time). Results without it (older workers or models)
-stay valid.
+threshold calibrated at training time). Results without "runtime" or "ood" (older workers
+or models) stay valid.
 
 A job that fails records an `exc_string` whose last line is `<ErrorName>: <message>`;
 for the errors below the message is meant for a person and the job is not retried. A
