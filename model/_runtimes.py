@@ -243,27 +243,29 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         predictor = attempt(TENSORFLOW, warmup)
         if predictor is not None:
             return _chosen(predictor, RuntimeChoice(TENSORFLOW, prefix + "a GPU: TensorFlow", skipped=skipped))
-    else:
-        # Time every candidate on the buckets (warmup() does) and keep the fastest.
-        best: tuple[float, str, Predictor] | None = None
-        timings: dict[str, float] = {}
-        for name in (TENSORFLOW, *VARIANT_RUNTIMES):
-            if name in skipped:
-                continue
-            if name != TENSORFLOW and name not in variants:
-                skipped[name] = "this version has no such variant"
-                continue
-            predictor = attempt(name, lambda p: p.warmup())
-            if predictor is None:
-                continue
-            timings[name] = round(sum(predictor.bucket_ms.values()), 3)
-            if best is None or timings[name] < best[0]:
-                best = (timings[name], name, predictor)
-        if best is not None:
-            _, name, predictor = best
-            measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
-            reason = f"{prefix}fastest on this CPU at warm-up (all buckets once: {measured})"
-            return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
+        # TensorFlow could not load this version on the GPU: the verified variants still serve, on the CPU.
+        prefix += f"a GPU, but TensorFlow cannot serve ({skipped[TENSORFLOW]}); "
+
+    # Time every candidate on the buckets (warmup() does) and keep the fastest.
+    best: tuple[float, str, Predictor] | None = None
+    timings: dict[str, float] = {}
+    for name in (TENSORFLOW, *VARIANT_RUNTIMES):
+        if name in skipped:
+            continue
+        if name != TENSORFLOW and name not in variants:
+            skipped[name] = "this version has no such variant"
+            continue
+        predictor = attempt(name, lambda p: p.warmup())
+        if predictor is None:
+            continue
+        timings[name] = round(sum(predictor.bucket_ms.values()), 3)
+        if best is None or timings[name] < best[0]:
+            best = (timings[name], name, predictor)
+    if best is not None:
+        _, name, predictor = best
+        measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+        reason = f"{prefix}fastest on this CPU at warm-up (all buckets once: {measured})"
+        return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
     raise ArtefactCorrupt(f"no runtime can serve model {artefact.version}: {skipped}")
 
 

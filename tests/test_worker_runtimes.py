@@ -111,6 +111,23 @@ def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, c
     assert predictor.bucket_ms and set(predictor.bucket_ms) == set(predictor.buckets)  # plans timed on it
 
 
+def test_on_a_gpu_host_where_tensorflow_cannot_load_the_model_a_verified_variant_serves(demo_registry, monkeypatch):
+    # No GPU here: the host is told it has one, and TensorFlow's load fails as a GPU's can (out of memory).
+    from model import _predictor, _runtimes
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory")
+
+    monkeypatch.setattr(_runtimes, "has_gpu", lambda: True)
+    monkeypatch.setattr(_predictor.Predictor, "from_artefact", out_of_memory)
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    predictor = load_predictor(directory, max_batch=4)
+    choice = predictor.runtime_choice
+    assert predictor.runtime in set(servable(directory)) - {"tensorflow"}
+    assert choice.reason.startswith("a GPU, but TensorFlow cannot serve (RuntimeError: CUDA_ERROR_OUT_OF_MEMORY")
+    assert "fastest on this CPU at warm-up" in choice.reason and "tensorflow" not in choice.timings_ms
+
+
 def test_a_missing_or_altered_variant_is_not_served_and_the_next_one_is(demo_registry, tmp_path, caplog):
     directory = tmp_path / "demo"
     shutil.copytree(ModelRegistry(demo_registry).path_for("demo"), directory)
@@ -225,5 +242,6 @@ async def test_the_worker_reports_its_runtime_in_status_and_metrics(demo_registr
     assert served["version"] == "demo" and served["runtime"] in servable(ModelRegistry(demo_registry).path_for("demo"))
     assert served["reason"].startswith("fastest on this CPU at warm-up")
     assert f"model demo on {served['runtime']}: fastest on this CPU" in format_status(report)
+    assert prediction.runtime == served["runtime"]  # each answer says which backend gave it
     assert f"model demo serves on {served['runtime']}" in worker.log()
     redis.Redis.from_url(redis_url).close()
