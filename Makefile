@@ -26,7 +26,7 @@ lint: $(BIN)/carbot
 	$(BIN)/ruff format --check .
 
 # The measurement tools (bench/, not part of the product): `$(BIN)/python -m bench --help` lists them all.
-bench: $(BIN)/carbot  ## the serving benchmark: ratios measured side by side in one run
+bench: $(BIN)/carbot  ## the serving benchmark: ratios measured side by side in one run (the first run also trains its backbone)
 	$(BIN)/python -m bench serving --json bench-results.json
 
 loadtest: $(BIN)/carbot  ## many chat users at once through the real conversation, Redis and workers

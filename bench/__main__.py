@@ -63,13 +63,43 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--backbone", default="resnet50", show_default=True)
 @click.option(
+    "--backbone-weights",
+    default="synthetic",
+    show_default=True,
+    help="'synthetic': trained on generated photos first (about 15 minutes, once: cached); 'random'; "
+    "or the path of a weights file for the backbone (ImageNet's, say).",
+)
+@click.option(
+    "--phone-every",
+    type=click.IntRange(0),
+    default=4,
+    show_default=True,
+    help="One photo in N is a 4032x3024 phone file (a Discord attachment, a file sent to Telegram); 0: none.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
 )
-def serving(photos: int, image_size: int, backbone: str, json_path: Path | None) -> None:
+def serving(
+    photos: int, image_size: int, backbone: str, backbone_weights: str, phone_every: int, json_path: Path | None
+) -> None:
     """Measure this system against TensorFlow's and the chosen runtime's ceilings, predict and plain RQ."""
+    from bench.backbone import default_cache_dir, synthetic_backbone
     from bench.serving import run_benchmark
 
-    results = run_benchmark(get_settings(), photos=photos, image_size=image_size, backbone=backbone)
+    if backbone_weights == "synthetic":
+        weights = synthetic_backbone(backbone, default_cache_dir())
+    elif backbone_weights == "random":
+        weights = None
+    else:
+        weights = Path(backbone_weights)
+    results = run_benchmark(
+        get_settings(),
+        photos=photos,
+        image_size=image_size,
+        backbone=backbone,
+        backbone_weights=weights,
+        phone_every=phone_every,
+    )
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")

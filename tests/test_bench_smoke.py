@@ -16,6 +16,7 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
         photos=8,
         image_size=32,
         backbone="tiny",
+        head_photos=60,  # the path, fast; the default 2400 gives a ResNet50 the margins int8 keeps
         phone_size=(800, 600),
         single_photos=4,
         verbose=False,
