@@ -113,15 +113,30 @@ def load_image(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> n
     return np.array(resized, dtype=np.uint8)
 
 
-def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> bytes:
-    """The photo as the network will see it, as an uncompressed BMP: what a bot queues instead of the original.
+# Reducing a photo pays only when it is much larger than the network's input: a 320x240 Telegram photo (about
+# 18 KB) costs the bot 1.4 ms to reduce to a 147 KB BMP and the worker 1.1 ms to decode as it came; a phone's
+# 12-megapixel JPEG costs the worker 26 ms and Redis megabytes. Photos of at most this many times the input's
+# pixels, and no more bytes than its BMP, are queued as they came (bench/serving.py measures both mixes).
+REDUCE_ABOVE_INPUT_PIXELS = 4
 
-    `load_image` of the result gives exactly `load_image(data)`: the BMP is already upright,
-    RGB, square and at `image_size`, so the worker resizes nothing again. A phone's 12-megapixel
-    JPEG becomes 150 KB (at 224 px) that Redis holds and the worker reads in a fraction of a
-    millisecond; the bot pays the decoding instead, with JPEG draft mode, off its event loop.
-    Raises `ImageRejected` as `load_image` does, so a bad photo is refused before it is queued.
+
+def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()) -> bytes:
+    """The photo to queue: the network's input as an uncompressed BMP, or the photo itself when that is cheaper.
+
+    `load_image` of the result gives exactly `load_image(data)`: a reduced photo is already
+    upright, RGB, square and at `image_size`, so the worker resizes nothing again. A phone's
+    12-megapixel JPEG becomes 150 KB (at 224 px) that Redis holds and the worker reads in a
+    fraction of a millisecond; the bot pays the decoding instead, with JPEG draft mode, off its
+    event loop. A photo already about the input's size (`REDUCE_ABOVE_INPUT_PIXELS`) is returned
+    as it is, after a look at its header. Raises `ImageRejected` as `load_image` does, so a bad
+    photo (one it decodes, or whose header is unreadable) is refused before it is queued.
     """
+    _check_byte_size(data, preprocessing)
+    input_pixels = preprocessing.image_size**2
+    size = _header_size(data)
+    small = size is not None and 0 < size[0] * size[1] <= REDUCE_ABOVE_INPUT_PIXELS * input_pixels
+    if small and len(data) <= 3 * input_pixels:  # and no bigger than its BMP would be
+        return data
     pixels = load_image(data, preprocessing)
     out = io.BytesIO()
     # BMP, not PNG: the bytes sit in Redis for about a second, and with a fast runtime the milliseconds
@@ -129,6 +144,15 @@ def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()
     # read where BMP takes 0.1 and 0.15, for 150 KB against 65 KB (bench/serving.py measures it).
     Image.fromarray(pixels).save(out, format="BMP")
     return out.getvalue()
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a photo in an accepted format, None when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            return img.size
+    except Exception:
+        return None  # load_image will say what is wrong with it
 
 
 def pixel_count(data: bytes) -> int:

@@ -285,6 +285,27 @@ def test_the_reduced_photo_gives_the_network_exactly_the_same_pixels(resize, siz
         assert len(reduced) * 20 < len(original)  # what Redis holds and the worker decodes
 
 
+def test_a_photo_about_the_input_size_is_queued_as_it_came_and_a_larger_or_heavier_one_reduced() -> None:
+    """Reducing pays for a phone's photo, not for one Telegram already shrank: that one is queued as it came."""
+    preprocessing = Preprocessing(image_size=96)
+    rng = np.random.default_rng(5)
+
+    def photo(size: tuple[int, int], fmt: str, blocky: bool = True) -> bytes:
+        shape = (size[1] // 8, size[0] // 8, 3) if blocky else (size[1], size[0], 3)
+        return encode(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).resize(size), fmt)
+
+    telegram_like = photo((160, 120), "JPEG")  # 19,200 pixels: at most 4 times the input's 9,216
+    assert reduce_for_queue(telegram_like, preprocessing) == telegram_like
+
+    for original in (
+        photo((320, 240), "JPEG"),  # 76,800 pixels: more than 4 times the input
+        photo((160, 120), "PNG", blocky=False),  # few pixels, but more bytes than its BMP (27 KB)
+    ):
+        reduced = reduce_for_queue(original, preprocessing)
+        assert Image.open(io.BytesIO(reduced)).format == "BMP"
+        np.testing.assert_array_equal(load_image(reduced, preprocessing), load_image(original, preprocessing))
+
+
 def test_a_bad_photo_is_refused_before_it_is_reduced() -> None:
     with pytest.raises(ImageRejected) as refused:
         reduce_for_queue(b"GIF89a, but then not really")
