@@ -66,7 +66,7 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
     "--backbone-weights",
     default="synthetic",
     show_default=True,
-    help="'synthetic': trained on generated photos first (about 15 minutes, once: cached); 'random'; "
+    help="'synthetic': trained on generated photos first (about 20 minutes, once: cached); 'random'; "
     "or the path of a weights file for the backbone (ImageNet's, say).",
 )
 @click.option(
