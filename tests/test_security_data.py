@@ -230,18 +230,19 @@ async def test_forget_also_removes_the_reduced_copy_still_waiting_in_redis(forge
     """The bots queue a copy reduced for the model, under its own name: /forget finds it through the original's."""
     chat, worker = forgetful_chat
     alice = Sender("telegram", "1", "-100", language_code="en")
-    assert (await chat.photo(alice, "m0", jpeg_bytes(5))).prediction_id is not None  # answered and recorded
+    photo = jpeg_bytes(5, size=(320, 240))  # many times the model's input: reduced before it is queued
+    assert (await chat.photo(alice, "m0", photo)).prediction_id is not None  # answered and recorded
     worker.stop()  # no worker: the copy of the same photo sent again waits in Redis with its queued job
     impatient = ClassifyClient.from_settings(chat.settings.with_overrides(request_timeout_s=1), redis_url)
     chat.classifier, patient = impatient, chat.classifier
     try:
-        assert (await chat.photo(alice, "m1", jpeg_bytes(5))).text == text("timeout", "en")
+        assert (await chat.photo(alice, "m1", photo)).text == text("timeout", "en")
     finally:
         chat.classifier = patient
         await impatient.aclose()
     connection = redis.Redis.from_url(redis_url)
     [copy] = connection.keys(PHOTO_KEY_PREFIX + "*")
-    assert copy != (PHOTO_KEY_PREFIX + hashlib.sha256(jpeg_bytes(5)).hexdigest()).encode()  # reduced: another name
+    assert copy != (PHOTO_KEY_PREFIX + hashlib.sha256(photo).hexdigest()).encode()  # reduced: another name
 
     assert (await chat.command(alice, "forget")).text.startswith("🗑️")
     assert connection.keys(PHOTO_KEY_PREFIX + "*") == []
