@@ -62,6 +62,10 @@ def connection_options(url: str, *, blocking_s: float = 0.0, timeout_s: float | 
         "socket_timeout": blocking_s + (SOCKET_TIMEOUT_S if timeout_s is None else timeout_s),
         "socket_connect_timeout": CONNECT_TIMEOUT_S if timeout_s is None else min(timeout_s, CONNECT_TIMEOUT_S),
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        # No CLIENT SETINFO on connect: redis-py pipelines it, and on a reconnect after the health-check
+        # interval its PING read that reply instead of PONG (Redis 6.2 answers SETINFO with an error), which
+        # stopped the bots' result listener in CI (2026-12-04). The name only shows in Redis' CLIENT LIST.
+        "driver_info": None,
         # Once, and only for a refused or reset connection: see the module's docstring.
         "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
     }
