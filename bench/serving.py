@@ -284,7 +284,7 @@ def make_photos(
     photos only once), while decoding costs what a real photo of that size costs.
     """
     rng = np.random.default_rng(seed)
-    phone_count = count // phone_every if phone_every else 0
+    phone_count = _phone_count(count, phone_every)
     small_scenes = [draw_scene(rng, small_size) for _ in range(min(12, count - phone_count))]
     phone_scenes = [_phone_scene(rng, phone_size) for _ in range(min(3, phone_count))]
     photos = []
@@ -308,11 +308,15 @@ def telegram_photo_size(image_size: int) -> tuple[int, int]:
 
 def photo_mix(count: int, telegram: tuple[int, int], phone_size: tuple[int, int], phone_every: int) -> str:
     """The benchmark's photos in words."""
-    phones = count // phone_every if phone_every else 0
+    phones = _phone_count(count, phone_every)
     return (
         f"{count - phones} Telegram photos at {telegram[0]}x{telegram[1]} (the size the Telegram bot downloads "
         f"for this model), {phones} phone files at {phone_size[0]}x{phone_size[1]}"
     )
+
+
+def _phone_count(count: int, phone_every: int) -> int:
+    return count // phone_every if phone_every else 0
 
 
 def draw_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
@@ -1111,7 +1115,8 @@ def _decode(jpeg: bytes, predictor: Any) -> np.ndarray:
 def _small_indices(jpegs: Sequence[bytes]) -> list[int]:
     """The indices of the Telegram photos (the smallest ones) among `jpegs`."""
     sizes = [Image.open(io.BytesIO(jpeg)).size for jpeg in jpegs]
-    return [index for index, size in enumerate(sizes) if size == min(sizes, key=lambda s: s[0] * s[1])]
+    smallest = min(sizes, key=lambda size: size[0] * size[1])
+    return [index for index, size in enumerate(sizes) if size == smallest]
 
 
 def _agreement(labels: Sequence[str], reference: Sequence[str]) -> float:

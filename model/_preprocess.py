@@ -133,8 +133,7 @@ def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()
     """
     _check_byte_size(data, preprocessing)
     input_pixels = preprocessing.image_size**2
-    size = _header_size(data)
-    small = size is not None and 0 < size[0] * size[1] <= REDUCE_ABOVE_INPUT_PIXELS * input_pixels
+    small = 0 < pixel_count(data) <= REDUCE_ABOVE_INPUT_PIXELS * input_pixels
     if small and len(data) <= 3 * input_pixels:  # and no bigger than its BMP would be
         return data
     pixels = load_image(data, preprocessing)
@@ -146,19 +145,13 @@ def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()
     return out.getvalue()
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a photo in an accepted format, None when it cannot be read."""
+def pixel_count(data: bytes) -> int:
+    """How many pixels the picture in `data` says it has (its header only), 0 when that cannot be read.
+
+    Only the accepted formats are read: a picture in another one has 0, as `load_image` refuses it.
+    """
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
-            return img.size
-    except Exception:
-        return None  # load_image will say what is wrong with it
-
-
-def pixel_count(data: bytes) -> int:
-    """How many pixels the picture in `data` says it has (its header only), 0 when that cannot be read."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except Exception:
         return 0  # load_image will say what is wrong with it
