@@ -257,7 +257,9 @@ class FakeTelegram:
         file_name: str,
         file_size: int | None = None,
         caption: str | None = None,
+        thumbnail: tuple[int, int, bytes] | None = None,
     ) -> dict:
+        """A file sent as a document; `thumbnail` is its (width, height, JPEG bytes), as a phone's app sends one."""
         stored = self.add_file(data, file_size=file_size, suffix=file_name.rsplit(".", 1)[-1])
         document = {
             "file_id": stored.file_id,
@@ -266,6 +268,8 @@ class FakeTelegram:
             "mime_type": mime_type,
             "file_size": stored.file_size,
         }
+        if thumbnail is not None:
+            document["thumbnail"] = self.photo_sizes([thumbnail])[0]
         message = self.message(chat, user, document=document, caption=caption)
         self.deliver(message=message)
         return message

@@ -30,7 +30,7 @@ from bots._store import Store
 from bots._telegram import build_application, deliver_event, pick_photo_size, webhook_secret
 from bots._texts import text
 from carbot import db, retrain_runs
-from carbot.photos import PhotoStore
+from carbot.photos import PhotoStore, photo_name
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes, train_worker_running
 from tests.fake_telegram import ApiCall, FakeTelegram
@@ -331,6 +331,33 @@ async def test_corrupt_and_oversized_image_files_get_a_friendly_answer(bot: Harn
     [answer] = await bot.reply_to(good)
     assert _buttons(answer)[0][0]["text"] == "👍"
     assert not bot.feedback_rows() and len(bot.prediction_rows()) == 1
+
+
+async def test_an_image_sent_as_a_file_is_read_from_its_thumbnail_when_that_covers_the_input(
+    bot: Harness, worker: None
+) -> None:
+    fake = bot.fake
+    ana = fake.user(7, "Ana")
+    chat = fake.private_chat(ana)
+
+    # A photo sent as a file, with the thumbnail Telegram keeps of it: 64x48 covers the model's 32 px.
+    thumb = jpeg_bytes(8, (64, 48))
+    sent = fake.send_document(chat, ana, jpeg_bytes(8, (640, 480)), mime_type="image/jpeg", file_name="IMG_1.jpg",
+                              thumbnail=(64, 48, thumb))  # fmt: skip
+    [answer] = await bot.reply_to(sent)
+    assert _buttons(answer)[0][0]["text"] == "👍"
+    thumbnail = sent["document"]["thumbnail"]
+    assert [call.params["file_id"] for call in fake.calls_to("getFile")] == [thumbnail["file_id"]]
+    assert fake.downloads == [fake._files[thumbnail["file_id"]].file_path]  # the file itself never fetched
+    [prediction] = bot.prediction_rows()
+    assert prediction.photo_sha256 == photo_name(thumb)  # kept as it was classified, like a photo's size
+
+    # A thumbnail narrower than the input (24 px high): the file is what is read.
+    narrow = fake.send_document(chat, ana, jpeg_bytes(9, (640, 360)), mime_type="image/jpeg", file_name="IMG_2.jpg",
+                                thumbnail=(40, 24, jpeg_bytes(9, (40, 24))))  # fmt: skip
+    [answer] = await bot.reply_to(narrow)
+    assert _buttons(answer)[0][0]["text"] == "👍"
+    assert fake.calls_to("getFile")[-1].params["file_id"] == narrow["document"]["file_id"]
 
 
 async def test_forged_button_data_is_answered_and_records_nothing(bot: Harness) -> None:
