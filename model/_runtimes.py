@@ -9,10 +9,10 @@ pass, so bucketed batches, timed plans, hot swap and rollback are the same on ev
 - a named runtime serves if its variant was verified, its files match their checksums and the
   host can run it; otherwise the worker logs why and chooses as ``auto`` does among the rest;
 - ``auto`` on a GPU host: TensorFlow (batching on a GPU is where the gains are);
-- ``auto`` on a CPU: every runtime that may serve (the verified variants the host supports, and
-  TensorFlow when it is installed) is loaded and warmed up on the predictor's buckets; the one
-  whose passes took the least time serves. A variant whose files are missing or altered is
-  skipped, logged; when none is left, TensorFlow serves.
+- ``auto`` on a CPU: every verified variant the host supports is loaded and warmed up on the
+  predictor's buckets, one after another; the one whose passes took the least time serves. A
+  variant whose files are missing or altered is skipped, logged; when none is left, Keras on
+  TensorFlow serves (TensorFlow is not loaded otherwise).
 
 Nothing here imports TensorFlow unless TensorFlow is to be tried: a CPU worker without it serves
 a variant.
@@ -173,9 +173,17 @@ def _installed(package: str) -> bool:
         return False
 
 
+# Where a GPU driver shows itself on Linux (NVIDIA's, then ROCm's): without one TensorFlow sees no GPU.
+GPU_DRIVER_PATHS = (Path("/proc/driver/nvidia/gpus"), Path("/dev/nvidia0"), Path("/dev/kfd"))
+
+
 def has_gpu() -> bool:
-    """Whether TensorFlow is installed and sees a GPU (only then is TensorFlow imported)."""
-    if not _installed("tensorflow"):
+    """Whether TensorFlow is installed and sees a GPU.
+
+    TensorFlow is imported only on a host with a GPU driver: importing it costs seconds and half a
+    gigabyte that a CPU worker serving a variant would carry for nothing.
+    """
+    if not _installed("tensorflow") or not any(path.exists() for path in GPU_DRIVER_PATHS):
         return False
     try:
         import tensorflow as tf
@@ -246,13 +254,16 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         # TensorFlow could not load this version on the GPU: the verified variants still serve, on the CPU.
         prefix += f"a GPU, but TensorFlow cannot serve ({skipped[TENSORFLOW]}); "
 
-    # Time every candidate on the buckets (warmup() does) and keep the fastest.
+    # Time every verified variant on the buckets (warmup() does) and keep the fastest. TensorFlow is not
+    # among them: it is the reference the variants were verified against, slower on every CPU measured
+    # (docs/benchmarks.md), and loading it only to time it would hold its memory (over a gigabyte for
+    # ResNet50, never given back) for the worker's whole life. It serves when no variant can.
     best: tuple[float, str, Predictor] | None = None
     timings: dict[str, float] = {}
-    for name in (TENSORFLOW, *VARIANT_RUNTIMES):
+    for name in VARIANT_RUNTIMES:
         if name in skipped:
             continue
-        if name != TENSORFLOW and name not in variants:
+        if name not in variants:
             skipped[name] = "this version has no such variant"
             continue
         predictor = attempt(name, lambda p: p.warmup())
@@ -261,11 +272,17 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         timings[name] = round(sum(predictor.bucket_ms.values()), 3)
         if best is None or timings[name] < best[0]:
             best = (timings[name], name, predictor)
+        del predictor  # a slower one is freed before the next loads: the peak holds two runtimes, not all
     if best is not None:
         _, name, predictor = best
         measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
         reason = f"{prefix}fastest on this CPU at warm-up (all buckets once: {measured})"
         return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
+    if TENSORFLOW not in skipped:
+        predictor = attempt(TENSORFLOW, warmup)
+        if predictor is not None:
+            reason = f"{prefix}no verified variant can serve on this host: Keras on TensorFlow"
+            return _chosen(predictor, RuntimeChoice(TENSORFLOW, reason, skipped=skipped))
     raise ArtefactCorrupt(f"no runtime can serve model {artefact.version}: {skipped}")
 
 
