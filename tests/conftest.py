@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,13 +65,35 @@ def model_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry whose active version "demo" is the demo model, trained once per session by `train()`.
+    """A registry whose active version "demo" is the demo model, trained once per test run by `train()`.
 
     It is built in a fresh process exactly as `carbot demo-model` builds it: no deterministic kernels
     or other test-only setting, so the tests that use it (test_training_demo, test_training_serving,
     test_ood) see the model a user gets, and a training that sometimes fails would show here.
+
+    Under pytest-xdist the first process to need it builds it (about a minute and a half with its
+    variants) and the others wait for it and copy it: each process gets a registry of its own to
+    promote and roll back in, without training the same model twice.
     """
     root = tmp_path_factory.mktemp("demo-models")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        _build_demo_registry(root)
+        return root
+    # The folder of this run that every xdist process shares (pytest-xdist's recipe for a once-per-run fixture).
+    shared = tmp_path_factory.getbasetemp().parent
+    built = shared / "demo-models"
+    with (shared / "demo-models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not built.is_dir():
+            scratch = shared / "demo-models.building"
+            shutil.rmtree(scratch, ignore_errors=True)
+            _build_demo_registry(scratch)
+            scratch.rename(built)  # only a finished registry is ever found under its name
+    shutil.copytree(built, root, dirs_exist_ok=True)
+    return root
+
+
+def _build_demo_registry(root: Path) -> None:
     code = (
         "from pathlib import Path\n"
         "from training import build_demo_model\n"
@@ -77,7 +101,6 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, env=env, timeout=600)
-    return root
 
 
 def add_version(registry, version: str, preprocessing=None) -> None:
