@@ -74,7 +74,7 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
     type=click.IntRange(0),
     default=4,
     show_default=True,
-    help="One photo in N is a 4032x3024 phone file (a Discord attachment, a file sent to Telegram); 0: none.",
+    help="One photo in N is a 4032x3024 phone file (a Discord attachment; Telegram sends a file's thumbnail); 0: none.",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."

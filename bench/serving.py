@@ -8,8 +8,8 @@ optimised serving variants (`model.export_variants`: ONNX Runtime, OpenVINO
 fp32/bf16/int8, each verified against the Keras model; a variant that does not
 agree is refused and never serves), generates one set of JPEGs in the mix the
 bots submit (`photo_mix`: Telegram photos at the size the Telegram bot downloads
-for this model, and one in four a 4032x3024 phone file, as a Discord attachment
-or a photo sent as a file arrives), starts a private Redis, and then measures,
+for this model (a photo sent as a file too: its thumbnail), and one in four a
+4032x3024 phone file, as a Discord attachment arrives), starts a private Redis, and then measures,
 one after the other, on the same photos:
 
 (a) TensorFlow's ceiling: the `Predictor`'s compiled Keras forward pass on photos
@@ -96,7 +96,7 @@ BATCH = 32  # batch size of the ceilings (a), (a') and max_batch of the batch wo
 # The photo sizes Telegram keeps of a camera photo (the long side 320, 800, 1280 px); the Telegram bot
 # downloads the smallest whose shorter side covers the model's input (bots' `pick_photo_size`).
 TELEGRAM_SIZES = ((320, 240), (800, 600), (1280, 960))
-PHONE_PHOTO = (4032, 3024)  # a phone's file: a Discord attachment, or a photo sent to Telegram as a file
+PHONE_PHOTO = (4032, 3024)  # a phone's file, as a Discord attachment arrives (Telegram's bot reads a thumbnail)
 PHONE_EVERY = 4  # one photo in four is phone-size (0: none)
 JPEG_QUALITY = 90
 NUM_CLASSES = 190  # as in the original study
@@ -311,7 +311,7 @@ def photo_mix(count: int, telegram: tuple[int, int], phone_size: tuple[int, int]
     phones = _phone_count(count, phone_every)
     return (
         f"{count - phones} Telegram photos at {telegram[0]}x{telegram[1]} (the size the Telegram bot downloads "
-        f"for this model), {phones} phone files at {phone_size[0]}x{phone_size[1]}"
+        f"for this model), {phones} phone files at {phone_size[0]}x{phone_size[1]} (Discord attachments)"
     )
 
 
