@@ -109,6 +109,15 @@ def test_plans_split_where_time_grows_with_the_batch_and_pad_where_it_does_not()
             assert sum(plan) - min(plan) < count  # no bucket of pure padding
 
 
+def test_a_bucket_timed_below_a_smaller_one_never_pads_a_lone_photo() -> None:
+    # A CPU warm-up disturbed while bucket 1 was timed: 1 photo "took" 21 ms, 2 photos 15 ms (truly ~12 and ~24).
+    plans = cheapest_plans({1: 21.0, 2: 15.0, 4: 48.0, 8: 96.0}, 8)
+    assert plans[1] == (1,)  # not padded to a pair, which would cost twice the model's time for good
+    assert plans[2] == (2,) and plans[3] == (2, 1)  # a pair at one photo's cost: not split; three cheaper than 4
+    # Undisturbed timings still pad where padding is truly cheaper (a GPU's flat cost).
+    assert cheapest_plans({1: 5.0, 2: 5.0, 4: 5.1, 8: 5.2}, 8)[3] == (4,)
+
+
 def test_warmup_times_every_bucket_and_plans_cover_any_batch(artefact_dir: Path) -> None:
     predictor = Predictor.from_artefact(artefact_dir, max_batch=8)
     assert predictor.bucket_ms == {} and predictor.plan(3) == (4,)
