@@ -698,6 +698,8 @@ def measure_single_photo(
     small = _small_indices(jpegs)
     model_ms: list[float] = []
     run = _ClientRun()
+    connection = redis_connection(url)
+    before = WorkerStats.read(connection)
 
     async def alternate() -> None:
         async with _client(settings, url) as client:
@@ -710,6 +712,7 @@ def measure_single_photo(
                 run.predictions += alone.predictions
 
     asyncio.run(alternate())
+    worker = WorkerStats.read(connection) - before
     model, latency = percentiles(model_ms), percentiles(run.latencies_ms)
     return {
         "what": f"{repeats} Telegram photos one after another through (d)'s client and worker; overhead = "
@@ -721,6 +724,8 @@ def measure_single_photo(
         "worker_queue_ms": percentiles([p.timings.get("queue_ms", 0.0) for p in run.predictions]),
         "worker_decode_ms": percentiles([p.timings.get("decode_ms", 0.0) for p in run.predictions]),
         "worker_forward_ms": percentiles([p.timings.get("inference_ms", 0.0) for p in run.predictions]),
+        # Images the worker's passes computed per photo: 1 unless its timed plan pads a lone photo.
+        "worker_images_per_photo": round(worker.count("padded") / max(1, worker.count("photos")), 2),
     }
 
 
@@ -1005,7 +1010,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"(e) one photo alone: p50 {e['latency_ms']['p50']:.1f} ms = {a_prime['runtime']} at batch 1 "
         f"{e['model_batch1_ms']['p50']:.1f} ms + overhead {e['overhead_ms']:.1f} ms; of it: client reduce "
         f"{e['client_reduce_ms']:.1f} ms, queued {e['worker_queue_ms']['p50']:.1f} ms, worker decode "
-        f"{e['worker_decode_ms']['p50']:.1f} ms, worker forward {e['worker_forward_ms']['p50']:.1f} ms (p50s)",
+        f"{e['worker_decode_ms']['p50']:.1f} ms, worker forward {e['worker_forward_ms']['p50']:.1f} ms (p50s; "
+        f"{e.get('worker_images_per_photo', 1):g} images computed a photo)",
         f"(f) where (d) stands: decoding the original files keeps f/a' = {f_over_a_prime:.2f} of "
         f"the runtime's ceiling on this machine; (d), fed reduced photos, keeps d/f = {shares['d/f']:.2f} of (f)",
     ]
