@@ -238,3 +238,24 @@ def test_every_redis_client_comes_from_the_one_factory():
             assert options["socket_timeout"] == 5 + SOCKET_TIMEOUT_S
             assert options["health_check_interval"] > 0
             assert options.get("socket_keepalive", False) is url.startswith("redis:")
+
+
+async def test_replies_are_parsed_by_hiredis_on_both_kinds_of_client(redis_url):
+    """redis-py's C parser (the `hiredis` dependency), not its pure-Python one: every job's Redis replies cost
+    the bots' client and the worker a quarter less CPU with it (docs/benchmarks.md), CPU the model shares."""
+    client = redis_connection(redis_url)
+    client.ping()
+    connection = client.connection_pool.get_connection()
+    try:
+        assert type(connection._parser).__name__ == "_HiredisParser"
+    finally:
+        client.connection_pool.release(connection)
+        client.close()
+    async_client = redis_connection(redis_url, asyncio=True)
+    await async_client.ping()
+    connection = await async_client.connection_pool.get_connection()
+    try:
+        assert type(connection._parser).__name__ == "_AsyncHiredisParser"
+    finally:
+        await async_client.connection_pool.release(connection)
+        await async_client.aclose()
