@@ -5,6 +5,7 @@
 - `faults`: the load test with one part broken on purpose;
 - `fuzz`: mutated pictures through the photo decoder;
 - `store`: the bots' SQLite store under a burst;
+- `queue-cost`: a photo's CPU in the client, the worker and Redis, with and without hiredis;
 - `sharing`: photo latency under a steady load, alone and beside a retrain on the same machine;
 - `training-input`: the training input pipeline against Keras' ImageDataGenerator.
 """
@@ -100,6 +101,22 @@ def serving(
         backbone_weights=weights,
         phone_every=phone_every,
     )
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"saved {json_path}")
+
+
+@main.command("queue-cost")
+@click.option("--photos", type=click.IntRange(1), default=192, show_default=True, help="Photos sent at once.")
+@click.option("--bursts", type=click.IntRange(1), default=5, show_default=True, help="Bursts per round.")
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True, help="Rounds per parser, in turns.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save results here.")
+def queue_cost(photos: int, bursts: int, rounds: int, json_path: Path | None) -> None:
+    """A photo's CPU in the bots' client, the worker and Redis, with redis-py's C parser and without, side by side."""
+    from bench.queue_cost import format_table, run_queue_cost
+
+    results = run_queue_cost(get_settings(), photos=photos, bursts=bursts, rounds=rounds)
+    click.echo(format_table(results))
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")

@@ -241,8 +241,8 @@ def test_every_redis_client_comes_from_the_one_factory():
 
 
 async def test_replies_are_parsed_by_hiredis_on_both_kinds_of_client(redis_url):
-    """redis-py's C parser (the `hiredis` dependency), not its pure-Python one: every job's Redis replies cost
-    the bots' client and the worker a quarter less CPU with it (docs/benchmarks.md), CPU the model shares."""
+    """redis-py's C parser (the `hiredis` dependency), not its pure-Python one: with it a photo's trip through the
+    queue costs the bots' client and the worker about an eighth less CPU (`python -m bench queue-cost`)."""
     client = redis_connection(redis_url)
     client.ping()
     connection = client.connection_pool.get_connection()
