@@ -64,7 +64,9 @@ asyncio.run(burst())  # warm: connections, the active model's preprocessing read
 cpu, wall = time.process_time(), time.perf_counter()
 for _ in range(bursts):
     asyncio.run(burst())
-print(json.dumps({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}))
+import redis.utils
+print(json.dumps({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
+                  "hiredis": redis.utils.HIREDIS_AVAILABLE}))
 """
 
 
@@ -124,6 +126,7 @@ def _one_run(parser: str, env: dict[str, str], connection, redis_pid: int, folde
     # The worker's and Redis' CPU include the client's own warm burst, the client's figure does not: each is
     # divided by the photos it covers (the worker's counters say how many it answered since `before`).
     return {
+        "client_had_hiredis": measured["hiredis"],
         "wall_s": measured["wall_s"],
         "client_cpu_s": measured["cpu_s"],
         "worker_cpu_s": worker_cpu,
@@ -135,7 +138,7 @@ def _one_run(parser: str, env: dict[str, str], connection, redis_pid: int, folde
 
 
 def _per_photo_ms(runs: list[dict[str, float]], count: int) -> dict[str, float]:
-    total = {key: sum(run[key] for run in runs) for key in runs[0]}
+    total = {key: sum(run[key] for run in runs) for key in runs[0] if key != "client_had_hiredis"}
     worker_photos = max(1, total["worker_photos"])
     return {
         "wall": round(1000 * total["wall_s"] / (count * len(runs)), 3),
