@@ -8,9 +8,11 @@ endpoint (`scrape`).
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -121,3 +123,9 @@ def peak_rss_mb(pid: int) -> float | None:
         return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
     except Exception:
         return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """A live process's user + system CPU seconds so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -57,6 +57,7 @@ from PIL import Image
 
 from bench.figures import WorkerStats, peak_rss_mb, percentiles, scrape
 from bench.serving import draw_scene, jpeg_bytes, worker_env
+from bench.workers import start_logged, wait_registered
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -234,27 +235,16 @@ class WorkerPool:
         self.log_paths.append(log_path)
         port = _free_port()
         self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "carbot", "worker", "--name", name, *self.command_tail],
-                env={**self.env, "CARBOT_METRICS_PORT": str(port), "CARBOT_METRICS_LISTEN": "127.0.0.1"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process = start_logged(
+            [sys.executable, "-m", "carbot", "worker", "--name", name, *self.command_tail],
+            {**self.env, "CARBOT_METRICS_PORT": str(port), "CARBOT_METRICS_LISTEN": "127.0.0.1"},
+            log_path,
+        )
         self.slots[slot], self.names[slot] = process, name
         self._spawned_at[slot] = time.monotonic()
 
     def wait_registered(self, slot: int, timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
-        connection = redis_connection(self.url)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not connection.exists(f"rq:worker:{self.names[slot]}"):
-                process = self.slots[slot]
-                if process is None or process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker {self.names[slot]} did not start; its log:\n{self.logs()[-3000:]}")
-                time.sleep(0.05)
-        finally:
-            connection.close()
+        wait_registered(self.url, self.names[slot], self.slots[slot], timeout_s=timeout_s, log=self.logs)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.2):

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.figures import WorkerStats
+from bench.figures import WorkerStats, cpu_seconds
 from bench.loadtest import prepare_registry
 from bench.serving import draw_scene, jpeg_bytes, telegram_photo_size, worker_env
+from bench.workers import start_logged, wait_registered
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -102,22 +103,18 @@ def _one_run(parser: str, env: dict[str, str], connection, redis_pid: int, folde
              tmp_dir: Path) -> dict[str, float]:  # fmt: skip
     prefix = _HIDE_HIREDIS if parser == "python" else ""
     name = f"queue-cost-{parser}-{os.getpid()}-{time.monotonic_ns()}"
-    with (tmp_dir / f"{name}.log").open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "-c", prefix + _WORKER, name], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+    log_path = tmp_dir / f"{name}.log"
+    worker = start_logged([sys.executable, "-c", prefix + _WORKER, name], env, log_path)
     try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while not connection.exists(f"rq:worker:{name}"):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {name} did not start; see {tmp_dir / name}.log")
-            time.sleep(0.1)
+        wait_registered(env["REDIS_URL"], name, worker, timeout_s=WORKER_START_TIMEOUT_S,
+                        log=lambda: log_path.read_text(errors="replace"))  # fmt: skip
         client_command = [sys.executable, "-c", prefix + _CLIENT, env["REDIS_URL"], str(folder)]
         # A first client warms the worker (its model loads and compiles now), outside what is measured.
         subprocess.run([*client_command, "0"], env=env, capture_output=True, text=True, check=True)
         before = WorkerStats.read(connection)
-        worker_cpu, redis_cpu = _cpu_s(worker.pid), _cpu_s(redis_pid)
+        worker_cpu, redis_cpu = cpu_seconds(worker.pid), cpu_seconds(redis_pid)
         client = subprocess.run([*client_command, str(bursts)], env=env, capture_output=True, text=True, check=True)
-        worker_cpu, redis_cpu = _cpu_s(worker.pid) - worker_cpu, _cpu_s(redis_pid) - redis_cpu
+        worker_cpu, redis_cpu = cpu_seconds(worker.pid) - worker_cpu, cpu_seconds(redis_pid) - redis_cpu
         figures = WorkerStats.read(connection) - before
     finally:
         worker.terminate()
@@ -149,12 +146,6 @@ def _per_photo_ms(runs: list[dict[str, float]], count: int) -> dict[str, float]:
         ),
         "redis_cpu": round(1000 * total["redis_cpu_s"] / worker_photos, 3),
     }
-
-
-def _cpu_s(pid: int) -> float:
-    """A live process' user + system CPU seconds so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -87,6 +87,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bench.figures import WorkerStats, peak_rss_mb, percentile, percentiles
+from bench.workers import start_logged, wait_registered
 from carbot.connections import redis_connection
 from carbot.keys import RUNTIME_KEY
 from carbot.services import PrivateRedis
@@ -796,19 +797,13 @@ class _WorkerProcess:
         return cls(command, worker_env(settings, url, registry, tmp_dir), tmp_dir / "batch-worker.log", name)
 
     def __enter__(self) -> _WorkerProcess:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = start_logged(self.command, self.env, self.log_path)
         return self
 
     def wait_ready(self, settings: Settings, jpegs: Sequence[bytes], *, queue: str | None = None) -> None:
         """Wait until the worker has registered, then warm it: a full batch of distinct photos, then one alone."""
-        connection = redis_connection(self.env["REDIS_URL"])
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while not connection.exists(f"rq:worker:{self.name}"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} did not start; its log:\n{self.log()[-3000:]}")
-            time.sleep(0.1)
         url = self.env["REDIS_URL"]
+        wait_registered(url, self.name, self.process, timeout_s=WORKER_START_TIMEOUT_S, log=self.log)
         _classify_concurrently(settings, url, jpegs[:BATCH], queue=queue, timeout_s=WORKER_START_TIMEOUT_S)
         _classify_concurrently(settings, url, jpegs[:1], queue=queue)
 

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
 from bench.loadtest import prepare_registry
 from bench.serving import make_photos, worker_env
+from bench.workers import start_logged, wait_registered
 from carbot.connections import redis_connection
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
@@ -89,10 +89,11 @@ def run_sharing(
             env = worker_env(run_settings, url, registry, root)
             say("starting the worker and both retrains (yielding off and on)")
             name = f"sharing-{os.getpid()}"
-            worker = _start([sys.executable, "-m", "carbot", "worker", "--name", name], env, root / "worker.log")
+            worker_log = root / "worker.log"
+            worker = start_logged([sys.executable, "-m", "carbot", "worker", "--name", name], env, worker_log)
             for phase, yield_ in ((PHASES[1], False), (PHASES[2], True)):
                 retrains[phase] = _Retrain(url, env, root, registry, feedback, yield_=yield_)
-            _wait_registered(url, name, worker, root / "worker.log")
+            wait_registered(url, name, worker, timeout_s=START_TIMEOUT_S, log=lambda: _tail(worker_log))
             for retrain in retrains.values():
                 retrain.wait_training()
                 retrain.pause()
@@ -152,7 +153,7 @@ class _Retrain:
         self.steps_key, self.give_way_key = f"{STEPS_KEY}:{flag}", f"{GIVE_WAY_KEY}:{flag}"
         self.log_path = root / f"retrain-yield-{flag}.log"
         command = [sys.executable, "-c", _RETRAIN, str(registry), str(feedback), self.steps_key, self.give_way_key]
-        self.process = _start(command, {**env, "CARBOT_RETRAIN_YIELD": flag}, self.log_path)
+        self.process = start_logged(command, {**env, "CARBOT_RETRAIN_YIELD": flag}, self.log_path)
         self.steps_in_windows = 0
         self._steps_at_resume = 0
 
@@ -252,23 +253,6 @@ class Count(keras.callbacks.Callback):
 retrain(registry, feedback, version="sharing", config=RetrainConfig(epochs=100000, finetune_fraction=1.0),
         promote=False, variants=False, callbacks=[*give_way.callbacks(), Count()])
 """
-
-
-def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_registered(url: str, name: str, process: subprocess.Popen, log_path: Path) -> None:
-    connection = redis.Redis.from_url(url)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while not connection.exists(f"rq:worker:{name}"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start; its log:\n{_tail(log_path)}")
-            time.sleep(0.05)
-    finally:
-        connection.close()
 
 
 def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
