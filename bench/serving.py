@@ -9,8 +9,8 @@ fp32/bf16/int8, each verified against the Keras model; a variant that does not
 agree is refused and never serves), generates one set of JPEGs in the mix the
 bots submit (`photo_mix`: Telegram photos at the size the Telegram bot downloads
 for this model (a photo sent as a file too: its thumbnail), and one in four a
-4032x3024 phone file, as a Discord attachment arrives), starts a private Redis, and then measures,
-one after the other, on the same photos:
+4032x3024 phone file, as a Discord attachment arrives), starts a private Redis,
+and then measures, one after the other, on the same photos:
 
 (a) TensorFlow's ceiling: the `Predictor`'s compiled Keras forward pass on photos
     already decoded, in batches of 32.
