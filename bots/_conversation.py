@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from bots._labels import match_label
-from bots._messages import Button, ButtonAnswer, Guesses, Notice, Reply, Sender
+from bots._messages import Button, ButtonAnswer, Guesses, Notice, Photo, Reply, Sender
 from bots._ratelimit import RateLimiter
 from bots._retrain_desk import RetrainDesk, RollbackBusy
 from bots._store import Store, StoreUnavailable
@@ -34,7 +34,7 @@ from carbot.db import RetrainRun, RunStatus
 from carbot.photos import photo_name
 from carbot.retrain_runs import DECISIONS, FINAL_STATUSES, REPORT_IMAGE, RunEvent
 from carbot.settings import Settings
-from model import ArtefactCorrupt, ModelRegistry, read_artefact
+from model import ArtefactCorrupt, ModelRegistry, Preprocessing, read_artefact
 from worker import (
     Classification,
     ClassifyClient,
@@ -49,8 +49,9 @@ from worker import (
 log = logging.getLogger(__name__)
 
 # A photo not fetched yet: the adapter's download, awaited only once the rate limit lets the photo
-# through, so a flood costs the bot no downloads. It gives the bytes, or the reply to give instead.
-PhotoDownload = Callable[[], Awaitable["bytes | Reply"]]
+# through, so a flood costs the bot no downloads. It gives the bytes (or a `Photo`, where the platform
+# gave a smaller copy beside the original), or the reply to give instead.
+PhotoDownload = Callable[[], Awaitable["bytes | Photo | Reply"]]
 
 T = TypeVar("T")
 
@@ -96,13 +97,24 @@ class Conversation:
 
     # -- photos ---------------------------------------------------------------------------------------------
 
+    @property
+    def image_size(self) -> int:
+        """The active model's input side, in pixels: adapters fetch the smallest copy of a photo that covers it."""
+        return (self.classifier.preprocessing_now() or Preprocessing()).image_size
+
     @metrics.observe_photo
     async def photo(
-        self, sender: Sender, message_id: str | None, photo: bytes | PhotoDownload, *, sent_by: str | None = None
+        self,
+        sender: Sender,
+        message_id: str | None,
+        photo: bytes | Photo | PhotoDownload,
+        *,
+        sent_by: str | None = None,
     ) -> Reply:
         """Classify a photo and answer with the top-3 and 👍/👎 buttons (or a friendly error).
 
-        `photo`: its bytes, or its download (a `PhotoDownload`), awaited only if the rate limit allows.
+        `photo`: its bytes (or a `Photo`), or its download (a `PhotoDownload`), awaited only if the rate limit
+        allows.
         `sent_by`: the platform user id of whoever sent the photo when the sender only asks about it (a
         /top3 reply, Discord's "Identify car"); the photo is then recorded as theirs too, for their /forget.
         """
@@ -116,13 +128,19 @@ class Conversation:
             return Reply(text("failed", lang))
         if not allowed:
             return Reply(text("rate_limited", lang, per_minute=self.limiter.per_minute))
-        if not isinstance(photo, bytes):
+        if callable(photo):
             photo = await photo()
             if isinstance(photo, Reply):  # too large to fetch, or unreadable: nothing to classify
                 return photo
+        if isinstance(photo, bytes):
+            photo = Photo(photo)
+        # The original's name: the store keeps it under this, and a copy queued for the model is filed under it.
+        name = photo_name(photo.kept)
         started = time.perf_counter()
         try:
-            prediction = await self.classifier.classify(photo)
+            prediction = await self.classifier.classify(
+                photo.data, original_name=None if photo.original is None else name
+            )
         except PhotoRejected as exc:
             metrics.photo_outcome("rejected")
             return Reply(text("photo_rejected", lang, reason=self._rejection(exc, lang)))
@@ -142,7 +160,7 @@ class Conversation:
             prediction_id = await self._patiently(self.store.record_prediction(
                 sender,
                 message_id=message_id,
-                photo=photo,
+                photo=photo.kept,
                 model_version=prediction.model_version,
                 top_k=prediction.top_k,
                 latency_ms=latency_ms,
@@ -153,11 +171,16 @@ class Conversation:
             log.warning("answer given without buttons: the prediction could not be recorded")
             prediction_id = None
         # By the original's name, as the store keeps it (the queue held a copy reduced for the model).
-        await self.remember_photo(sender, photo_name(photo), sent_by=sent_by)
+        await self.remember_photo(sender, name, sent_by=sent_by)
         return self._answer(prediction, prediction_id, lang)
 
     async def top3(
-        self, sender: Sender, message_id: str | None, photo: bytes | PhotoDownload | None, *, sent_by: str | None = None
+        self,
+        sender: Sender,
+        message_id: str | None,
+        photo: bytes | Photo | PhotoDownload | None,
+        *,
+        sent_by: str | None = None,
     ) -> Reply:
         """`/top3`: classify `photo` (a replied-to or captioned photo), or the last photo seen in the chat.
 

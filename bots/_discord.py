@@ -37,17 +37,18 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import discord
 from discord import MessageType, app_commands
 
 from bots._assembly import build_conversation, serving_redis
 from bots._conversation import Conversation, PhotoDownload
-from bots._messages import Button, Guesses, Notice, Reply, Sender, is_admin
+from bots._messages import Button, Guesses, Notice, Photo, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from model import IMAGE_SUFFIXES
+from model import IMAGE_SUFFIXES, REDUCE_ABOVE_INPUT_PIXELS, covering_size, upright_size
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ MAX_MODAL_TITLE = 45
 MAX_TYPED_MODEL = 128
 # What a server without boosts lets a member upload.
 MAX_UPLOAD_BYTES = 10 * 2**20
+# How far a resized copy's aspect ratio may stray from the original's (the proxy rounds its sides to pixels).
+COPY_ASPECT_TOLERANCE = 0.02
 
 
 # -- the client ----------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ async def handle_message(bot: CarBot, message: discord.Message) -> None:
 
 async def answer_image(bot: CarBot, message: discord.Message, sender: Sender, attachment: discord.Attachment) -> None:
     async with message.channel.typing():
-        reply = await bot.conversation.photo(sender, str(message.id), download_of(bot.conversation, sender, attachment))
+        reply = await bot.conversation.photo(sender, str(message.id), download_of(bot, sender, attachment))
     sent = await send_reply(message, reply)
     if reply.prediction_id is not None:
         await bot.conversation.set_reply_message(reply.prediction_id, str(sent.id))
@@ -209,7 +212,7 @@ async def top3(interaction: discord.Interaction[CarBot], photo: discord.Attachme
         return
     async with answering(interaction):
         await interaction.response.defer(thinking=True)  # before the download, the classifier, the database
-        download = download_of(conversation, sender, photo) if photo is not None else None
+        download = download_of(interaction.client, sender, photo) if photo is not None else None
         reply = await conversation.top3(sender, None, download)
         await answer_classification(interaction, reply)
 
@@ -225,7 +228,7 @@ async def identify_car(interaction: discord.Interaction[CarBot], message: discor
     async with answering(interaction):
         await interaction.response.defer(thinking=True)
         # The message's author sent the photo: it is recorded as theirs too, so that their /forget removes it.
-        download = download_of(conversation, sender, image)
+        download = download_of(interaction.client, sender, image)
         reply = await conversation.photo(sender, str(message.id), download, sent_by=str(message.author.id))
         await answer_classification(interaction, reply)
 
@@ -569,11 +572,24 @@ def attachment_limit(conversation: Conversation) -> int:
     return conversation.classifier.max_photo_bytes or MAX_UPLOAD_BYTES
 
 
-def download_of(conversation: Conversation, sender: Sender, attachment: discord.Attachment) -> PhotoDownload:
-    """The attachment's download, run by the conversation only if the rate limit lets the photo through."""
+def download_of(bot: CarBot, sender: Sender, attachment: discord.Attachment) -> PhotoDownload:
+    """The attachment's download, run by the conversation only if the rate limit lets the photo through.
 
-    async def download() -> bytes | Reply:
-        data = await read_attachment(attachment, attachment_limit(conversation))
+    A photo much larger than the model's input is also fetched resized by Discord's media proxy, beside
+    the original: the model reads the copy (a phone's 12 megapixels would cost the bot about 30 ms of
+    CPU to decode), the photo store keeps the original. Without a usable copy the original serves both.
+    """
+    conversation = bot.conversation
+
+    async def download() -> bytes | Photo | Reply:
+        limit = attachment_limit(conversation)
+        copy_url = resized_copy_url(attachment, conversation.image_size)
+        if copy_url is None or attachment.size > limit:
+            data = await read_attachment(attachment, limit)
+        else:
+            data, copy = await asyncio.gather(read_attachment(attachment, limit), read_copy(bot, copy_url))
+            if data is not None and copy is not None and usable_copy(copy, data, conversation.image_size):
+                return Photo(copy, original=data)
         return unreadable(conversation, sender, attachment) if data is None else data
 
     return download
@@ -589,6 +605,55 @@ async def read_attachment(attachment: discord.Attachment, limit: int) -> bytes |
     except (discord.HTTPException, OSError) as exc:
         log.warning("could not download attachment %s: %s", attachment.id, exc)
         return None
+
+
+# Discord's media proxy (an attachment's `proxy_url`) serves an image resized to the `width` and `height` of
+# its query: that is how Discord's own apps fetch a picture at the size they show it. Discord's API reference
+# does not promise it (discord/discord-api-docs#6660), so a copy is used only when its header shows what was
+# asked for (`usable_copy`); otherwise the original is classified, as it always was.
+
+
+def resized_copy_url(attachment: discord.Attachment, image_size: int) -> str | None:
+    """The media proxy's address of `attachment` resized so that its shorter side is `image_size`.
+
+    None where a copy would not pay: the attachment's size is unknown (not an image, for Discord), or
+    it is at most `REDUCE_ABOVE_INPUT_PIXELS` times the model's input, which the client queues as it is.
+    """
+    width, height = attachment.width or 0, attachment.height or 0
+    if min(width, height) <= 0 or width * height <= REDUCE_ABOVE_INPUT_PIXELS * image_size**2:
+        return None
+    copy_width, copy_height = covering_size((width, height), image_size)
+    size = [("width", str(copy_width)), ("height", str(copy_height))]
+    parts = urlsplit(attachment.proxy_url)
+    # The signature Discord put in the query (ex, is, hm) stays; only the size is ours.
+    query = [(key, value) for key, value in parse_qsl(parts.query) if key not in ("width", "height")]
+    return urlunsplit(parts._replace(query=urlencode(query + size)))
+
+
+async def read_copy(bot: CarBot, url: str) -> bytes | None:
+    """A resized copy from the media proxy, or None if it cannot be had (the original is used instead)."""
+    try:
+        return await bot.http.get_from_cdn(url)
+    except Exception as exc:  # whatever went wrong, the original is on its way: a copy is only a saving
+        log.info("no resized copy from Discord's media proxy (%s: %s); classifying the original",
+                 type(exc).__name__, exc)  # fmt: skip
+        return None
+
+
+def usable_copy(copy: bytes, original: bytes, image_size: int) -> bool:
+    """Whether the proxy's `copy` may stand for `original` before the model, read from both headers alone.
+
+    It must be a smaller picture that still covers the model's input, upright the same way with the same
+    shape: a copy the proxy did not resize, cropped, or turned (an EXIF rotation lost) is not used.
+    """
+    copy_size, original_size = upright_size(copy), upright_size(original)
+    if copy_size is None or original_size is None:
+        return False
+    (width, height), (original_width, original_height) = copy_size, original_size
+    same_shape = abs(width * original_height - height * original_width) <= (
+        COPY_ASPECT_TOLERANCE * original_width * height
+    )
+    return same_shape and min(width, height) >= image_size and width * height < original_width * original_height
 
 
 def unreadable(conversation: Conversation, sender: Sender, attachment: discord.Attachment) -> Reply:

@@ -27,6 +27,25 @@ class Sender:
 
 
 @dataclass(frozen=True)
+class Photo:
+    """A photo a person sent, as the adapter got it.
+
+    `data` is what the classifier reads. Where a platform gives a smaller copy of a large photo
+    (Discord's media proxy), `data` is that copy and `original` the file as it was sent: the
+    original is what the photo store keeps for retraining and what /forget names, and the copy
+    saves the bot decoding megapixels the model never reads.
+    """
+
+    data: bytes
+    original: bytes | None = None
+
+    @property
+    def kept(self) -> bytes:
+        """The bytes the photo store keeps: the original where there is one."""
+        return self.data if self.original is None else self.original
+
+
+@dataclass(frozen=True)
 class Button:
     text: str
     data: str  # opaque to the adapter; handed back to `Conversation.button` when pressed

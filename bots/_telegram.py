@@ -65,7 +65,6 @@ from bots._messages import Notice, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
-from model import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +91,6 @@ class TelegramBot:
 
     conversation: Conversation
     settings: Settings
-
-    @property
-    def image_size(self) -> int:
-        """The active model's input size: the smallest photo size that covers it is downloaded."""
-        preprocessing = self.conversation.classifier.preprocessing_now()
-        return (preprocessing or Preprocessing()).image_size
 
     @property
     def max_download(self) -> int:
@@ -479,9 +472,9 @@ def _download(message: Message, bot: TelegramBot, sender: Sender) -> PhotoDownlo
     """The download of the message's image (run by the conversation if the rate limit allows), or the reply now."""
     image = _image_of(message)
     if isinstance(image, tuple):
-        image = pick_photo_size(image, bot.image_size)
+        image = pick_photo_size(image, bot.conversation.image_size)
     elif isinstance(image, Document):
-        image = pick_document_image(image, bot.image_size)
+        image = pick_document_image(image, bot.conversation.image_size)
     if image is None:
         return bot.conversation.hint(sender, "document")
     if image.file_size is not None and image.file_size > bot.max_download:

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
 from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
-from ._preprocess import IMAGE_SUFFIXES, ImageRejected, Preprocessing, load_image, pixel_count, reduce_for_queue
+from ._preprocess import (
+    IMAGE_SUFFIXES,
+    REDUCE_ABOVE_INPUT_PIXELS,
+    ImageRejected,
+    Preprocessing,
+    covering_size,
+    load_image,
+    pixel_count,
+    reduce_for_queue,
+    upright_size,
+)
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
 from ._variants import (
@@ -39,6 +49,7 @@ __all__ = [
     "CHECKSUM_FILE",
     "DEFAULT_FALSE_REJECTION",
     "IMAGE_SUFFIXES",
+    "REDUCE_ABOVE_INPUT_PIXELS",
     "Answer",
     "Artefact",
     "ArtefactCorrupt",
@@ -58,12 +69,14 @@ __all__ = [
     "VariantsManifest",
     "build_classifier",
     "check_variant_files",
+    "covering_size",
     "export_variants",
     "host_supports",
     "load_artefact",
     "load_image",
     "pixel_count",
     "reduce_for_queue",
+    "upright_size",
     "load_predictor",
     "read_artefact",
     "read_variants",

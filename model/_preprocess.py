@@ -145,6 +145,41 @@ def reduce_for_queue(data: bytes, preprocessing: Preprocessing = Preprocessing()
     return out.getvalue()
 
 
+def covering_size(size: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """`size` scaled, its shape kept, until its shorter side is `image_size`: the smallest copy that covers the input.
+
+    A bot that can fetch a resized copy of a large photo (Discord's media proxy) asks for this size.
+    """
+    width, height = size
+    shorter = min(width, height)
+    return (-(-width * image_size // shorter), -(-height * image_size // shorter))  # rounded up: still covering
+
+
+# EXIF orientations (TIFF tag 274) that turn a picture a quarter: upright, its width and height swap.
+_QUARTER_TURNS = {5, 6, 7, 8}
+_ORIENTATION_TAG = 0x0112
+
+
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """The picture's width and height once upright, as `load_image` sees it (its header only); None if unreadable.
+
+    Only the accepted formats are read. A copy of a photo made elsewhere (a platform's resized
+    copy) can be checked against the original by this without decoding either.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+            width, height = img.size
+            try:
+                orientation = img.getexif().get(_ORIENTATION_TAG)
+            except Exception:
+                orientation = None  # a broken EXIF block: `load_image` leaves the pixels as they are too
+    except Exception:
+        return None
+    if width < 1 or height < 1:
+        return None
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+
+
 def pixel_count(data: bytes) -> int:
     """How many pixels the picture in `data` says it has (its header only), 0 when that cannot be read.
 

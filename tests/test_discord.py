@@ -23,23 +23,27 @@ the tiny test model, and the store on SQLite.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+from urllib.request import url2pathname
 
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy
+from PIL import Image, ImageOps
 from pydantic import SecretStr
 
 from bots import Conversation, Store
 from bots._messages import Button, Guesses, Reply
 from bots._texts import TEXTS
 from carbot import keys
-from carbot.photos import PhotoStore
+from carbot.photos import PhotoStore, photo_name
 from carbot.settings import Settings
 from tests.conftest import TEST_LABELS, jpeg_bytes, train_worker_running
 from worker import Candidate, ClassifyClient
@@ -582,6 +586,95 @@ async def test_photos_by_mention_slash_command_and_context_menu(bot, discord_api
     assert deferred.type == DEFERRED_MESSAGE and not identified.ephemeral
     prediction_id = assert_classification(identified.embeds[0], identified.components)
     assert reply_message_ids(database_url)[prediction_id] == (str(mention.id), str(identified.message["id"]))
+
+
+class MediaProxy:
+    """Discord's CDN as the bot meets it: a file by its address and, asked a `width` and `height`, a resized copy.
+
+    dpytest serves an attachment's address as a file path; this serves the media proxy's side as Discord's
+    apps see it (the picture turned upright, fitted into that box, saved as a JPEG), or, to play a proxy that does not
+    do what the bot asked, one that "ignores" the size, one that "fails", or one that "turns" the photo
+    (resizes it without its EXIF rotation).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.asked: list[dict[str, str]] = []  # the query of each resized copy asked for
+        self.served: list[bytes] = []
+
+    async def get_from_cdn(self, url: str) -> bytes:
+        parts = urlsplit(url)
+        data = Path(url2pathname(parts.path)).read_bytes()
+        query = dict(parse_qsl(parts.query))
+        if "width" not in query:
+            return data
+        self.asked.append(query)
+        if self.mode == "fails":
+            raise discord.NotFound(backend.FakeRequest(404, "Not Found"), "asset not found")
+        if self.mode == "ignores":
+            return data
+        with Image.open(io.BytesIO(data)) as image:
+            upright = image if self.mode == "turns" else ImageOps.exif_transpose(image)
+            # Fitted into the box asked for, its shape kept.
+            scale = min(int(query["width"]) / upright.width, int(query["height"]) / upright.height)
+            copy = upright.convert("RGB").resize((round(upright.width * scale), round(upright.height * scale)))
+        buffer = io.BytesIO()
+        copy.save(buffer, "JPEG", quality=85)
+        self.served.append(buffer.getvalue())
+        return self.served[-1]
+
+
+@pytest.mark.parametrize("proxy_mode", ["resizes", "ignores", "fails", "turns"])
+async def test_a_large_photo_is_classified_from_a_resized_copy_and_its_original_is_kept(
+    bot, discord_api, start_worker, conversation, tmp_path, monkeypatch, proxy_mode
+):
+    """A phone-size photo is fetched resized by Discord's media proxy for the model, and kept as sent.
+
+    The proxy's resizing is not in Discord's API reference: a copy that is not what was asked for (the
+    size ignored, a failed fetch, the photo turned on its side) is not used, and the original is classified.
+    """
+    start_worker()
+    proxy = MediaProxy(proxy_mode)
+    monkeypatch.setattr(backend.FakeHttp, "get_from_cdn", proxy.get_from_cdn)
+    classified: list[tuple[bytes, str | None]] = []
+    classify = conversation.classifier.classify
+
+    async def spy(photo: bytes, **kwargs: Any):
+        classified.append((photo, kwargs.get("original_name")))
+        return await classify(photo, **kwargs)
+
+    monkeypatch.setattr(conversation.classifier, "classify", spy)
+    # A phone photo taken sideways: 640x480 pixels and an EXIF rotation that makes it 480x640 upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.effect_noise((640, 480), 60).convert("RGB").save(buffer, "JPEG", exif=exif)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(original := buffer.getvalue())
+    attachment = facts.make_attachment_dict(path.name, len(original), str(path), f"{path}?ex=1&is=2&hm=abc",
+                                            width=480, height=640, content_type="image/jpeg")  # fmt: skip
+    config = dpytest.get_config()
+    alice, channel = config.members[0], config.channels[0]
+
+    _, answer = await discord_api.command(
+        bot, "top3", user=alice, channel=channel, options=[{"name": "photo", "type": 11, "value": attachment["id"]}],
+        resolved={"attachments": {attachment["id"]: attachment}},
+    )  # fmt: skip
+
+    assert_classification(answer.embeds[0], answer.components)
+    # Asked for the smallest copy that covers the 32 px input, with Discord's signature kept.
+    assert proxy.asked == [{"ex": "1", "is": "2", "hm": "abc", "width": "32", "height": "43"}]
+    name = photo_name(original)
+    if proxy_mode == "resizes":
+        assert classified == [(proxy.served[0], name)]
+        # The queued copy is filed under the original's name, where /forget looks.
+        copies = await conversation.redis.smembers(keys.photo_copies_key(name))
+        assert copies == {(keys.PHOTO_KEY_PREFIX + photo_name(proxy.served[0])).encode()}
+    else:
+        assert classified == [(original, None)]
+    # The photo store keeps the photo as it was sent, whichever was classified.
+    assert conversation.store.photos.get(name) == original
+    assert all(conversation.store.photos.get(photo_name(copy)) is None for copy in proxy.served)
 
 
 async def test_a_photo_over_the_rate_limit_is_refused_before_it_is_downloaded(bot, tmp_path, monkeypatch):

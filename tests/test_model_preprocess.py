@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from model import ImageRejected, Preprocessing, load_image, reduce_for_queue
+from model import ImageRejected, Preprocessing, load_image, reduce_for_queue, upright_size
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -218,6 +218,19 @@ def test_exif_rotated_photo_is_answered_upright(orientation: int, stored_turn: I
     out = load_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95), SMALL)
     assert_close(out[16, 4], RED, 12)
     assert_close(out[16, 28], BLUE, 12)
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (64, 48)), (3, (64, 48)), (6, (48, 64)), (8, (48, 64))])
+def test_upright_size_reads_the_header_as_load_image_turns_the_picture(
+    orientation: int, upright: tuple[int, int]
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", (64, 48)), "JPEG", exif=exif.tobytes())
+    assert upright_size(data) == upright
+    assert upright_size(encode(Image.new("RGB", (64, 48)), "PNG")) == (64, 48)
+    assert upright_size(data[:20]) is None  # no header to read
+    assert upright_size(b"%PDF-1.7 not a picture") is None
 
 
 @pytest.mark.parametrize("resize", ["stretch", "crop", "pad"])

@@ -240,8 +240,14 @@ class ClassifyClient:
         preprocessing = self.preprocessing_now()
         return preprocessing.max_bytes if preprocessing is not None else None
 
-    async def classify(self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None) -> Classification:
+    async def classify(
+        self, photo: bytes, *, top_k: int = 3, timeout_s: float | None = None, original_name: str | None = None
+    ) -> Classification:
         """Classify one photo through the queue.
+
+        `original_name`: where `photo` is a smaller copy of a photo (a platform's resized copy), the
+        original's name (`carbot.photos.photo_name`): the queued bytes are filed under it, so that
+        deleting the original's data reaches them while they wait.
 
         Raises `PhotoRejected` (the photo's fault; the message is for a person), `QueueBusy`
         (too many photos waiting, nothing submitted), `ClassifyTimeout` (no answer before the
@@ -250,7 +256,7 @@ class ClassifyClient:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.time() + timeout_s
         loop = asyncio.get_running_loop()
-        job_id = await loop.run_in_executor(self._submitter, self.submit, photo, top_k, deadline)
+        job_id = await loop.run_in_executor(self._submitter, self.submit, photo, top_k, deadline, original_name)
         try:
             result = await asyncio.wait_for(self._listener.wait(job_id), timeout=max(0.0, deadline - time.time()))
         except TimeoutError:
@@ -261,7 +267,9 @@ class ClassifyClient:
             return Classification.from_result(job_id, result.return_value)
         raise error_from_exc_string(result.exc_string)
 
-    def submit(self, photo: bytes, top_k: int = 3, deadline: float | None = None) -> str:
+    def submit(
+        self, photo: bytes, top_k: int = 3, deadline: float | None = None, original_name: str | None = None
+    ) -> str:
         """Store the photo and enqueue its job (blocking; `classify` runs this in a thread). Returns the job id."""
         if not photo:
             raise PhotoRejected("The file is empty.", RejectReason.EMPTY)
@@ -294,9 +302,9 @@ class ClassifyClient:
                     pipeline=pipe,
                 )
                 store_photo(pipe, queued, self.photo_ttl_s)
-                if queued is not photo:
-                    # A reduced copy: filed under the original's name too, so /forget reaches it while it waits.
-                    copies = photo_copies_key(photo_name(photo))
+                if queued is not photo or original_name is not None:
+                    # A copy: filed under the original's name too, so /forget reaches it while it waits.
+                    copies = photo_copies_key(original_name or photo_name(photo))
                     pipe.sadd(copies, key)
                     pipe.expire(copies, self.photo_ttl_s)
                 pipe.execute()
