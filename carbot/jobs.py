@@ -8,19 +8,25 @@ before anything of it is imported (`OwnJobsOnly`, mixed into both workers): a
 job that is not one of the project's own, or that carries callbacks or
 webhooks, is failed as refused with nothing of it run (`refusal`, `refuse`).
 Their maintenance hands abandoned jobs back without calling anything a job
-names (`rescue_abandoned`). `RedisClock` is the clock that deadlines and the
+names (`rescue_abandoned`). A job whose hash cannot even be read (a bad date,
+a key that is not a hash) is refused too, where RQ's own dequeue would raise
+and end the worker (`take_jobs`, `fetch_job`). `RedisClock` is the clock that deadlines and the
 batch worker's heartbeats are read on, so hosts whose clocks disagree still
 agree on when a photo is late and which jobs are abandoned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import redis
+from rq.defaults import DEFAULT_FAILURE_TTL
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import (
@@ -29,11 +35,11 @@ from rq.registry import (
     FinishedJobRegistry,
     ReadyJobRegistry,
 )
-from rq.utils import now
+from rq.results import Result
+from rq.utils import current_timestamp, now
 from rq.worker_registration import clean_worker_registry
 
 if TYPE_CHECKING:
-    import redis
     from redis.client import Pipeline
     from rq import Queue
 
@@ -41,6 +47,23 @@ log = logging.getLogger(__name__)
 
 
 REFUSED = "JobRefused"  # the error name a refused job's failure records
+UNREADABLE = "its data cannot be read"
+
+# Takes up to ARGV[1] jobs in one round trip, each as RQ's non-blocking dequeue takes one: its id moved to
+# the queue's intermediate list (where a worker that dies before starting it leaves it to be handed back),
+# then its hash read. A key that is not a hash reads as nil, not as an error that would end the script
+# after the moves. (The job keys are made here from their prefix: a single Redis, not a cluster.)
+_TAKE_JOBS = """
+local taken = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  local fields = redis.pcall('HGETALL', ARGV[2] .. id)
+  taken[#taken + 1] = id
+  if fields.err then taken[#taken + 1] = false else taken[#taken + 1] = fields end
+end
+return taken
+"""
 
 
 class RedisClock:
@@ -86,7 +109,7 @@ def refusal(job: Job, allowed: Collection[str]) -> str | None:
         func_name = job.func_name
         instance = job.instance
     except Exception:  # data that does not even deserialise
-        return "its data cannot be read"
+        return UNREADABLE
     if func_name not in allowed or instance is not None:
         return f"it names {func_name!r}, which is not a job of this worker"
     callbacks = [
@@ -116,6 +139,64 @@ def refuse(job: Job, queue: Queue, reason: str) -> None:
         pipe.execute()
 
 
+def take_jobs(queue: Queue, count: int) -> list[Job]:
+    """Up to `count` jobs from the front of `queue`, in one round trip instead of two per job.
+
+    RQ's dequeue moves a job to the queue's intermediate list, then reads its hash; so does this,
+    for each job. A job whose hash is gone is skipped, as RQ skips it; one whose hash cannot be read
+    is refused (`refuse_unreadable`) where RQ would raise and end the worker.
+    """
+    reply = queue.connection.register_script(_TAKE_JOBS)(
+        keys=[queue.key, queue.intermediate_queue_key], args=[count, queue.job_class.redis_job_namespace_prefix]
+    )
+    jobs = []
+    for raw_id, fields in zip(reply[::2], reply[1::2]):
+        job_id = raw_id.decode()
+        job = queue.job_class(job_id, connection=queue.connection, serializer=queue.serializer)
+        try:
+            if fields is None:
+                raise TypeError("its key is not a hash")
+            job.restore(dict(zip(fields[::2], fields[1::2])))
+        except NoSuchJobError:
+            continue  # deleted after it was queued (or it has no data at all)
+        except Exception as exc:
+            refuse_unreadable(queue, job_id, exc)
+            continue
+        jobs.append(job)
+    return jobs
+
+
+def fetch_job(queue: Queue, job_id: str) -> Job | None:
+    """`queue.fetch_job`, except that a job whose hash cannot be read is refused and None returned, where RQ raises."""
+    try:
+        return queue.fetch_job(job_id)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise
+    except Exception as exc:
+        refuse_unreadable(queue, job_id, exc)
+        return None
+
+
+def refuse_unreadable(queue: Queue, job_id: str, exc: Exception) -> None:
+    """Fail a job whose hash cannot be read: out of the queue's lists, in its FailedJobRegistry, a failed result.
+
+    What `refuse` writes, by hand: RQ's failure path saves the job's hash again, which needs the data
+    it could not read. Whoever waits for the job hears that it was refused; no worker meets it again.
+    The hash itself is left as it was found, but for its status where it is a hash at all.
+    """
+    log.warning("refused job %s on queue %s: %s (%s: %s)", job_id, queue.name, UNREADABLE, type(exc).__name__, exc)
+    job = queue.job_class(job_id, connection=queue.connection, serializer=queue.serializer)
+    registry = FailedJobRegistry(queue=queue)
+    with queue.connection.pipeline() as pipe:
+        pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+        pipe.lrem(queue.key, 0, job_id)
+        pipe.zadd(registry.key, {job_id: current_timestamp() + DEFAULT_FAILURE_TTL})
+        Result.create_failure(job, DEFAULT_FAILURE_TTL, f"{REFUSED}: this job was refused: {UNREADABLE}", pipeline=pipe)
+        pipe.execute()
+    with contextlib.suppress(redis.ResponseError):  # its key is not a hash: the registry and the result say it
+        queue.connection.hset(job.key, "status", JobStatus.FAILED)
+
+
 def rescue_abandoned(
     queue: Queue, cutoff: float, allowed: Collection[str], *, on_final: Callable[[Job, Pipeline], None] | None = None
 ) -> list[str]:
@@ -136,7 +217,7 @@ def rescue_abandoned(
         for entry in entries:
             job_id = registry.parse_job_id(entry.decode() if isinstance(entry, bytes) else entry)
             pipe.zrem(registry.key, entry)
-            job = queue.fetch_job(job_id)
+            job = fetch_job(queue, job_id)
             # A leftover entry of a job that ended is not abandoned; only STARTED means its worker died.
             if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
                 continue
@@ -179,6 +260,23 @@ class OwnJobsOnly:
             return
         super().execute_job(job, queue)
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """RQ's wait for the next job, except that a job whose hash cannot be read is refused, not fatal.
+
+        RQ's dequeue raises what reading the hash raised, with the job's id and queue attached; RQ's
+        loop would end the worker on it.
+        """
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:
+                job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)
+                if job_id is None or queue is None:
+                    raise
+                refuse_unreadable(queue, job_id, exc)
+
     def abandoned_cutoff(self) -> float:
         """Started jobs whose heartbeat score is below this are abandoned (RQ scores on the local clock)."""
         return time.time()
@@ -213,7 +311,7 @@ class OwnJobsOnly:
                 continue
             if not self.connection.lrem(intermediate.key, 1, job_id):
                 continue  # another worker took it first
-            job = queue.fetch_job(job_id)
+            job = fetch_job(queue, job_id)
             if job is None:
                 continue
             reason = refusal(job, self.allowed_funcs)

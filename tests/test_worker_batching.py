@@ -14,6 +14,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.results import Result
 
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, STATS_KEY
 from tests.conftest import TEST_LABELS, classify_queue, jpeg_bytes
@@ -140,14 +141,27 @@ async def test_hundreds_of_concurrent_awaits_use_no_thread_each(redis_url, start
 async def test_malformed_jobs_fail_alone_and_the_worker_survives(redis_url, start_worker):
     connection = redis.Redis.from_url(redis_url)
     queue = Queue("classify", connection=connection, serializer=SERIALIZER)
+    # Hashes RQ cannot even read: a bad date (first in the queue, so the worker's first wait meets it), and
+    # a job key that is not a hash (met while a batch is drained). RQ's own dequeue raises on both.
+    bad_date = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "carbot:photo:0"})
+    connection.hset(bad_date.key, "created_at", "yesterday")
     traversal = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "/etc/passwd"})
     garbage = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "carbot:photo:0"})
     connection.hset(garbage.key, "data", b"\x80\x04\x95 a pickle from some other client")
+    not_a_hash = queue.enqueue_call(CLASSIFY_FUNC, kwargs={"photo": "carbot:photo:0"})
+    connection.delete(not_a_hash.key)
+    connection.set(not_a_hash.key, "a string")
     worker = start_worker()
     async with ClassifyClient(redis_url) as client:
-        assert isinstance(await client.classify(jpeg_bytes(2)), Classification)  # queued after both bad jobs
+        assert isinstance(await client.classify(jpeg_bytes(2)), Classification)  # queued after the bad jobs
 
     assert worker.process.poll() is None
+    for unreadable in (bad_date, not_a_hash):  # failed where whoever waits for them looks: their result streams
+        entry_id, payload = connection.xrevrange(Result.get_key(unreadable.id), count=1)[0]
+        result = Result.restore(unreadable.id, entry_id.decode(), payload, connection=None, serializer=SERIALIZER)
+        assert result.type == Result.Type.FAILED and "its data cannot be read" in result.exc_string
+        assert unreadable.id in FailedJobRegistry(queue=queue)
+    assert not connection.lrange(queue.intermediate_queue_key, 0, -1)
     traversal, garbage = (Job.fetch(j.id, connection=connection, serializer=SERIALIZER) for j in (traversal, garbage))
     deadline = time.monotonic() + 10  # the foreign job runs the plain RQ way, after the photos of its batch
     while garbage.get_status() != "failed" and time.monotonic() < deadline:

@@ -6,7 +6,9 @@ what happens once a first job is in hand:
 
 1. `drain_batch()` takes up to `max_batch - 1` more jobs: a lone photo goes at
    once, and during a burst the batch waits at most `max_wait_ms` to fill
-   (TF Serving's `max_batch_size` / `batch_timeout_micros`).
+   (TF Serving's `max_batch_size` / `batch_timeout_micros`). What is queued is
+   taken in one round trip (`carbot.jobs.take_jobs`), each job as RQ's dequeue
+   takes one.
 2. Every job is checked against the allow-list before anything of it is used
    (`carbot.jobs.refusal`): a job that names another function, a callback or a
    webhook is failed as refused, and nothing it names is imported.
@@ -61,7 +63,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from carbot import metrics
-from carbot.jobs import OwnJobsOnly, RedisClock, refusal, refuse
+from carbot.jobs import OwnJobsOnly, RedisClock, refusal, refuse, take_jobs
 from carbot.keys import BATCH_SIZES_KEY, CLASSIFY_FUNC, RUNTIME_KEY, SERIALIZER, STATS_KEY, starts_key
 from worker._contract import (
     FINAL_ERRORS,
@@ -156,12 +158,13 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         drained: list[tuple[Job, Queue]] = []
         deadline: float | None = None
         while len(drained) < self.max_batch - 1:
-            item = self.queue_class.dequeue_any(
-                self._ordered_queues, None, connection=self.connection,
-                job_class=self.job_class, serializer=self.serializer,
-            )  # fmt: skip
-            if item is not None:
-                drained.append(item)
+            taken = []
+            for queue in self._ordered_queues:
+                wanted = self.max_batch - 1 - len(drained) - len(taken)
+                if wanted > 0:
+                    taken += [(job, queue) for job in take_jobs(queue, wanted)]
+            if taken:
+                drained += taken
                 deadline = deadline or time.monotonic() + self.max_wait_s
             elif deadline is not None and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
@@ -329,7 +332,6 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         unfinished starts goes up by one; only the round trips are shared (per job
         they would cost more than a GPU's forward pass). From here on the pulse vouches for the batch.
         """
-        leave_intermediate_queue = len(self.queues) == 1
         executions = []
         ttl = math.ceil(self.heartbeat_ttl_s) + 1
         with self.connection.pipeline() as pipe:
@@ -341,8 +343,8 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                 pipe.persist(job.key)
                 pipe.incr(starts_key(job.id))
                 pipe.expire(starts_key(job.id), STARTS_TTL_S)
-                if leave_intermediate_queue:
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                # Taken by RQ's dequeue or `take_jobs`, it waits in the intermediate list until it starts.
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 executions.append(execution)
             in_flight = [(job, execution) for (job, _), execution in zip(batch, executions)]
             # Execution.create scored the jobs on this host's clock; the pulse's scores are Redis's.
