@@ -75,13 +75,25 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
     type=click.IntRange(0),
     default=4,
     show_default=True,
-    help="One photo in N is a 4032x3024 phone file (a Discord attachment; Telegram sends a file's thumbnail); 0: none.",
+    help="One photo in N is a 4032x3024 phone photo sent on Discord (Telegram sends a file's thumbnail); 0: none.",
+)
+@click.option(
+    "--phone-files",
+    is_flag=True,
+    help="Submit the phone photos as the files themselves, not as the media proxy's copies the Discord bot "
+    "fetches (what it classifies when the proxy gives no usable copy).",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
 )
 def serving(
-    photos: int, image_size: int, backbone: str, backbone_weights: str, phone_every: int, json_path: Path | None
+    photos: int,
+    image_size: int,
+    backbone: str,
+    backbone_weights: str,
+    phone_every: int,
+    phone_files: bool,
+    json_path: Path | None,
 ) -> None:
     """Measure this system against TensorFlow's and the chosen runtime's ceilings, predict and plain RQ."""
     from bench.backbone import default_cache_dir, synthetic_backbone
@@ -100,6 +112,7 @@ def serving(
         backbone=backbone,
         backbone_weights=weights,
         phone_every=phone_every,
+        phone_copies=not phone_files,
     )
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))

@@ -9,7 +9,9 @@ fp32/bf16/int8, each verified against the Keras model; a variant that does not
 agree is refused and never serves), generates one set of JPEGs in the mix the
 bots submit (`photo_mix`: Telegram photos at the size the Telegram bot downloads
 for this model (a photo sent as a file too: its thumbnail), and one in four a
-4032x3024 phone file, as a Discord attachment arrives), starts a private Redis,
+4032x3024 phone photo sent on Discord, as the Discord bot classifies it: the copy
+Discord's media proxy serves it at the size that covers the model's input, or with
+`phone_copies=False` the file itself), starts a private Redis,
 and then measures, one after the other, on the same photos:
 
 (a) TensorFlow's ceiling: the `Predictor`'s compiled Keras forward pass on photos
@@ -31,8 +33,8 @@ and then measures, one after the other, on the same photos:
 (d) this system: `carbot worker` (the `BatchWorker`, batches of up to 32) in its
     own process, the photos submitted all at once through the same client. The
     client is configured as the bots' (`ClassifyClient.from_settings`): it reduces
-    each photo to a small uncompressed BMP of the model's input (`model.reduce_for_queue`)
-    before queueing it, and that time counts. Its answers are compared with the
+    a photo much larger than the model's input to a small uncompressed BMP of it
+    (`model.reduce_for_queue`) before queueing it, and that time counts. Its answers are compared with the
     Keras model's on the same photos (top-1 agreement).
 (e) one photo alone: photos sent one after another through (d)'s worker; the
     overhead is its median latency minus the median time of the worker's runtime
@@ -92,13 +94,14 @@ from carbot.connections import redis_connection
 from carbot.keys import RUNTIME_KEY
 from carbot.services import PrivateRedis
 from carbot.settings import Settings
+from model import covering_size
 
 BATCH = 32  # batch size of the ceilings (a), (a') and max_batch of the batch worker (d)
 # The photo sizes Telegram keeps of a camera photo (the long side 320, 800, 1280 px); the Telegram bot
 # downloads the smallest whose shorter side covers the model's input (bots' `pick_photo_size`).
 TELEGRAM_SIZES = ((320, 240), (800, 600), (1280, 960))
-PHONE_PHOTO = (4032, 3024)  # a phone's file, as a Discord attachment arrives (Telegram's bot reads a thumbnail)
-PHONE_EVERY = 4  # one photo in four is phone-size (0: none)
+PHONE_PHOTO = (4032, 3024)  # a phone's photo, sent on Discord (Telegram's bot reads a thumbnail of a file)
+PHONE_EVERY = 4  # one photo in four is a phone's (0: none)
 JPEG_QUALITY = 90
 NUM_CLASSES = 190  # as in the original study
 VERSION = "bench"
@@ -132,6 +135,7 @@ def run_benchmark(
     head_photos: int = HEAD_TRAIN,
     phone_size: tuple[int, int] = PHONE_PHOTO,
     phone_every: int = PHONE_EVERY,
+    phone_copies: bool = True,
     single_photos: int = SINGLE_PHOTOS,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -139,17 +143,21 @@ def run_benchmark(
 
     `backbone_weights`: a weights file for the backbone (`bench.backbone.synthetic_backbone`'s, or
     ImageNet's); None leaves it random. `head_photos`: how many synthetic photos the head is fitted on.
+    `phone_copies`: the phone photos are submitted as the media proxy's copies the Discord bot fetches
+    (`model.covering_size`); False: as the files themselves (what the bot classifies without a usable copy).
     """
     if photos < 1:
         raise ValueError("photos must be at least 1")
     say = _Progress(verbose)
     started_at, load_before = datetime.now(UTC), _load_average()
     telegram = telegram_photo_size(image_size)
-    mix = photo_mix(photos, telegram, phone_size, phone_every)
+    phone_copy = covering_size(phone_size, image_size) if phone_copies else None
+    mix = photo_mix(photos, telegram, phone_size, phone_every, phone_copy)
     with tempfile.TemporaryDirectory(prefix="carbot-bench-") as tmp:
         tmp_dir = Path(tmp)
         say(f"generating {photos} JPEGs ({mix})")
-        jpegs = make_photos(photos, small_size=telegram, phone_size=phone_size, phone_every=phone_every)
+        jpegs = make_photos(photos, small_size=telegram, phone_size=phone_size, phone_every=phone_every,
+                            phone_copy=phone_copy)  # fmt: skip
 
         say(f"building {backbone} at {image_size} px ({weights_name(backbone_weights)}), saving it as the active "
             "artefact, exporting its serving variants and verifying each against the Keras model")  # fmt: skip
@@ -275,9 +283,13 @@ def make_photos(
     small_size: tuple[int, int] = TELEGRAM_SIZES[0],
     phone_size: tuple[int, int] = PHONE_PHOTO,
     phone_every: int = PHONE_EVERY,
+    phone_copy: tuple[int, int] | None = None,
     seed: int = 0,
 ) -> list[bytes]:
-    """`count` distinct JPEGs: `small_size` (a Telegram photo), and every `phone_every`-th one phone-size.
+    """`count` distinct JPEGs: `small_size` (a Telegram photo), and every `phone_every`-th one a phone's.
+
+    A phone's photo is `phone_size`, or given `phone_copy`, that photo resized to it (Lanczos, as a
+    media proxy would; the copy is what the Discord bot classifies of a phone's photo).
 
     Drawing a synthetic photo is slow (a second for a phone-size one here), so a
     few scenes are drawn and each photo is one of them shifted by a random offset
@@ -288,6 +300,8 @@ def make_photos(
     phone_count = _phone_count(count, phone_every)
     small_scenes = [draw_scene(rng, small_size) for _ in range(min(12, count - phone_count))]
     phone_scenes = [_phone_scene(rng, phone_size) for _ in range(min(3, phone_count))]
+    if phone_copy is not None:
+        phone_scenes = [np.asarray(Image.fromarray(scene).resize(phone_copy, Image.LANCZOS)) for scene in phone_scenes]
     photos = []
     for index in range(count):
         if phone_every and index % phone_every == phone_every - 1:
@@ -307,12 +321,25 @@ def telegram_photo_size(image_size: int) -> tuple[int, int]:
     return min(covering, key=lambda size: size[0] * size[1]) if covering else TELEGRAM_SIZES[-1]
 
 
-def photo_mix(count: int, telegram: tuple[int, int], phone_size: tuple[int, int], phone_every: int) -> str:
+def photo_mix(
+    count: int,
+    telegram: tuple[int, int],
+    phone_size: tuple[int, int],
+    phone_every: int,
+    phone_copy: tuple[int, int] | None = None,
+) -> str:
     """The benchmark's photos in words."""
     phones = _phone_count(count, phone_every)
+    phone = f"{phone_size[0]}x{phone_size[1]}"
+    on_discord = (
+        f"{phones} phone photos sent on Discord as the Discord bot classifies them: {phone_copy[0]}x{phone_copy[1]} "
+        f"copies of the {phone} photos from Discord's media proxy"
+        if phone_copy is not None
+        else f"{phones} phone files at {phone} (Discord attachments without a usable copy from the media proxy)"
+    )
     return (
         f"{count - phones} Telegram photos at {telegram[0]}x{telegram[1]} (the size the Telegram bot downloads "
-        f"for this model), {phones} phone files at {phone_size[0]}x{phone_size[1]} (Discord attachments)"
+        f"for this model), {on_discord}"
     )
 
 
