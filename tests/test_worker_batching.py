@@ -11,7 +11,7 @@ import time
 import zlib
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
@@ -107,6 +107,10 @@ async def test_job_statuses_are_visible_to_rq(redis_url, start_worker):
     assert failed.get_status() == "failed"
     assert "PhotoRejected" in failed.latest_result().exc_string
     assert failed.retries_left in (0, None)  # a bad photo is not retried
+    # The worker's own counters, as RQ keeps them (added once a batch, not once a job).
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + "w1", connection=connection)
+    assert (worker.successful_job_count, worker.failed_job_count) == (1, 1)
+    assert worker.total_working_time > 0
 
 
 async def test_jobs_are_json_not_pickle(redis_url):

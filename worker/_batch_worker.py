@@ -251,15 +251,20 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             except Exception as exc:  # Redis away: the next beat tries again; the batch goes on meanwhile
                 log.warning("could not renew the heartbeats of %d running photos: %s", len(jobs), exc)
 
-    def vouch_for(self, jobs: list[tuple[Job, Execution]], pipeline=None) -> None:
-        """Keep `jobs` in the StartedJobRegistry for `heartbeat_ttl_s` more seconds of Redis's clock."""
+    def vouch_for(self, jobs: list[tuple[Job, Execution]], pipeline=None, *, just_created: bool = False) -> None:
+        """Keep `jobs` in the StartedJobRegistry for `heartbeat_ttl_s` more seconds of Redis's clock.
+
+        `just_created`: their Executions were created in this same `pipeline` (`start_jobs`), with
+        every TTL RQ's heartbeat would renew; only their scores move to Redis's clock.
+        """
         score = self.clock.now() + self.heartbeat_ttl_s
         ttl = math.ceil(self.heartbeat_ttl_s) + 1
         with contextlib.ExitStack() as stack:
             pipe = pipeline if pipeline is not None else stack.enter_context(self.connection.pipeline())
             for job, execution in jobs:
                 registry = job.started_job_registry
-                execution.heartbeat(registry, ttl, pipeline=pipe)  # what RQ's own heartbeat writes...
+                if not just_created:
+                    execution.heartbeat(registry, ttl, pipeline=pipe)  # what RQ's own heartbeat writes...
                 # ...then the score on Redis's clock. xx: a job that has ended meanwhile is not put back.
                 pipe.zadd(registry.key, {execution.composite_key: score}, xx=True)
             self.heartbeat(pipeline=pipe)
@@ -338,7 +343,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             for job, queue in batch:
                 execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
                 self.executions[execution.id] = execution
-                job.heartbeat(now(), ttl, pipeline=pipe)
+                # (RQ's job.heartbeat here would write the last_heartbeat that this writes again.)
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 pipe.persist(job.key)
                 pipe.incr(starts_key(job.id))
@@ -348,7 +353,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                 executions.append(execution)
             in_flight = [(job, execution) for (job, _), execution in zip(batch, executions)]
             # Execution.create scored the jobs on this host's clock; the pulse's scores are Redis's.
-            self.vouch_for(in_flight, pipeline=pipe)
+            self.vouch_for(in_flight, pipeline=pipe, just_created=True)
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
         self._set_in_flight(in_flight)
@@ -368,12 +373,12 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             return
         metrics.jobs_finished(len(finished))
         with self.connection.pipeline() as pipe:
+            working_time = timedelta()
             for job, execution, value in finished:
                 job.ended_at = now()
                 job._result = value
                 job.heartbeat(job.ended_at, job.success_callback_timeout, pipeline=pipe)
-                self.increment_successful_job_count(pipeline=pipe)
-                self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                working_time += job.ended_at - job.started_at
                 result_ttl = job.get_result_ttl(self.default_result_ttl)
                 if result_ttl != 0:
                     job._handle_success(
@@ -387,6 +392,9 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                 job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 self.job_ended(job, pipe)
+            # The worker's counters, as RQ adds them job by job, added once for the batch.
+            pipe.hincrby(self.key, "successful_job_count", len(finished))
+            self.increment_total_working_time(working_time, pipe)
             pipe.execute()
 
     def classify(self, requests: list[PhotoRequest]) -> BatchReport:
