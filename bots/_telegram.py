@@ -61,7 +61,7 @@ from telegram.ext import (
 
 from bots._assembly import build_conversation, serving_redis
 from bots._conversation import Conversation, PhotoDownload
-from bots._messages import Notice, Reply, Sender, is_admin
+from bots._messages import Notice, Photo, Reply, Sender, is_admin
 from bots._retrain_desk import follow_retrains
 from carbot.retrain_runs import RunEvent
 from carbot.settings import Settings
@@ -454,13 +454,13 @@ def quiet_http_logs() -> None:
 
 
 def pick_document_image(document: Document, image_size: int) -> PhotoSize | Document:
-    """What to download of an image sent as a file: its thumbnail when that covers the model's input.
+    """What to classify of an image sent as a file: its thumbnail when that covers the model's input.
 
     A phone's photo sent as a file is its full 12 megapixels; Telegram's thumbnail of it (up to
     320 px, 320x240 for a phone's 4:3) holds everything a 224 px model reads, as the photo sizes
-    do. Decoding the file would cost the bot about 30 ms of CPU and the download megabytes; the
-    thumbnail is what is classified and kept, like the size picked of a photo. A thumbnail that
-    does not cover the input (a wide 320x180, a larger model) leaves the file to be downloaded.
+    do, and decoding the file would cost the bot about 30 ms of CPU. The file itself is still
+    downloaded beside it, to be kept for retraining. A thumbnail that does not cover the input (a
+    wide 320x180, a larger model) leaves the file to be classified.
     """
     thumbnail = document.thumbnail
     if thumbnail is not None and min(thumbnail.width, thumbnail.height) >= image_size:
@@ -471,23 +471,36 @@ def pick_document_image(document: Document, image_size: int) -> PhotoSize | Docu
 def _download(message: Message, bot: TelegramBot, sender: Sender) -> PhotoDownload | Reply:
     """The download of the message's image (run by the conversation if the rate limit allows), or the reply now."""
     image = _image_of(message)
+    original = None  # an image sent as a file whose thumbnail is classified: the file, to be kept
     if isinstance(image, tuple):
         image = pick_photo_size(image, bot.conversation.image_size)
     elif isinstance(image, Document):
-        image = pick_document_image(image, bot.conversation.image_size)
+        document, image = image, pick_document_image(image, bot.conversation.image_size)
+        if image is not document and (document.file_size is None or document.file_size <= bot.max_download):
+            original = document
     if image is None:
         return bot.conversation.hint(sender, "document")
     if image.file_size is not None and image.file_size > bot.max_download:
         return bot.conversation.too_large(sender, bot.max_download)
 
-    async def download() -> bytes | Reply:
+    async def fetch(file_of: PhotoSize | Document) -> bytes:
+        return bytes(await (await file_of.get_file()).download_as_bytearray())
+
+    async def fetch_original() -> bytes | None:
         try:
-            file = await image.get_file()
+            return await fetch(original) if original is not None else None
+        except (TelegramError, OSError) as exc:  # the thumbnail is classified and kept instead
+            log.warning("could not download the file behind a thumbnail: %s", exc)
+            return None
+
+    async def download() -> bytes | Photo | Reply:
+        try:
+            data, kept = await asyncio.gather(fetch(image), fetch_original())
         except BadRequest as exc:
             if "too big" in exc.message.lower():
                 return bot.conversation.too_large(sender, bot.max_download)
             raise
-        return bytes(await file.download_as_bytearray())
+        return data if kept is None else Photo(data, original=kept)
 
     return download
 

@@ -334,23 +334,34 @@ async def test_corrupt_and_oversized_image_files_get_a_friendly_answer(bot: Harn
 
 
 async def test_an_image_sent_as_a_file_is_read_from_its_thumbnail_when_that_covers_the_input(
-    bot: Harness, worker: None
+    bot: Harness, worker: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = bot.fake
     ana = fake.user(7, "Ana")
     chat = fake.private_chat(ana)
 
     # A photo sent as a file, with the thumbnail Telegram keeps of it: 64x48 covers the model's 32 px.
-    thumb = jpeg_bytes(8, (64, 48))
-    sent = fake.send_document(chat, ana, jpeg_bytes(8, (640, 480)), mime_type="image/jpeg", file_name="IMG_1.jpg",
+    thumb, original = jpeg_bytes(8, (64, 48)), jpeg_bytes(8, (640, 480))
+    sent = fake.send_document(chat, ana, original, mime_type="image/jpeg", file_name="IMG_1.jpg",
                               thumbnail=(64, 48, thumb))  # fmt: skip
+    classified = []
+    classify = bot.conversation.classifier.classify
+
+    async def spy(photo: bytes, **kwargs):
+        classified.append(photo)
+        return await classify(photo, **kwargs)
+
+    monkeypatch.setattr(bot.conversation.classifier, "classify", spy)
     [answer] = await bot.reply_to(sent)
     assert _buttons(answer)[0][0]["text"] == "👍"
-    thumbnail = sent["document"]["thumbnail"]
-    assert [call.params["file_id"] for call in fake.calls_to("getFile")] == [thumbnail["file_id"]]
-    assert fake.downloads == [fake._files[thumbnail["file_id"]].file_path]  # the file itself never fetched
+    assert classified == [thumb]  # the model reads the thumbnail...
+    thumbnail, document = sent["document"]["thumbnail"], sent["document"]
+    assert sorted(call.params["file_id"] for call in fake.calls_to("getFile")) == sorted(
+        [thumbnail["file_id"], document["file_id"]]
+    )
     [prediction] = bot.prediction_rows()
-    assert prediction.photo_sha256 == photo_name(thumb)  # kept as it was classified, like a photo's size
+    assert prediction.photo_sha256 == photo_name(original)  # ...and the file as sent is kept for retraining
+    assert bot.conversation.store.photos.get(photo_name(original)) == original
 
     # A thumbnail narrower than the input (24 px high): the file is what is read.
     narrow = fake.send_document(chat, ana, jpeg_bytes(9, (640, 360)), mime_type="image/jpeg", file_name="IMG_2.jpg",
