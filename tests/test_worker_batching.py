@@ -10,6 +10,7 @@ import threading
 import time
 import zlib
 
+import pytest
 import redis
 from rq import Queue, Worker
 from rq.job import Job
@@ -18,7 +19,7 @@ from rq.results import Result
 
 from carbot.keys import CLASSIFY_FUNC, SERIALIZER, STATS_KEY
 from tests.conftest import TEST_LABELS, classify_queue, jpeg_bytes
-from worker import Classification, ClassifyClient, PhotoRejected
+from worker import BatchWorker, Classification, ClassifyClient, PhotoRejected
 
 
 def stats(url: str) -> dict[str, int]:
@@ -172,3 +173,12 @@ async def test_malformed_jobs_fail_alone_and_the_worker_survives(redis_url, star
         await asyncio.sleep(0.05)
     assert traversal.get_status() == garbage.get_status() == "failed"
     assert "InvalidJob" in traversal.latest_result().exc_string
+
+
+def test_a_worker_on_a_redis_without_lmove_says_so_before_taking_a_job(redis_url, monkeypatch):
+    connection = redis.Redis.from_url(redis_url)
+    worker = BatchWorker([Queue("classify", connection=connection, serializer=SERIALIZER)], classifier=None,
+                         connection=connection, name="old-redis")  # fmt: skip
+    monkeypatch.setattr(worker, "get_redis_server_version", lambda: (6, 0, 16))
+    with pytest.raises(RuntimeError, match=r"Redis 6\.0\.16 is too old: the classify worker needs 6\.2\.0 or newer"):
+        worker.work(burst=True)

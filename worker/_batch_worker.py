@@ -91,6 +91,8 @@ DRAIN_POLL_S = 0.0005
 STRANDED_AFTER = timedelta(seconds=3)
 # How long a job's count of unfinished starts is kept: far longer than any photo's deadline.
 STARTS_TTL_S = 3600
+# `carbot.jobs.take_jobs` moves jobs with LMOVE, which Redis has since 6.2 (RQ falls back to LPOP before it).
+MIN_REDIS_VERSION = (6, 2, 0)
 # Back-off after a Redis error outside the model, doubling up to the maximum.
 REDIS_BACKOFF_S = (0.5, 8.0)
 
@@ -187,6 +189,12 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         return batches
 
     def work(self, *args, **kwargs) -> bool:
+        version = self.get_redis_server_version()
+        if version < MIN_REDIS_VERSION:
+            raise RuntimeError(
+                f"Redis {'.'.join(map(str, version))} is too old: the classify worker needs "
+                f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer (it takes jobs with LMOVE, as RQ does there)"
+            )
         self._start_pulse()
         self.publish_runtime()
         return super().work(*args, **kwargs)
