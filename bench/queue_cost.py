@@ -93,7 +93,11 @@ def run_queue_cost(settings: Settings, *, photos: int = 192, bursts: int = 5, ro
                     runs[parser].append(_one_run(parser, env, connection, redis_pid, folder, bursts, tmp_dir))
     count = photos * bursts
     per_photo = {parser: _per_photo_ms(runs[parser], count) for parser in PARSERS}
-    ratios = {part: round(per_photo["hiredis"][part] / per_photo["python"][part], 3) for part in per_photo["python"]}
+    # A part too small for /proc's clock ticks in a short run reads 0 s: it has no ratio.
+    ratios = {
+        part: round(per_photo["hiredis"][part] / per_photo["python"][part], 3) if per_photo["python"][part] else None
+        for part in per_photo["python"]
+    }
     return {"model": f"{version} ({model_note})", "photos": photos, "bursts": bursts, "rounds": rounds,
             "photo_size": list(size), "per_photo_ms": per_photo, "hiredis_over_python": ratios,
             "runs": runs}  # fmt: skip
@@ -158,7 +162,6 @@ def format_table(results: dict[str, Any]) -> str:
         f"{'per photo, ms':28} {'hiredis':>9} {'python':>9} {'ratio':>7}",
     ]
     for part in per_photo["python"]:
-        lines.append(
-            f"{part:28} {per_photo['hiredis'][part]:9.3f} {per_photo['python'][part]:9.3f} {ratios[part]:7.3f}"
-        )
+        ratio = "-" if ratios[part] is None else f"{ratios[part]:.3f}"
+        lines.append(f"{part:28} {per_photo['hiredis'][part]:9.3f} {per_photo['python'][part]:9.3f} {ratio:>7}")
     return "\n".join(lines)
