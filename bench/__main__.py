@@ -6,6 +6,7 @@
 - `fuzz`: mutated pictures through the photo decoder;
 - `store`: the bots' SQLite store under a burst;
 - `queue-cost`: a photo's CPU in the client, the worker and Redis, with and without hiredis;
+- `openvino-streams`: OpenVINO on one stream of all threads against its THROUGHPUT streams;
 - `sharing`: photo latency under a steady load, alone and beside a retrain on the same machine;
 - `training-input`: the training input pipeline against Keras' ImageDataGenerator.
 """
@@ -117,6 +118,26 @@ def serving(
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
         click.echo(f"saved {json_path}")
+
+
+@main.command("openvino-streams")
+@click.option(
+    "--artefact",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A version's directory with an int8 variant (default: build the serving benchmark's model, ~4 minutes).",
+)
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True, help="Rounds per way, in turns.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
+)
+def openvino_streams(artefact: Path | None, rounds: int, json_path: Path | None) -> None:
+    """OpenVINO int8 on one stream of all threads against its THROUGHPUT streams, alone and beside a busy neighbour."""
+    from bench.openvino_streams import format_table, run_streams_benchmark
+
+    results = run_streams_benchmark(artefact, rounds=rounds)
+    click.echo(format_table(results))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
 
 
 @main.command("queue-cost")
