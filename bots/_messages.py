@@ -31,9 +31,10 @@ class Photo:
     """A photo a person sent, as the adapter got it.
 
     `data` is what the classifier reads. Where a platform gives a smaller copy of a large photo
-    (Discord's media proxy), `data` is that copy and `original` the file as it was sent: the
-    original is what the photo store keeps for retraining and what /forget names, and the copy
-    saves the bot decoding megapixels the model never reads.
+    (Discord's media proxy, Telegram's thumbnail of an image sent as a file), `data` is that copy
+    and `original` the file as it was sent: the original is what the photo store keeps for
+    retraining and what /forget names, and the copy saves the bot decoding megapixels the model
+    never reads.
     """
 
     data: bytes
