@@ -582,13 +582,14 @@ def download_of(bot: CarBot, sender: Sender, attachment: discord.Attachment) -> 
     conversation = bot.conversation
 
     async def download() -> bytes | Photo | Reply:
-        limit = attachment_limit(conversation)
-        copy_url = resized_copy_url(attachment, conversation.image_size)
+        limit, image_size = attachment_limit(conversation), conversation.image_size
+        copy_url = resized_copy_url(attachment, image_size)
         if copy_url is None or attachment.size > limit:
             data = await read_attachment(attachment, limit)
         else:
             data, copy = await asyncio.gather(read_attachment(attachment, limit), read_copy(bot, copy_url))
-            if data is not None and copy is not None and usable_copy(copy, data, conversation.image_size):
+            # Checked against the size asked for, even if the active model changed in between.
+            if data is not None and copy is not None and usable_copy(copy, data, image_size):
                 return Photo(copy, original=data)
         return unreadable(conversation, sender, attachment) if data is None else data
 
