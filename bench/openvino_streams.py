@@ -1,12 +1,13 @@
 """`python -m bench openvino-streams`: OpenVINO on one stream of all threads against its THROUGHPUT streams.
 
-The worker's OpenVINO backend (`model._runtimes.OpenVinoBackend`) runs a batch that divides
-among the CPU's streams as that many parts at once. This measures why, on the variant the
-worker serves (openvino-int8 of the benchmark's ResNet50, or of an artefact given with
-`--artefact`), in batches of 32: one compiled model on OpenVINO's default (one stream, every
-thread) against the THROUGHPUT hint's streams, each batch split among them. Both run in turns,
-`rounds` rounds each, alone and beside a process that keeps part of one core busy (as the bots
-and Redis do on a small server): the rates and their ratios come from one run.
+The worker's OpenVINO backend (`model.load_predictor`'s, for an int8 variant) runs a batch that
+divides among the CPU's streams as that many parts at once. This measures why, on the variant
+the worker serves (openvino-int8 of the benchmark's ResNet50, or of an artefact given with
+`--artefact`), in batches of 32: the IR compiled on OpenVINO's default (one stream, every
+thread; how the backend ran every batch before) against the worker's own forward pass
+(`Predictor.outputs`). Both run in turns, `rounds` rounds each, alone and beside a process that
+keeps part of one core busy (as the bots and Redis do on a small server): the rates and their
+ratios come from one run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 BATCH = 32
+INT8 = "openvino-int8"
 # A neighbour busy for `busy` seconds out of every `busy + idle`: none, about 30 % and 50 % of one core.
 NEIGHBOURS = {"alone": None, "beside 30 % of a core": (0.003, 0.007), "beside 50 % of a core": (0.005, 0.005)}
 _NEIGHBOUR = """
@@ -38,30 +40,30 @@ def run_streams_benchmark(artefact: Path | None = None, *, rounds: int = 3, batc
     """Images per second of both ways, beside each neighbour; `artefact`: a version's directory (None: build one)."""
     import openvino as ov
 
+    from model import load_predictor
+
     with tempfile.TemporaryDirectory(prefix="carbot-streams-") as tmp:
-        xml = _int8_ir(artefact, Path(tmp))
+        directory = _artefact_dir(artefact, Path(tmp))
+        predictor = load_predictor(directory, runtime=INT8, max_batch=BATCH)
+        if predictor.runtime != INT8:
+            raise SystemExit(f"{directory}: its {INT8} variant cannot serve here ({predictor.runtime_choice.reason})")
+        found = sorted(directory.rglob("model-int8.xml"))
         core = ov.Core()
-        model = core.read_model(str(xml))
-        image = [int(d) for d in model.inputs[0].get_partial_shape()[1:].to_shape()]
+        model = core.read_model(str(found[0]))
+        size = predictor.preprocessing.image_size
 
         def compiled(batch: int, config: dict[str, str]) -> Any:
             shaped = model.clone()
-            shaped.reshape({shaped.inputs[0]: [batch, *image]})
+            shaped.reshape({shaped.inputs[0]: [batch, size, size, 3]})
             return core.compile_model(shaped, "CPU", config)
 
         one_stream = compiled(BATCH, {})
         streams = int(compiled(1, {"PERFORMANCE_HINT": "THROUGHPUT"}).get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        streamed = compiled(BATCH // streams, {"PERFORMANCE_HINT": "THROUGHPUT"})
-        requests = [streamed.create_infer_request() for _ in range(streams)]
-        batch = np.random.default_rng(0).integers(0, 256, (BATCH, *image)).astype(np.float32)
-
-        def run_streamed() -> None:
-            for request, part in zip(requests, np.split(batch, streams)):
-                request.start_async({0: part})
-            for request in requests:
-                request.wait()
-
-        ways = {"one stream, all threads": lambda: one_stream(batch), f"{streams} streams": run_streamed}
+        batch = np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
+        ways = {
+            "one stream, all threads": lambda: one_stream(batch.astype(np.float32)),
+            f"{streams} streams": lambda: predictor.outputs(batch),  # the worker's own forward pass
+        }
         results: dict[str, Any] = {"streams": streams, "batch": BATCH, "rounds": rounds, "images_per_s": {}}
         for neighbour, duty in NEIGHBOURS.items():
             process = None if duty is None else subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, *map(str, duty)])
@@ -87,7 +89,8 @@ def _rate(run: Any, batches: int) -> float:
     return BATCH * batches / (time.perf_counter() - started)
 
 
-def _int8_ir(artefact: Path | None, tmp: Path) -> Path:
+def _artefact_dir(artefact: Path | None, tmp: Path) -> Path:
+    """`artefact`, or the serving benchmark's model built in `tmp`; either must carry an int8 variant."""
     if artefact is None:
         from bench.backbone import default_cache_dir, synthetic_backbone
         from bench.serving import save_benchmark_model
@@ -96,10 +99,9 @@ def _int8_ir(artefact: Path | None, tmp: Path) -> Path:
         weights = synthetic_backbone("resnet50", default_cache_dir())
         registry, _, _ = save_benchmark_model(tmp / "models", backbone="resnet50", image_size=224, weights=weights)
         artefact = ModelRegistry(registry).path_for(ModelRegistry(registry).active_version())
-    found = sorted(artefact.rglob("model-int8.xml"))
-    if not found:
+    if not any(artefact.rglob("model-int8.xml")):
         raise SystemExit(f"{artefact} has no int8 variant (model-int8.xml)")
-    return found[0]
+    return artefact
 
 
 def format_table(results: dict[str, Any]) -> str:

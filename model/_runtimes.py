@@ -107,9 +107,10 @@ class OpenVinoBackend(Backend):
     stream of its own (OpenVINO's THROUGHPUT hint: on 2 cores, 2 streams of 1 thread). One
     stream of all the threads (the LATENCY default) waits at every layer for its slowest thread,
     so a core lent to another process for a moment stalls both: measured on a 2-core AMX CPU
-    with int8 ResNet50 in batches of 32 (docs/benchmarks.md), 2 streams ran 8 % faster alone and
-    5 % to 19 % faster beside a process taking 30 % to 50 % of a core. A batch that does not
-    divide (a lone photo) keeps every thread on its one stream, for its latency.
+    with int8 ResNet50 in batches of 32 (`python -m bench openvino-streams`, docs/benchmarks.md),
+    this backend ran as fast as one stream alone and 3 % to 19 % faster beside a process taking
+    30 % to 50 % of a core. A batch that does not divide (a lone photo) keeps every thread on
+    its one stream, for its latency.
     """
 
     def __init__(self, name: str, xml: Path, precision: str) -> None:
