@@ -6,7 +6,7 @@
 - `fuzz`: mutated pictures through the photo decoder;
 - `store`: the bots' SQLite store under a burst;
 - `queue-cost`: a photo's CPU in the client, the worker and Redis, with and without hiredis;
-- `openvino-streams`: OpenVINO on one stream of all threads against its THROUGHPUT streams;
+- `openvino-streams`: OpenVINO on one stream of all threads against the worker's pass on its streams;
 - `sharing`: photo latency under a steady load, alone and beside a retrain on the same machine;
 - `training-input`: the training input pipeline against Keras' ImageDataGenerator.
 """
@@ -23,6 +23,13 @@ import click
 
 from carbot import logs
 from carbot.settings import get_settings
+
+
+def save_results(results: dict, json_path: Path | None) -> None:
+    """Save `results` as JSON at `json_path` when one was given (`--json`), and say so."""
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"saved {json_path}")
 
 
 @click.group()
@@ -42,8 +49,7 @@ def training_input(photos: int, json_path: Path | None) -> None:
 
     results = run_input_benchmark(photos=photos)
     click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+    save_results(results, json_path)
 
 
 @main.command("store")
@@ -56,8 +62,7 @@ def store(senders: int, rounds: int, json_path: Path | None) -> None:
 
     results = run_store_benchmark(senders=senders, rounds=rounds)
     click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+    save_results(results, json_path)
 
 
 @main.command("serving")
@@ -115,9 +120,7 @@ def serving(
         phone_every=phone_every,
         phone_copies=not phone_files,
     )
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
+    save_results(results, json_path)
 
 
 @main.command("openvino-streams")
@@ -131,13 +134,12 @@ def serving(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also save the results here."
 )
 def openvino_streams(artefact: Path | None, rounds: int, json_path: Path | None) -> None:
-    """OpenVINO int8 on one stream of all threads against its THROUGHPUT streams, alone and beside a busy neighbour."""
+    """OpenVINO int8 on one stream of all threads against the worker's streamed pass, alone and beside a neighbour."""
     from bench.openvino_streams import format_table, run_streams_benchmark
 
     results = run_streams_benchmark(artefact, rounds=rounds)
     click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
+    save_results(results, json_path)
 
 
 @main.command("queue-cost")
@@ -151,9 +153,7 @@ def queue_cost(photos: int, bursts: int, rounds: int, json_path: Path | None) ->
 
     results = run_queue_cost(get_settings(), photos=photos, bursts=bursts, rounds=rounds)
     click.echo(format_table(results))
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
+    save_results(results, json_path)
 
 
 @main.command()
@@ -166,9 +166,7 @@ def sharing(seconds: float, rounds: int, rate: float, json_path: Path | None) ->
     from bench.sharing import run_sharing
 
     results = run_sharing(get_settings(), seconds=seconds, rounds=rounds, rate=rate)
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
+    save_results(results, json_path)
 
 
 @main.command()
@@ -234,9 +232,7 @@ def fuzz(seconds: float, seed: int, save_dir: Path | None, json_path: Path | Non
     from bench.fuzz import run_fuzz
 
     results = run_fuzz(seconds, seed=seed, save_dir=save_dir)
-    if json_path:
-        json_path.write_text(json.dumps(results, indent=2))
-        click.echo(f"saved {json_path}")
+    save_results(results, json_path)
     if results["failures"]:
         sys.exit(1)
 
