@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from model import OPENVINO_INT8, variant_model_file
+
 BATCH = 32
-INT8 = "openvino-int8"
 # A neighbour busy for `busy` seconds out of every `busy + idle`: none, about 30 % and 50 % of one core.
 NEIGHBOURS = {"alone": None, "beside 30 % of a core": (0.003, 0.007), "beside 50 % of a core": (0.005, 0.005)}
 _NEIGHBOUR = """
@@ -44,12 +45,12 @@ def run_streams_benchmark(artefact: Path | None = None, *, rounds: int = 3, batc
 
     with tempfile.TemporaryDirectory(prefix="carbot-streams-") as tmp:
         directory = _artefact_dir(artefact, Path(tmp))
-        predictor = load_predictor(directory, runtime=INT8, max_batch=BATCH)
-        if predictor.runtime != INT8:
-            raise SystemExit(f"{directory}: its {INT8} variant cannot serve here ({predictor.runtime_choice.reason})")
-        found = sorted(directory.rglob("model-int8.xml"))
+        predictor = load_predictor(directory, runtime=OPENVINO_INT8, max_batch=BATCH)
+        if predictor.runtime != OPENVINO_INT8:
+            reason = predictor.runtime_choice.reason
+            raise SystemExit(f"{directory}: its {OPENVINO_INT8} variant cannot serve here ({reason})")
         core = ov.Core()
-        model = core.read_model(str(found[0]))
+        model = core.read_model(str(variant_model_file(directory, OPENVINO_INT8)))
         size = predictor.preprocessing.image_size
 
         def compiled(batch: int, config: dict[str, str]) -> Any:
@@ -99,8 +100,8 @@ def _artefact_dir(artefact: Path | None, tmp: Path) -> Path:
         weights = synthetic_backbone("resnet50", default_cache_dir())
         registry, _, _ = save_benchmark_model(tmp / "models", backbone="resnet50", image_size=224, weights=weights)
         artefact = ModelRegistry(registry).path_for(ModelRegistry(registry).active_version())
-    if not any(artefact.rglob("model-int8.xml")):
-        raise SystemExit(f"{artefact} has no int8 variant (model-int8.xml)")
+    if not variant_model_file(artefact, OPENVINO_INT8).is_file():
+        raise SystemExit(f"{artefact} has no {OPENVINO_INT8} variant ({variant_model_file(artefact, OPENVINO_INT8)})")
     return artefact
 
 

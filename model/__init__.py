@@ -30,6 +30,7 @@ from ._preprocess import (
 from ._registry import ModelRegistry, RegistryConflict
 from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
 from ._variants import (
+    OPENVINO_INT8,
     RUNTIMES,
     VARIANT_RUNTIMES,
     Variant,
@@ -37,6 +38,7 @@ from ._variants import (
     check_variant_files,
     export_variants,
     read_variants,
+    variant_model_file,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ __all__ = [
     "LoadedModel",
     "ModelRegistry",
     "RegistryConflict",
+    "OPENVINO_INT8",
     "OodScorer",
     "OodVerdict",
     "Predictor",
@@ -77,6 +80,7 @@ __all__ = [
     "pixel_count",
     "reduce_for_queue",
     "upright_size",
+    "variant_model_file",
     "load_predictor",
     "read_artefact",
     "read_variants",

@@ -39,6 +39,7 @@ from ._variants import (
     OPENVINO_INT8,
     RUNTIMES,
     TENSORFLOW,
+    VARIANT_FILES,
     VARIANT_RUNTIMES,
     check_variant_files,
     read_variants,
@@ -48,6 +49,8 @@ from ._variants import (
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# The precision OpenVINO's CPU plugin computes each OpenVINO variant in (int8's is in its IR).
+OPENVINO_PRECISIONS = {OPENVINO_FP32: "f32", OPENVINO_BF16: "bf16", OPENVINO_INT8: "int8"}
 RUNTIME_CHOICES = (AUTO, *RUNTIMES)
 
 
@@ -180,15 +183,12 @@ def open_variant(folder: Path, name: str) -> Backend:
     supported, why = host_supports(name)
     if not supported:
         raise RuntimeUnavailable(why)
+    if name not in VARIANT_FILES:
+        raise ValueError(f"unknown variant {name!r}")
+    model_file = folder / VARIANT_FILES[name][0]
     if name == ONNXRUNTIME:
-        return OnnxBackend(folder / "model.onnx")
-    if name == OPENVINO_FP32:
-        return OpenVinoBackend(name, folder / "model.xml", "f32")
-    if name == OPENVINO_BF16:
-        return OpenVinoBackend(name, folder / "model.xml", "bf16")
-    if name == OPENVINO_INT8:
-        return OpenVinoBackend(name, folder / "model-int8.xml", "int8")
-    raise ValueError(f"unknown variant {name!r}")
+        return OnnxBackend(model_file)
+    return OpenVinoBackend(name, model_file, OPENVINO_PRECISIONS[name])
 
 
 def host_supports(runtime: str) -> tuple[bool, str]:

@@ -102,6 +102,11 @@ def variants_dir(directory: Path) -> Path:
     return Path(directory) / VARIANTS_DIR
 
 
+def variant_model_file(directory: Path, runtime: str) -> Path:
+    """The file `runtime` opens of the artefact in `directory`: the ONNX graph, or the OpenVINO IR's XML."""
+    return variants_dir(directory) / VARIANT_FILES[runtime][0]
+
+
 def read_variants(directory: Path) -> VariantsManifest | None:
     """The variants manifest of the artefact in `directory`, or None if it has none.
 
