@@ -64,6 +64,9 @@ MIN_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.005
 
 VERIFIED, REFUSED, FAILED = "verified", "refused", "failed"
+# The host that saved the version cannot run this variant's runtime (bf16 on a CPU without bf16
+# instructions, say): nothing is wrong with the variant, but unverified it serves nowhere.
+NOT_RUN = "not run"
 
 # Enough photos for agreement to be measured to about a tenth of a point, few enough that a
 # ResNet50 verifies each variant in minutes on a CPU; spread evenly over the test split.
@@ -79,8 +82,8 @@ class Variant:
 
     name: str
     files: dict[str, str]  # file name in the variants directory -> SHA-256
-    status: str  # VERIFIED, REFUSED or FAILED
-    reason: str  # why it was refused or failed, or what it was verified on
+    status: str  # VERIFIED, REFUSED, FAILED or NOT_RUN
+    reason: str  # why it was refused, failed or not run, or what it was verified on
     figures: dict[str, Any] = field(default_factory=dict)  # agreement, max_top3_diff, accuracy, ...
 
     @property
@@ -317,7 +320,7 @@ def verify_variants(
 ) -> VariantsManifest:
     """Run each variant's files in `directory` on `images`, compare with `reference` (Keras' probabilities
     for the same images), and write ``variants.json``. `failed` are variants that could not be made."""
-    from ._runtimes import open_variant  # the runtimes import this module's names
+    from ._runtimes import host_supports, open_variant  # the runtimes import this module's names
 
     folder = variants_dir(directory)
     failed = dict(failed or {})
@@ -327,6 +330,11 @@ def verify_variants(
         if name in failed or len(files) != len(VARIANT_FILES[name]):
             variants[name] = Variant(name, dict.fromkeys(VARIANT_FILES[name], ""), FAILED,
                                      failed.get(name, "its files are missing"))  # fmt: skip
+            continue
+        supported, why = host_supports(name)
+        if not supported:  # an expected limit of this host, not a fault: one line, no traceback
+            log.info("the %s variant was not verified: this host cannot run it (%s)", name, why)
+            variants[name] = Variant(name, files, NOT_RUN, f"not verified: this host cannot run it ({why})")
             continue
         try:
             backend = open_variant(folder, name)

@@ -69,9 +69,9 @@ def test_each_variant_is_exported_checksummed_and_verified_and_a_version_without
     for name, variant in manifest.variants.items():
         for file, digest in variant.files.items():
             assert sha256_of(variants_dir(exported) / file) == digest, (name, file)
-        supported, _ = host_supports(name)
+        supported, why = host_supports(name)
         if not supported:  # e.g. bf16 on a CPU without bf16 instructions: it cannot have run here
-            assert variant.status == "failed"
+            assert variant.status == "not run" and why in variant.reason and not variant.verified
             continue
         assert variant.figures["images"] == manifest.verified_on["images"] > 0
         # The status is exactly what the bar says of the figures measured.
@@ -205,6 +205,39 @@ def test_the_demo_model_variants_are_verified_on_its_test_split(demo_registry):
     # The fp32 forms serve on every host that has their runtime.
     assert manifest.variants["onnxruntime"].status == VERIFIED
     assert manifest.variants["openvino-fp32"].status == VERIFIED
+
+
+def test_a_variant_this_host_cannot_run_is_recorded_as_not_run_without_a_traceback(
+    exported, tmp_path, monkeypatch, caplog
+):
+    """bf16 on a CPU without bf16 instructions is a limit of the host, not a broken variant: one line, no traceback."""
+    import model._runtimes
+
+    directory = tmp_path / "no-bf16"
+    shutil.copytree(exported, directory)
+    # Whatever this CPU has: the host says it cannot run bf16, as most CPU servers without AVX512_BF16 or AMX do.
+    supports = model._runtimes.host_supports
+
+    def without_bf16(name: str) -> tuple[bool, str]:
+        return (False, "no BF16 here") if name == "openvino-bf16" else supports(name)
+
+    monkeypatch.setattr(model._runtimes, "host_supports", without_bf16)
+    keras_model = load_artefact(directory).keras_model
+    images = generated_images(16, TEST_IMAGE_SIZE, seed=4)
+    reference = run_batched(keras_forward(keras_model), images)
+    verified_on = {"source": "generated images (test)", "images": len(images), "labelled": False}
+    with caplog.at_level("INFO", logger="model._variants"):
+        manifest = verify_variants(directory, reference=reference, images=images, truth=None, verified_on=verified_on,
+                                   runtimes=["openvino-fp32", "openvino-bf16"])  # fmt: skip
+    bf16 = read_variants(directory).variants["openvino-bf16"]
+    assert bf16.status == "not run" and "no BF16 here" in bf16.reason and not bf16.verified
+    assert bf16.files == manifest.variants["openvino-bf16"].files and all(bf16.files.values())  # still checksummed
+    assert manifest.variants["openvino-fp32"].status == VERIFIED
+    assert not any(record.exc_info for record in caplog.records)
+    # The worker's choice leaves it out, and says why.
+    predictor = load_predictor(directory, runtime="openvino-bf16", warm=False)
+    assert predictor.runtime != "openvino-bf16"
+    assert "not run" in predictor.runtime_choice.skipped["openvino-bf16"]
 
 
 def test_exporting_again_replaces_the_files_of_the_model_saved_before(exported, tmp_path):
