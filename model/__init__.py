@@ -28,7 +28,7 @@ from ._preprocess import (
     upright_size,
 )
 from ._registry import ModelRegistry, RegistryConflict
-from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor
+from ._runtimes import RUNTIME_CHOICES, RuntimeChoice, host_supports, load_predictor, release_freed_memory
 from ._variants import (
     OPENVINO_INT8,
     RUNTIMES,
@@ -79,6 +79,7 @@ __all__ = [
     "load_image",
     "pixel_count",
     "reduce_for_queue",
+    "release_freed_memory",
     "upright_size",
     "variant_model_file",
     "load_predictor",

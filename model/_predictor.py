@@ -193,11 +193,12 @@ class Predictor:
         for bucket in sorted({self._bucket_for(min(int(n), self._max_batch)) for n in sizes}):
             self._forward(self._blank(bucket))
         if batch_sizes is None:
-            self._bucket_ms = {bucket: self._time_forward_ms(bucket) for bucket in self._buckets}
+            self._bucket_ms = {bucket: self.forward_ms(bucket) for bucket in self._buckets}
             self._plans = cheapest_plans(self._bucket_ms, self._max_batch)
 
-    def _time_forward_ms(self, bucket: int, repeats: int = 2) -> float:
-        # The best of a few runs: what the pass costs when the machine lets it run.
+    def forward_ms(self, bucket: int, repeats: int = 2) -> float:
+        """The best of `repeats` forward passes of a batch of `bucket` images, in ms: what the pass costs
+        when the machine lets it run. Compile the bucket first (`warmup`), or the first pass times that."""
         blank, best = self._blank(bucket), float("inf")
         for _ in range(repeats):
             started = time.perf_counter()

@@ -9,8 +9,8 @@ pass, so bucketed batches, timed plans, hot swap and rollback are the same on ev
 - a named runtime serves if its variant was verified, its files match their checksums and the
   host can run it; otherwise the worker logs why and chooses as ``auto`` does among the rest;
 - ``auto`` on a GPU host: TensorFlow (batching on a GPU is where the gains are);
-- ``auto`` on a CPU: every verified variant the host supports is loaded and warmed up on the
-  predictor's buckets, one after another; the one whose passes took the least time serves. A
+- ``auto`` on a CPU: every verified variant the host supports is loaded and timed on a batch of
+  the largest bucket, one after another; the fastest serves, warmed up on every bucket. A
   variant whose files are missing or altered is skipped, logged; when none is left, Keras on
   TensorFlow serves (TensorFlow is not loaded otherwise).
 
@@ -20,6 +20,9 @@ a variant.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import logging
 import threading
@@ -302,11 +305,13 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         # TensorFlow could not load this version on the GPU: the verified variants still serve, on the CPU.
         prefix += f"a GPU, but TensorFlow cannot serve ({skipped[TENSORFLOW]}); "
 
-    # Time every verified variant on the buckets (warmup() does) and keep the fastest. TensorFlow is not
-    # among them: it is the reference the variants were verified against, slower on every CPU measured
-    # (docs/benchmarks.md), and loading it only to time it would hold its memory (over a gigabyte for
-    # ResNet50, never given back) for the worker's whole life. It serves when no variant can.
-    best: tuple[float, str, Predictor] | None = None
+    # Time every verified variant on a batch of the largest bucket (where a busy worker spends its time)
+    # and serve the fastest. One candidate at a time is held: each is freed, and its memory handed back,
+    # before the next loads, and only the one that serves is then compiled for every bucket. Holding two
+    # fully warmed runtimes at once took a ResNet50 worker to 2 GB at start where it serves in 0.6 GB.
+    # TensorFlow is not among them: it is the reference the variants were verified against, slower on
+    # every CPU measured (docs/benchmarks.md), and loading it only to time it would hold its memory (over
+    # a gigabyte for ResNet50, never given back) for the worker's whole life. It serves when no variant can.
     timings: dict[str, float] = {}
     for name in VARIANT_RUNTIMES:
         if name in skipped:
@@ -314,18 +319,17 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         if name not in variants:
             skipped[name] = "this version has no such variant"
             continue
-        predictor = attempt(name, lambda p: p.warmup())
-        if predictor is None:
-            continue
-        timings[name] = round(sum(predictor.bucket_ms.values()), 3)
-        if best is None or timings[name] < best[0]:
-            best = (timings[name], name, predictor)
-        del predictor  # a slower one is freed before the next loads: the peak holds two runtimes, not all
-    if best is not None:
-        _, name, predictor = best
-        measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
-        reason = f"{prefix}fastest on this CPU at warm-up (all buckets once: {measured})"
-        return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
+        candidate = attempt(name, lambda p: p.warmup([max_batch]))
+        if candidate is not None:
+            timings[name] = round(candidate.forward_ms(max_batch), 3)
+            del candidate
+            release_freed_memory()
+    for name in sorted(timings, key=timings.get):
+        predictor = attempt(name, warmup)
+        if predictor is not None:
+            measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+            reason = f"{prefix}fastest on this CPU at warm-up (a batch of {max_batch}: {measured})"
+            return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
     if TENSORFLOW not in skipped:
         predictor = attempt(TENSORFLOW, warmup)
         if predictor is not None:
@@ -334,7 +338,19 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
     raise ArtefactCorrupt(f"no runtime can serve model {artefact.version}: {skipped}")
 
 
+def release_freed_memory() -> None:
+    """Collect what was just let go (a predictor and its compiled passes) and hand it back to the system.
+
+    glibc keeps freed memory for reuse and returns little of it by itself: without `malloc_trim`
+    a runtime tried and dropped at start would stay in the worker's resident memory for its life.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): its own freeing will do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _chosen(predictor: Any, choice: RuntimeChoice) -> Any:
+    release_freed_memory()  # what compiling and timing let go, handed back before the predictor serves
     predictor.runtime_choice = choice
     not_used = "; ".join(f"{name}: {why}" for name, why in choice.skipped.items())
     log.info("model %s serves on %s: %s%s", predictor.version, choice.runtime, choice.reason,

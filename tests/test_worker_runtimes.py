@@ -112,6 +112,42 @@ def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, c
     assert predictor.bucket_ms and set(predictor.bucket_ms) == set(predictor.buckets)  # plans timed on it
 
 
+def test_auto_holds_one_candidate_at_a_time_and_compiles_every_bucket_only_for_the_one_that_serves(
+    demo_registry, monkeypatch
+):
+    """Memory at start: each runtime tried is let go before the next loads (two fully warmed ResNet50 runtimes
+    held at once took a worker to 2 GB at start where it serves in 0.6 GB: docs/benchmarks.md)."""
+    import weakref
+
+    from model import _predictor
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most_alive, warmed = 0, []
+    construct, warm = _predictor.Predictor.__init__, _predictor.Predictor.warmup
+
+    def counted_init(self, *args, **kwargs):
+        nonlocal most_alive
+        construct(self, *args, **kwargs)
+        alive.add(self)
+        most_alive = max(most_alive, len(alive))
+
+    def recorded_warmup(self, batch_sizes=None):
+        warmed.append((self.runtime, None if batch_sizes is None else tuple(batch_sizes)))
+        warm(self, batch_sizes)
+
+    monkeypatch.setattr(_predictor.Predictor, "__init__", counted_init)
+    monkeypatch.setattr(_predictor.Predictor, "warmup", recorded_warmup)
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    predictor = load_predictor(directory, max_batch=8)
+    candidates = set(servable(directory)) - {"tensorflow"}
+    assert len(candidates) >= 2, "this host should run at least ONNX Runtime and OpenVINO fp32"
+    assert set(predictor.runtime_choice.timings_ms) == candidates
+    assert most_alive == 1
+    # Each candidate was compiled for the largest bucket only; the one that serves, then, for every bucket.
+    assert sorted(warmed[:-1]) == sorted((name, (8,)) for name in candidates)
+    assert warmed[-1] == (predictor.runtime, None) and set(predictor.bucket_ms) == set(predictor.buckets)
+
+
 def test_on_a_gpu_host_where_tensorflow_cannot_load_the_model_a_verified_variant_serves(demo_registry, monkeypatch):
     # No GPU here: the host is told it has one, and TensorFlow's load fails as a GPU's can (out of memory).
     from model import _predictor, _runtimes

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from carbot import metrics
-from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image, pixel_count
+from model import CHECKSUM_FILE, ImageRejected, ModelRegistry, load_image, pixel_count, release_freed_memory
 from worker._contract import PhotoRejected, RejectReason
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,10 @@ class ModelSource:
             self._serve(predictor, wanted)
 
     def _serve(self, predictor, loaded: tuple[Path, int]) -> None:
-        self._predictor, self._loaded = predictor, loaded
+        replaced, self._predictor, self._loaded = self._predictor, predictor, loaded
+        if replaced is not None:  # between batches: nothing else holds the model that served until now
+            del replaced
+            release_freed_memory()
         choice = predictor.runtime_choice
         log.info("now serving model %s on %s", predictor.version, predictor.runtime)
         metrics.model_loaded(predictor.version, predictor.runtime, choice.reason if choice else "")
