@@ -52,6 +52,12 @@ from ._variants import (
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# Most images in one part of a batch streamed on OpenVINO's CPU streams. Smaller parts balance the streams
+# when another process takes a core for a while; measured on a 2-core CPU (AVX512 VNNI, no AMX), int8
+# ResNet50, batches of 32, beside a process busy 30 % of a core: halves 89.7, parts of 8 90.0, of 4 95.2,
+# of 2 98.0 images/s; beside 50 %: 84.2, 85.1, 92.9, 90.8; alone 106.7, 105.3, 108.5, 108.8 (a throw-away
+# script, medians of 5 rounds; `python -m bench openvino-streams` measures the worker's pass against one stream).
+STREAM_PART = 4
 # The precision OpenVINO's CPU plugin computes each OpenVINO variant in (int8's is in its IR).
 OPENVINO_PRECISIONS = {OPENVINO_FP32: "f32", OPENVINO_BF16: "bf16", OPENVINO_INT8: "int8"}
 RUNTIME_CHOICES = (AUTO, *RUNTIMES)
@@ -109,14 +115,13 @@ class OnnxBackend(Backend):
 class OpenVinoBackend(Backend):
     """An OpenVINO IR compiled for the CPU once per batch shape (static shapes run fastest).
 
-    A batch that divides evenly among the CPU's streams runs as that many parts at once, each on a
-    stream of its own (OpenVINO's THROUGHPUT hint: on 2 cores, 2 streams of 1 thread). One
-    stream of all the threads (the LATENCY default) waits at every layer for its slowest thread,
-    so a core lent to another process for a moment stalls both: measured on a 2-core AMX CPU
-    with int8 ResNet50 in batches of 32 (`python -m bench openvino-streams`, docs/benchmarks.md),
-    this backend ran as fast as one stream alone and 3 % to 19 % faster beside a process taking
-    30 % to 50 % of a core. A batch that does not divide (a lone photo) keeps every thread on
-    its one stream, for its latency.
+    A batch of at least one image a stream runs on the CPU's streams (OpenVINO's THROUGHPUT hint: on
+    2 cores, 2 streams of 1 thread), as parts of at most `STREAM_PART` images that the streams take
+    in turn. One stream of all the threads (the LATENCY default) waits at every layer for its
+    slowest thread, so a core lent to another process for a moment stalls both; and a batch cut
+    in one half a stream leaves the faster stream idle while the slower finishes its half.
+    `python -m bench openvino-streams` measures this backend against one stream (docs/benchmarks.md).
+    A lone photo keeps every thread on its one stream, for its latency.
     """
 
     def __init__(self, name: str, xml: Path, precision: str) -> None:
@@ -128,7 +133,7 @@ class OpenVinoBackend(Backend):
         self._model = self._core.read_model(str(xml))
         self._config = {"INFERENCE_PRECISION_HINT": precision} if precision in ("bf16", "f32") else {}
         self._compiled: dict[tuple[tuple[int, ...], bool], Any] = {}  # (shape, streamed) -> compiled model
-        self._requests: dict[tuple[int, ...], list[Any]] = {}  # a streamed part's shape -> one request a stream
+        self._requests: dict[tuple[int, ...], list[Any]] = {}  # a streamed part's shape -> one request a part
         self._streams: int | None = None
         self._shapes: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
@@ -138,9 +143,9 @@ class OpenVinoBackend(Backend):
             self._shapes.add(batch.shape)
             self.trace_count += 1
         batch = batch.astype(np.float32)
-        streams = self.streams(batch.shape[1:])
-        if streams > 1 and len(batch) % streams == 0:
-            return self._forward_streamed(batch, streams)
+        part = self._part_size(len(batch), self.streams(batch.shape[1:]))
+        if part:
+            return self._forward_streamed(batch, part)
         compiled = self._compiled_for(batch.shape, streamed=False)
         outputs = compiled(batch)
         return outputs[0], outputs[1] if len(compiled.outputs) > 1 else None
@@ -152,15 +157,23 @@ class OpenVinoBackend(Backend):
             self._streams = max(1, int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         return self._streams
 
-    def _forward_streamed(self, batch: np.ndarray, streams: int) -> tuple[np.ndarray, np.ndarray | None]:
-        parts = np.split(batch, streams)
+    @staticmethod
+    def _part_size(count: int, streams: int) -> int:
+        """Images in each part of a streamed batch of `count` (the largest divisor up to `STREAM_PART` that
+        gives every stream a part), or 0 when the batch runs whole on one stream."""
+        if streams < 2 or count < streams:
+            return 0
+        return next(part for part in range(min(STREAM_PART, count // streams), 0, -1) if count % part == 0)
+
+    def _forward_streamed(self, batch: np.ndarray, part: int) -> tuple[np.ndarray, np.ndarray | None]:
+        parts = np.split(batch, len(batch) // part)
         compiled = self._compiled_for(parts[0].shape, streamed=True)
         with self._lock:  # the requests are reused: one batch at a time
-            requests = self._requests.setdefault(
-                parts[0].shape, [compiled.create_infer_request() for _ in range(streams)]
-            )
-            for request, part in zip(requests, parts):
-                request.start_async({0: part})
+            requests = self._requests.setdefault(parts[0].shape, [])
+            requests += [compiled.create_infer_request() for _ in range(len(parts) - len(requests))]
+            requests = requests[: len(parts)]
+            for request, images in zip(requests, parts):
+                request.start_async({0: images})  # queued: each stream takes the next part when it is free
             for request in requests:
                 request.wait()
             outputs = [

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import pytest
 import redis
 from prometheus_client import generate_latest
@@ -96,6 +97,23 @@ def test_every_runtime_serves_the_demo_model_with_the_answers_of_keras(demo_regi
                 assert [c["label"] for c in ours["top_k"]] == [c["label"] for c in theirs["top_k"]]
                 for a, b in zip(ours["top_k"], theirs["top_k"]):
                     assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
+
+
+def test_openvino_streams_a_full_batch_in_parts_with_the_answers_of_one_photo_at_a_time(demo_registry):
+    """A batch of 32 runs as parts the CPU's streams take in turn; each photo's output is what it gets alone."""
+    from model import load_image
+
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    predictor = load_predictor(directory, runtime="openvino-fp32", max_batch=32, warm=False)
+    assert predictor.runtime == "openvino-fp32"
+    images = np.stack([load_image(photo, predictor.preprocessing) for photo in PHOTOS + PHOTOS[:8]])
+    together, features = predictor.outputs(images)  # 32: the largest bucket
+    alone = [predictor.outputs(image[None]) for image in images]  # batch 1: one stream, every thread
+    np.testing.assert_allclose(together, np.concatenate([a[0] for a in alone]), atol=1e-5)
+    if features is not None:
+        np.testing.assert_allclose(features, np.concatenate([a[1] for a in alone]), rtol=1e-4, atol=1e-4)
+    # 24 photos: the plan's buckets (16 + 8), each streamed in parts, still in the photos' order.
+    np.testing.assert_allclose(predictor.outputs(images[:24])[0], together[:24], atol=1e-5)
 
 
 def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, caplog):
