@@ -351,13 +351,17 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
     raise ArtefactCorrupt(f"no runtime can serve model {artefact.version}: {skipped}")
 
 
-def release_freed_memory() -> None:
-    """Collect what was just let go (a predictor and its compiled passes) and hand it back to the system.
+def release_freed_memory(*, cycles: bool = False) -> None:
+    """Hand the memory just let go (a predictor and its compiled passes) back to the system.
 
     glibc keeps freed memory for reuse and returns little of it by itself: without `malloc_trim`
     a runtime tried and dropped at start would stay in the worker's resident memory for its life.
+    A variant's predictor is freed as soon as it is let go; `cycles` first collects what only
+    reference cycles hold (a Keras model), a full collection that costs a quarter of a second
+    with TensorFlow loaded.
     """
-    gc.collect()
+    if cycles:
+        gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): its own freeing will do
         ctypes.CDLL(None).malloc_trim(0)
 

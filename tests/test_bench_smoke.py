@@ -8,6 +8,7 @@ import math
 from bench.serving import run_benchmark
 from carbot.settings import Settings
 from model import RUNTIMES, VARIANT_RUNTIMES
+from model._variants import FAILED, NOT_RUN, REFUSED, VERIFIED
 
 
 def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     # Every variant was exported and judged against Keras; the worker chose among them (auto) and said why.
     assert set(results["variants"]) == set(VARIANT_RUNTIMES)
     for variant in results["variants"].values():
-        assert variant["status"] in ("verified", "refused", "failed") and variant["reason"]
+        assert variant["status"] in (VERIFIED, REFUSED, FAILED, NOT_RUN) and variant["reason"]
     served = results["runtime"]
     assert results["config"]["runtime_setting"] == "auto" and served["version"] == "bench"
     assert served["runtime"] in RUNTIMES and served["reason"]

@@ -114,7 +114,7 @@ class ModelSource:
         replaced, self._predictor, self._loaded = self._predictor, predictor, loaded
         if replaced is not None:  # between batches: nothing else holds the model that served until now
             del replaced
-            release_freed_memory()
+            release_freed_memory(cycles=True)
         choice = predictor.runtime_choice
         log.info("now serving model %s on %s", predictor.version, predictor.runtime)
         metrics.model_loaded(predictor.version, predictor.runtime, choice.reason if choice else "")
