@@ -334,7 +334,7 @@ def verify_variants(
         supported, why = host_supports(name)
         if not supported:  # an expected limit of this host, not a fault: one line, no traceback
             log.info("the %s variant was not verified: this host cannot run it (%s)", name, why)
-            variants[name] = Variant(name, files, NOT_RUN, f"not verified: this host cannot run it ({why})")
+            variants[name] = Variant(name, files, NOT_RUN, f"this host cannot run it ({why})")
             continue
         try:
             backend = open_variant(folder, name)
