@@ -100,8 +100,9 @@ def _artefact_dir(artefact: Path | None, tmp: Path) -> Path:
         weights = synthetic_backbone("resnet50", default_cache_dir())
         registry, _, _ = save_benchmark_model(tmp / "models", backbone="resnet50", image_size=224, weights=weights)
         artefact = ModelRegistry(registry).path_for(ModelRegistry(registry).active_version())
-    if not variant_model_file(artefact, OPENVINO_INT8).is_file():
-        raise SystemExit(f"{artefact} has no {OPENVINO_INT8} variant ({variant_model_file(artefact, OPENVINO_INT8)})")
+    ir = variant_model_file(artefact, OPENVINO_INT8)
+    if not ir.is_file():
+        raise SystemExit(f"{artefact} has no {OPENVINO_INT8} variant ({ir})")
     return artefact
 
 

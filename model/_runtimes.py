@@ -320,8 +320,9 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
 
     # Time every verified variant on a batch of the largest bucket (where a busy worker spends its time)
     # and serve the fastest. One candidate at a time is held: each is freed, and its memory handed back,
-    # before the next loads, and only the one that serves is then compiled for every bucket. Holding two
-    # fully warmed runtimes at once took a ResNet50 worker to 2 GB at start where it serves in 0.6 GB.
+    # before the next loads, and only the one that serves is then loaded again and compiled for every
+    # bucket (one compilation more at start than keeping it would cost). Holding two fully warmed
+    # runtimes at once took a ResNet50 worker to 2 GB at start where it serves in 0.6 GB.
     # TensorFlow is not among them: it is the reference the variants were verified against, slower on
     # every CPU measured (docs/benchmarks.md), and loading it only to time it would hold its memory (over
     # a gigabyte for ResNet50, never given back) for the worker's whole life. It serves when no variant can.

@@ -320,7 +320,7 @@ def verify_variants(
 ) -> VariantsManifest:
     """Run each variant's files in `directory` on `images`, compare with `reference` (Keras' probabilities
     for the same images), and write ``variants.json``. `failed` are variants that could not be made."""
-    from ._runtimes import host_supports, open_variant  # the runtimes import this module's names
+    from ._runtimes import RuntimeUnavailable, open_variant  # the runtimes import this module's names
 
     folder = variants_dir(directory)
     failed = dict(failed or {})
@@ -331,14 +331,13 @@ def verify_variants(
             variants[name] = Variant(name, dict.fromkeys(VARIANT_FILES[name], ""), FAILED,
                                      failed.get(name, "its files are missing"))  # fmt: skip
             continue
-        supported, why = host_supports(name)
-        if not supported:  # an expected limit of this host, not a fault: one line, no traceback
-            log.info("the %s variant was not verified: this host cannot run it (%s)", name, why)
-            variants[name] = Variant(name, files, NOT_RUN, f"this host cannot run it ({why})")
-            continue
         try:
             backend = open_variant(folder, name)
             candidate = run_batched(probabilities_of(backend), images)
+        except RuntimeUnavailable as why:  # an expected limit of this host, not a fault: one line, no traceback
+            log.info("the %s variant was not verified: this host cannot run it (%s)", name, why)
+            variants[name] = Variant(name, files, NOT_RUN, f"this host cannot run it ({why})")
+            continue
         except Exception as exc:
             log.warning("could not run the %s variant: %s", name, exc, exc_info=True)
             variants[name] = Variant(name, files, FAILED, f"could not run: {exc.__class__.__name__}: {exc}")
