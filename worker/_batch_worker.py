@@ -20,10 +20,6 @@ what happens once a first job is in hand:
    with its retries), so `rq info`, rq-dashboard, results and retries stay true.
    Starting and finishing share one Redis round trip per batch instead of a few
    per job: on a GPU the per-job round trips would cost more than the model.
-4. Finishing a batch (its results, failures and counters) runs on a thread of
-   its own while the worker takes, starts and computes the next one, so the
-   model does not wait for RQ's bookkeeping: one batch finishes at a time, in
-   order, and before the worker stops (`wait_for_finish`, `teardown`).
 
 Liveness comes from the worker itself, not from a job timeout: while a batch
 runs, a pulse thread renews its jobs' places in the StartedJobRegistry every
@@ -51,14 +47,12 @@ draining, so the current batch is finished before it exits.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, timedelta
 
 import redis
@@ -120,12 +114,8 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
         self.max_wait_s = max_wait_ms / 1000
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.clock = RedisClock(self.connection)
-        # The batches the pulse vouches for, by number: the one computing and the one finishing.
-        self._in_flight: dict[int, list[tuple[Job, Execution]]] = {}
+        self._in_flight: list[tuple[Job, Execution]] = []  # the batch the pulse vouches for
         self._in_flight_lock = threading.Lock()
-        self._batch_numbers = itertools.count(1)
-        self._finisher: ThreadPoolExecutor | None = None  # from `work()` to `teardown()`
-        self._finishing: Future | None = None  # the last batch handed to the finisher
         self._pulse: threading.Thread | None = None
         self._backoff_s = REDIS_BACKOFF_S[0]
         self._published: dict | None = None  # the model and runtime `carbot status` was last told of
@@ -146,10 +136,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
                     metrics.job_failed(InvalidJob.outcome)
                     refuse(*item, reason)
             for batch, starts in self.plan_batches(photos):
-                if 1 in starts:  # a suspect, which may take the worker down: the batch before it ends first
-                    self.wait_for_finish()
                 self.perform_batch(batch, starts)
-            self.publish_runtime()
             self.set_state(WorkerStatus.IDLE)
             self._backoff_s = REDIS_BACKOFF_S[0]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -157,6 +144,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
 
     def survive_redis_error(self, exc: Exception) -> None:
         """A Redis error outside the model: the batch is left to the rescue of abandoned jobs; back off, go on."""
+        self._set_in_flight([])
         log.warning("Redis failed during a batch (%s); retrying in %.1f s, its photos will be handed back",
                     exc, self._backoff_s)  # fmt: skip
         time.sleep(self._backoff_s)
@@ -209,17 +197,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             )
         self._start_pulse()
         self.publish_runtime()
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-finish")
         return super().work(*args, **kwargs)
-
-    def teardown(self) -> None:
-        # RQ's loop has ended: the batch still finishing ends before the worker registers its death
-        # (an error of its was logged where it happened, and ends the worker now anyway).
-        if self._finisher is not None:
-            self._finisher.shutdown(wait=True)
-            self._finisher = None
-        self._finishing = None
-        super().teardown()
 
     # -- maintenance ---------------------------------------------------------------------------------------
 
@@ -264,20 +242,16 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             self._pulse = threading.Thread(target=self._beat, name="batch-pulse", daemon=True)
             self._pulse.start()
 
-    def _vouch_from_now(self, number: int, jobs: list[tuple[Job, Execution]]) -> None:
+    def _set_in_flight(self, jobs: list[tuple[Job, Execution]]) -> None:
         with self._in_flight_lock:
-            self._in_flight[number] = jobs
-
-    def _stop_vouching(self, number: int) -> None:
-        with self._in_flight_lock:
-            self._in_flight.pop(number, None)
+            self._in_flight = jobs
 
     def _beat(self) -> None:
-        """Every `heartbeat_ttl_s / 5` seconds, renew the places of the batches in flight for `heartbeat_ttl_s`."""
+        """Every `heartbeat_ttl_s / 5` seconds, renew the places of the batch in flight for `heartbeat_ttl_s`."""
         while True:
             time.sleep(self.heartbeat_ttl_s / 5)
             with self._in_flight_lock:
-                jobs = [job for batch in self._in_flight.values() for job in batch]
+                jobs = list(self._in_flight)
             if not jobs:
                 continue
             try:
@@ -310,29 +284,16 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
     def perform_batch(self, batch: list[tuple[Job, Queue]], starts: list[int] | None = None) -> None:
         """Start every job, classify the live ones in one pass, then finish each job with its own outcome.
 
-        The finishing is handed to the finisher thread, which vouches for the batch until it has
-        ended. `starts[i]` counts the earlier starts of job i that never ended; two mean it is set aside.
+        `starts[i]` counts the earlier starts of job i that never ended; two mean it is set aside.
         """
         starts = starts or [0] * len(batch)
-        number = next(self._batch_numbers)
-        executions = self.start_jobs(batch, number)
-        handed_over = False
+        executions = self.start_jobs(batch)
         try:
-            handed_over = self._perform_started(number, batch, starts, executions)
+            self._perform_started(batch, starts, executions)
         finally:
-            if not handed_over:
-                self._stop_vouching(number)
+            self._set_in_flight([])
 
-    def wait_for_finish(self) -> None:
-        """Wait until the batch finishing in the background has ended; an unexpected error of its is raised here."""
-        finishing, self._finishing = self._finishing, None
-        if finishing is not None:
-            finishing.result()
-
-    def _perform_started(
-        self, number: int, batch: list[tuple[Job, Queue]], starts: list[int], executions: list[Execution]
-    ) -> bool:
-        """Check and classify a started batch; whether its finishing was handed to the finisher."""
+    def _perform_started(self, batch: list[tuple[Job, Queue]], starts: list[int], executions: list[Execution]) -> None:
         metrics.observe_queue_waits(_queue_wait_ms(job) for job, _ in batch)
         checked_at = self.clock.now()
         live, expired = [], 0
@@ -353,7 +314,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             live.append((job, queue, execution, request))
         if not live:
             self._record(BatchReport(), expired=expired)
-            return False
+            return
 
         try:
             report = self.classify([request for _, _, _, request in live])
@@ -363,44 +324,26 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             log.exception("batch of %d failed", len(live))
             for job, queue, execution, _ in live:
                 self.fail_job(job, queue, execution, exc)
-            return False
+            return
 
-        self.wait_for_finish()  # one batch finishes at a time, in order
-        self._finishing = self._finisher.submit(self._finish_batch, number, live, report, expired)
-        return True
+        finished = []
+        for (job, queue, execution, _), outcome in zip(live, report.outcomes):
+            if isinstance(outcome, Exception):
+                self.fail_job(job, queue, execution, outcome)
+            else:
+                outcome["timings"] = self._timings(job, report)
+                finished.append((job, execution, outcome))
+        # Counted before the answers are published: whoever reads an answer finds it counted too.
+        self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
+        self.finish_jobs(finished)
 
-    def _finish_batch(self, number: int, live: list[tuple[Job, Queue, Execution, PhotoRequest]],
-                      report: BatchReport, expired: int) -> None:  # fmt: skip
-        """On the finisher thread: end every job of a classified batch with its outcome, then stop vouching for it."""
-        try:
-            finished = []
-            for (job, queue, execution, _), outcome in zip(live, report.outcomes):
-                if isinstance(outcome, Exception):
-                    self.fail_job(job, queue, execution, outcome)
-                else:
-                    outcome["timings"] = self._timings(job, report)
-                    finished.append((job, execution, outcome))
-            # Counted before the answers are published: whoever reads an answer finds it counted too.
-            self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
-            self.finish_jobs(finished)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # As a Redis error in the main loop: what did not end is left to the rescue of abandoned jobs.
-            log.warning("Redis failed while finishing a batch of %d (%s); its photos will be handed back",
-                        len(live), exc)  # fmt: skip
-        except Exception:
-            log.exception("finishing a batch of %d failed", len(live))
-            raise  # to the main thread's `wait_for_finish`, which ends the worker as RQ's loop would
-        finally:
-            self._stop_vouching(number)
-
-    def start_jobs(self, batch: list[tuple[Job, Queue]], number: int) -> list[Execution]:
+    def start_jobs(self, batch: list[tuple[Job, Queue]]) -> list[Execution]:
         """RQ's `prepare_execution` + `prepare_job_execution` for every job of the batch, in one round trip.
 
         Each job gets an Execution in the StartedJobRegistry, status `started` and
         its worker name, exactly as RQ's own methods write them, and its count of
         unfinished starts goes up by one; only the round trips are shared (per job
-        they would cost more than a GPU's forward pass). From here on the pulse vouches for the batch,
-        as batch `number`.
+        they would cost more than a GPU's forward pass). From here on the pulse vouches for the batch.
         """
         executions = []
         ttl = math.ceil(self.heartbeat_ttl_s) + 1
@@ -421,7 +364,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             self.vouch_for(in_flight, pipeline=pipe, just_created=True)
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
-        self._vouch_from_now(number, in_flight)
+        self._set_in_flight(in_flight)
         self.procline(f"Processing a batch of {len(batch)} since {time.time()}")
         return executions
 
@@ -542,6 +485,7 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             if report.size:
                 pipe.hincrby(BATCH_SIZES_KEY, str(report.size), 1)
             pipe.execute()
+        self.publish_runtime()
 
 
 @contextlib.contextmanager
