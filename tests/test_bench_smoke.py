@@ -86,6 +86,9 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert results["shares"]["d/f"] == round(d["images_per_s"] / f["images_per_s"], 3)
     a_prime = methods["a_prime_runtime_ceiling"]
     assert results["shares"]["f/a'"] == round(f["images_per_s"] / a_prime["images_per_s"], 3)
+    c = methods["c_plain_rq"]
+    assert results["shares"]["a'/c"] == round(a_prime["images_per_s"] / c["images_per_s"], 3)
+    assert results["shares"]["a'/batch_1"] == round(a_prime["images_per_s"] * e["model_batch1_ms"]["p50"] / 1000, 3)
 
     partial = results["partial_batch"]
     assert partial["photos"] == 8 and sum(partial["plan"]) >= 8 and partial["padded_to"] == [8]
@@ -100,6 +103,6 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     table = capsys.readouterr().out
     for line in ("(a) model ceiling", "(d) this system", "(f) decoding + model", "d/a", "d/b", "d/c", "d/f = "):
         assert line in table
-    for line in ("(a') ", "d/a'", "serves on", "(d) per photo", "client reduce"):
+    for line in ("(a') ", "d/a'", "serves on", "(d) per photo", "client reduce", "would reach a'/c = "):
         assert line in table
     assert "single-photo overhead" in table
