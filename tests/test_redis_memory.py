@@ -60,8 +60,9 @@ def test_a_full_redis_answers_busy_keeps_its_bound_and_loses_no_queued_photo(
         answered = [o for o in outcomes if isinstance(o, Classification)]
         assert busy and answered  # some did not fit, and were told so at once
         assert len(busy) + len(answered) == len(photos)  # nothing else: no crash, no lost photo
-        # Redis checks its bound before each write, so the writes in flight can pass it: at most one photo
-        # per submitting thread (4 per client), counted twice (in its input buffer, then stored).
+        # Redis checks its bound before each write (in a transaction, as each write is queued), so the writes
+        # in flight can pass it: at most one photo per submitting thread (4 per client), counted twice (in its
+        # input buffer, then stored). A group's transaction past the bound is refused whole: all "busy".
         assert peak <= BOUND + 2 * 4 * max(map(len, photos)) + 2 * 2**20
         assert isinstance(late, Classification)
         assert connection.keys("carbot:photo*") == []  # every photo's bytes left with its job

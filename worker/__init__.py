@@ -12,6 +12,7 @@ from worker._client import (
     Classification,
     ClassifyClient,
     Familiarity,
+    Submission,
     active_preprocessing,
     classify_files_sync,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Classification",
     "QueueBusy",
     "RejectReason",
+    "Submission",
     "active_preprocessing",
     "classify_files_sync",
     "run_worker",

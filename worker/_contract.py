@@ -135,6 +135,11 @@ class PhotoRejected(ClassifyError):
         return (type(self), (self.message, self.reason))
 
     @classmethod
+    def unreadable(cls) -> PhotoRejected:
+        """A picture that a decoder failed on in a way it does not name (a bug of its, on some odd file)."""
+        return cls("This picture could not be read; please send it as a JPEG or PNG.", RejectReason.UNREADABLE)
+
+    @classmethod
     def from_wire(cls, text: str) -> PhotoRejected:
         """The error a failed job's `<reason>: <message>` describes (a message without a known code keeps none)."""
         code, separator, message = text.partition(": ")

@@ -260,9 +260,7 @@ class BatchClassifier:
         except Exception:
             # A decoder bug on some odd file must cost that photo only, never the worker.
             log.exception("unexpected error decoding a photo")
-            return PhotoRejected(
-                "This picture could not be read; please send it as a JPEG or PNG.", RejectReason.UNREADABLE
-            )
+            return PhotoRejected.unreadable()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
