@@ -116,6 +116,28 @@ def test_openvino_streams_a_full_batch_in_parts_with_the_answers_of_one_photo_at
     np.testing.assert_allclose(predictor.outputs(images[:24])[0], together[:24], atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["openvino-fp32", "openvino-int8"])
+def test_openvino_reads_the_pixels_as_bytes_and_answers_as_the_verified_float_model(demo_registry, variant):
+    """The worker's uint8 batch goes in as it is (converted inside the graph), with the float IR's own answers."""
+    import openvino as ov
+
+    from model import load_image
+
+    directory = ModelRegistry(demo_registry).path_for("demo")
+    predictor = load_predictor(directory, runtime=variant, max_batch=32, warm=False)
+    images = np.stack([load_image(photo, predictor.preprocessing) for photo in PHOTOS + PHOTOS[:8]])
+    served = predictor.outputs(images)[0]
+
+    xml = variants_dir(directory) / ("model-int8.xml" if variant.endswith("int8") else "model.xml")
+    core = ov.Core()
+    as_exported = core.read_model(str(xml))
+    assert as_exported.inputs[0].get_element_type() == ov.Type.f32  # what was exported and verified
+    compiled = core.compile_model(as_exported, "CPU", {"INFERENCE_PRECISION_HINT": "f32"} if "fp32" in variant else {})
+    np.testing.assert_allclose(served, compiled(images.astype(np.float32))[0], atol=1e-6)
+    # And alone (one stream, every thread), the path a lone photo takes.
+    np.testing.assert_allclose(predictor.outputs(images[:1])[0], served[:1], atol=1e-5)
+
+
 def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, caplog):
     directory = ModelRegistry(demo_registry).path_for("demo")
     with caplog.at_level(logging.INFO, logger="model"):
