@@ -49,3 +49,11 @@ def test_the_settings_own_the_values_derived_from_them(tmp_path) -> None:
     # The URL a hosting provider hands out names no driver: psycopg 3 is the one installed.
     hosted = Settings(database_url="postgres://carbot:p%40ss@db.example:5432/carbot")
     assert hosted.sql_url == "postgresql+psycopg://carbot:p%40ss@db.example:5432/carbot"
+
+
+def test_the_worker_decodes_on_one_thread_a_core_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CARBOT_DECODE_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)  # a container's cpuset
+    assert Settings().decode_threads == 3
+    monkeypatch.setenv("CARBOT_DECODE_THREADS", "8")  # an operator's choice stands
+    assert Settings().decode_threads == 8
