@@ -21,6 +21,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -286,15 +287,6 @@ class ClassifyClient:
             return Classification.from_result(job_id, result.return_value)
         raise error_from_exc_string(result.exc_string)
 
-    def submit(
-        self, photo: bytes, top_k: int = 3, deadline: float | None = None, original_name: str | None = None
-    ) -> str:
-        """Store the photo and enqueue its job (blocking). Returns the job id; raises what `classify` raises."""
-        (outcome,) = self.submit_group([Submission(photo, top_k, deadline, original_name)])
-        if isinstance(outcome, ClassifyError):
-            raise outcome
-        return outcome
-
     def submit_group(self, submissions: Sequence[Submission]) -> list[str | ClassifyError]:
         """Store the photos and enqueue their jobs in one transaction (blocking; `classify` runs this in a thread).
 
@@ -403,7 +395,7 @@ class _Submitter:
         self._submit_group = submit_group
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="classify-submit")
-        self._waiting: list[tuple[Submission, asyncio.Future]] = []
+        self._waiting: deque[tuple[Submission, asyncio.Future]] = deque()
         self._sending = 0  # groups on their way
 
     async def submit(self, submission: Submission) -> str:
@@ -414,10 +406,14 @@ class _Submitter:
         return await future
 
     def _send_waiting(self) -> None:
-        # A photo whose caller gave up while it waited (its future cancelled) is not sent.
-        self._waiting = [(submission, future) for submission, future in self._waiting if not future.done()]
         while self._waiting and self._sending < self._threads:
-            group, self._waiting = self._waiting[:SUBMIT_GROUP], self._waiting[SUBMIT_GROUP:]
+            group = []
+            while self._waiting and len(group) < SUBMIT_GROUP:
+                submission, future = self._waiting.popleft()
+                if not future.done():  # else its caller gave up while it waited: it is not sent
+                    group.append((submission, future))
+            if not group:
+                return
             self._sending += 1
             sent = asyncio.get_running_loop().run_in_executor(
                 self._pool, self._submit_group, [submission for submission, _ in group]
@@ -447,7 +443,7 @@ class _Submitter:
         for _, future in self._waiting:
             if not future.done():
                 future.set_exception(ClassifyFailed(_CLOSED))
-        self._waiting = []
+        self._waiting.clear()
 
 
 def _error_unless_refused(
