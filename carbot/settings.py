@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
 
-def usable_cores() -> int:
+def _usable_cores() -> int:
     """The CPU cores this process may run on (its affinity: a container's cpuset, `taskset`), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0)
     # One photo decoding thread a CPU core the worker may use: more only wait for the same cores (on 2 cores the
     # serving benchmark's (d) ran 1.03 times as fast with 2 threads as with 4, 8 rounds taking turns).
-    decode_threads: int = Field(default_factory=lambda: usable_cores(), ge=1)
+    decode_threads: int = Field(default_factory=_usable_cores, ge=1)
     # What runs the forward pass (model.RUNTIME_CHOICES): auto serves the fastest verified variant on a CPU
     # and TensorFlow on a GPU; a named one serves if it can, else the worker falls back and logs why.
     runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8"] = "auto"
