@@ -7,6 +7,8 @@ person) and each admin-requested retrain (`RetrainRun`). The schema itself is ow
 the latest revision, and a test keeps these models and the migrations in step.
 """
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -151,9 +153,27 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # with synchronous=NORMAL it costs no fsync. A crash of the process loses nothing committed and
     # nothing is ever half-written; only a power cut may undo the last few commits. A burst of
     # answers was waiting on those fsyncs, one writer at a time.
-    cursor.execute("PRAGMA journal_mode = WAL")
+    _use_write_ahead_log(cursor)
     cursor.execute("PRAGMA synchronous = NORMAL")
     cursor.close()
+
+
+# Switching a new database file to the write-ahead log needs its exclusive lock, and SQLite refuses at once,
+# without waiting its busy timeout, a connection that would otherwise deadlock with another one switching it
+# too: processes that start together on a new database (bots, their migrations) met "database is locked" in
+# about 2 % of starts. Once switched, the file stays in WAL mode and later connections pass at once.
+_WAL_ATTEMPTS = 20
+
+
+def _use_write_ahead_log(cursor: sqlite3.Cursor) -> None:
+    for attempt in range(_WAL_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(0.005 * (attempt + 1))  # the other connection's switch takes a few milliseconds
 
 
 def _sqlite_begin(connection: Any) -> None:
