@@ -287,6 +287,16 @@ class ClassifyClient:
             return Classification.from_result(job_id, result.return_value)
         raise error_from_exc_string(result.exc_string)
 
+    def submit(
+        self, photo: bytes, top_k: int = 3, deadline: float | None = None, original_name: str | None = None
+    ) -> str:
+        """Store one photo and enqueue its job without awaiting the answer (blocking). Returns the job id;
+        raises what `classify` raises before its photo is queued."""
+        (outcome,) = self.submit_group([Submission(photo, top_k, deadline, original_name)])
+        if isinstance(outcome, ClassifyError):
+            raise outcome
+        return outcome
+
     def submit_group(self, submissions: Sequence[Submission]) -> list[str | ClassifyError]:
         """Store the photos and enqueue their jobs in one transaction (blocking; `classify` runs this in a thread).
 
