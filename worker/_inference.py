@@ -188,7 +188,8 @@ class PixelBudget:
 class BatchClassifier:
     """Turns photo bytes into top-k results, one forward pass per batch."""
 
-    def __init__(self, source: ModelSource, *, decode_threads: int = 4):
+    def __init__(self, source: ModelSource, *, decode_threads: int):
+        # `decode_threads`: the worker passes `Settings.decode_threads` (one a CPU core it may use by default).
         self.source = source
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self._budget: PixelBudget | None = None
