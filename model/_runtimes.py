@@ -10,7 +10,8 @@ pass, so bucketed batches, timed plans, hot swap and rollback are the same on ev
   host can run it; otherwise the worker logs why and chooses as ``auto`` does among the rest;
 - ``auto`` on a GPU host: TensorFlow (batching on a GPU is where the gains are);
 - ``auto`` on a CPU: every verified variant the host supports is loaded and timed on a batch of
-  the largest bucket, one after another; the fastest serves, warmed up on every bucket. A
+  the largest bucket, one after another, by the CPU time the pass costs (which other processes'
+  load does not change); the cheapest serves, warmed up on every bucket. A
   variant whose files are missing or altered is skipped, logged; when none is left, Keras on
   TensorFlow serves (TensorFlow is not loaded otherwise).
 
@@ -73,7 +74,7 @@ class RuntimeChoice:
 
     runtime: str
     reason: str
-    timings_ms: dict[str, float] = field(default_factory=dict)  # warm-up time of each runtime tried
+    timings_ms: dict[str, float] = field(default_factory=dict)  # CPU ms of a batch on each runtime tried
     skipped: dict[str, str] = field(default_factory=dict)  # runtime -> why it does not serve
 
 
@@ -338,10 +339,16 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
         prefix += f"a GPU, but TensorFlow cannot serve ({skipped[TENSORFLOW]}); "
 
     # Time every verified variant on a batch of the largest bucket (where a busy worker spends its time)
-    # and serve the fastest. One candidate at a time is held: each is freed, and its memory handed back,
-    # before the next loads, and only the one that serves is then loaded again and compiled for every
-    # bucket (one compilation more at start than keeping it would cost). Holding two fully warmed
-    # runtimes at once took a ResNet50 worker to 2 GB at start where it serves in 0.6 GB.
+    # and serve the fastest: the one whose pass costs the least CPU, which is what bounds a busy worker's
+    # photos a second on a CPU (every runtime here keeps all the cores busy through a batch). Wall time
+    # would rank whoever had the machine to itself: workers starting together on one host time their
+    # variants while the others load theirs, and one such start measured int8 at 976 ms against bf16's
+    # 802, where alone int8 takes 310-370 ms and bf16 530-610 (docs/benchmarks.md). In a hot swap the
+    # batches served meanwhile are this process's CPU too, and add to each candidate's time while it runs.
+    # One candidate at a time is held: each is freed, and its memory handed back, before the next loads,
+    # and only the one that serves is then loaded again and compiled for every bucket (one compilation
+    # more at start than keeping it would cost). Holding two fully warmed runtimes at once took a
+    # ResNet50 worker to 2 GB at start where it serves in 0.6 GB.
     # TensorFlow is not among them: it is the reference the variants were verified against, slower on
     # every CPU measured (docs/benchmarks.md), and loading it only to time it would hold its memory (over
     # a gigabyte for ResNet50, never given back) for the worker's whole life. It serves when no variant can.
@@ -354,14 +361,14 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
             continue
         candidate = attempt(name, lambda p: p.warmup([max_batch]))
         if candidate is not None:
-            timings[name] = round(candidate.forward_ms(max_batch), 3)
+            timings[name] = round(candidate.forward_ms(max_batch, cpu=True), 3)
             del candidate
             release_freed_memory()
     for name in sorted(timings, key=timings.get):
         predictor = attempt(name, warmup)
         if predictor is not None:
             measured = ", ".join(f"{n} {ms:.1f} ms" for n, ms in sorted(timings.items(), key=lambda kv: kv[1]))
-            reason = f"{prefix}fastest on this CPU at warm-up (a batch of {max_batch}: {measured})"
+            reason = f"{prefix}fastest on this CPU at warm-up (CPU time of a batch of {max_batch}: {measured})"
             return _chosen(predictor, RuntimeChoice(name, reason, timings_ms=timings, skipped=skipped))
     if TENSORFLOW not in skipped:
         predictor = attempt(TENSORFLOW, warmup)
