@@ -672,6 +672,8 @@ def measure_plain_rq(settings: Settings, url: str, jpegs: Sequence[bytes], *, qu
         "images_per_s": _rate(len(jpegs), run.seconds),
         "seconds": round(run.seconds, 3),
         "latency_ms": percentiles(run.latencies_ms),
+        # Its worker chooses its runtime as (d)'s does (auto), on its own: d/c is fair only where both chose alike.
+        "runtimes": sorted({prediction.runtime for prediction in run.predictions}),
     }
 
 
@@ -1004,6 +1006,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines += [
         f"the worker (CARBOT_RUNTIME={config['runtime_setting']}) serves on {results['runtime']['runtime']}: "
         f"{results['runtime']['reason']}",
+        plain_runtime_line(c["runtimes"], results["runtime"]["runtime"]),
         "",
         f"{'method':<66}{'images/s':>9}{'peak RSS':>12}",
         f"{'(a) model ceiling on TensorFlow: compiled forward, pre-decoded batches of 32':<66}{a['images_per_s']:>9.1f}"
@@ -1057,6 +1060,14 @@ def format_table(results: dict[str, Any]) -> str:
     )
     lines.append(f"total {results['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def plain_runtime_line(plain: Sequence[str], served: str) -> str:
+    """Which runtime (c)'s worker answered on, and a warning where it is not (d)'s."""
+    line = f"(c)'s worker (the same setting) answered on {', '.join(plain) or 'an unnamed runtime'}"
+    if list(plain) != [served]:
+        line += f": NOT {served} as (d)'s, so d/c compares runtimes as well as the ways of serving"
+    return line
 
 
 def _format_line(figures: dict[str, float]) -> str:

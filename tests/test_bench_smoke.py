@@ -67,6 +67,8 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     if served["runtime"] != "tensorflow":
         assert results["variants"][served["runtime"]]["status"] == "verified"  # a refused variant never serves
     assert methods["a_prime_runtime_ceiling"]["runtime"] == served["runtime"]
+    # (c)'s worker chose on its own: which runtime it answered on is reported, to be compared with (d)'s.
+    assert methods["c_plain_rq"]["runtimes"] and set(methods["c_plain_rq"]["runtimes"]) <= set(RUNTIMES)
 
     # The client reduces each photo as the bots' does: the queued BMPs are smaller than the files.
     reduction = results["client_reduce"]
@@ -106,3 +108,12 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     for line in ("(a') ", "d/a'", "serves on", "(d) per photo", "client reduce", "would reach a'/c = "):
         assert line in table
     assert "single-photo overhead" in table
+    assert "(c)'s worker (the same setting) answered on " in table
+
+
+def test_the_benchmark_warns_when_plain_rq_answered_on_another_runtime_than_the_system():
+    from bench.serving import plain_runtime_line
+
+    assert "NOT" not in plain_runtime_line(["openvino-int8"], "openvino-int8")
+    warning = plain_runtime_line(["openvino-int8"], "openvino-bf16")
+    assert "NOT openvino-bf16" in warning and "d/c compares runtimes" in warning
