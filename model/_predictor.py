@@ -196,20 +196,25 @@ class Predictor:
             self._bucket_ms = {bucket: self.forward_ms(bucket) for bucket in self._buckets}
             self._plans = cheapest_plans(self._bucket_ms, self._max_batch)
 
-    def forward_ms(self, bucket: int, repeats: int = 2, *, cpu: bool = False) -> float:
+    def forward_ms(self, bucket: int, repeats: int = 2, *, cpu: bool = False, for_at_least_s: float = 0.0) -> float:
         """The best of `repeats` forward passes of a batch of `bucket` images, in ms: what the pass costs
         when the machine lets it run. Compile the bucket first (`warmup`), or the first pass times that.
 
         `cpu`: the CPU time the pass took in this process (all its threads) instead of the time it took.
         Other processes' load does not change it: a pass that waits for a core costs no CPU meanwhile.
         It says nothing of a GPU's work.
+        `for_at_least_s`: more passes, until they have taken that long: the best of many short passes
+        leaves out a moment when something else in the process ran (a runtime's threads finishing
+        what the last one began).
         """
         clock = time.process_time if cpu else time.perf_counter
-        blank, best = self._blank(bucket), float("inf")
-        for _ in range(repeats):
+        blank, best, passes = self._blank(bucket), float("inf"), 0
+        until = time.perf_counter() + for_at_least_s
+        while passes < repeats or time.perf_counter() < until:
             started = clock()
             self._forward(blank)
             best = min(best, (clock() - started) * 1000)
+            passes += 1
         return best
 
     def _blank(self, count: int) -> np.ndarray:

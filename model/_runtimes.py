@@ -62,6 +62,12 @@ STREAM_PART = 4
 # The precision OpenVINO's CPU plugin computes each OpenVINO variant in (int8's is in its IR).
 OPENVINO_PRECISIONS = {OPENVINO_FP32: "f32", OPENVINO_BF16: "bf16", OPENVINO_INT8: "int8"}
 RUNTIME_CHOICES = (AUTO, *RUNTIMES)
+# How long `auto` times each variant's pass at least (two passes at least). A ResNet50's batch of 32 takes
+# longer than that on a small CPU, but a lone photo's pass (a worker with CARBOT_MAX_BATCH=1) takes about
+# 11 ms: on a 2-core AMD EPYC, the best of two such passes put int8 at 40 ms of CPU instead of 22 in two
+# starts of six, and one of them served bf16 (36 ms); timed for this long, six starts of six chose int8
+# at 21.5-24 ms (docs/benchmarks.md).
+TRIAL_S = 0.25
 
 
 class RuntimeUnavailable(Exception):
@@ -361,7 +367,7 @@ def load_predictor(directory: Path, *, runtime: str = AUTO, max_batch: int = 32,
             continue
         candidate = attempt(name, lambda p: p.warmup([max_batch]))
         if candidate is not None:
-            timings[name] = round(candidate.forward_ms(max_batch, cpu=True), 3)
+            timings[name] = round(candidate.forward_ms(max_batch, cpu=True, for_at_least_s=TRIAL_S), 3)
             del candidate
             release_freed_memory()
     for name in sorted(timings, key=timings.get):
