@@ -152,6 +152,38 @@ def test_auto_serves_the_runtime_fastest_at_warmup_and_says_why(demo_registry, c
     assert predictor.bucket_ms and set(predictor.bucket_ms) == set(predictor.buckets)  # plans timed on it
 
 
+def burn_cpu(seconds: float) -> None:
+    """Keep this thread busy until it has used `seconds` of CPU."""
+    until = time.process_time() + seconds
+    while time.process_time() < until:
+        pass
+
+
+def candidates_slowed(monkeypatch, directory: Path, slow_down) -> list[str]:
+    """The variants `auto` will time, each forward pass of variant `name` first running `slow_down(name, calls)`
+    (`calls`: how many passes that variant's backend has run, this one included)."""
+    from model import _runtimes
+
+    candidates = [name for name in servable(directory) if name != "tensorflow"]
+    assert len(candidates) >= 2, "this host should run at least ONNX Runtime and OpenVINO fp32"
+    open_variant = _runtimes.open_variant
+
+    def slowed(folder, name):
+        backend = open_variant(folder, name)
+        forward, calls = backend.forward, [0]
+
+        def slowed_forward(batch):
+            calls[0] += 1
+            slow_down(name, calls[0])
+            return forward(batch)
+
+        backend.forward = slowed_forward
+        return backend
+
+    monkeypatch.setattr(_runtimes, "open_variant", slowed)
+    return candidates
+
+
 def test_auto_ranks_the_variants_by_the_cpu_their_pass_costs_not_by_how_long_the_machine_made_it_wait(
     demo_registry, monkeypatch
 ):
@@ -160,32 +192,17 @@ def test_auto_ranks_the_variants_by_the_cpu_their_pass_costs_not_by_how_long_the
     as fast as int8, that way: docs/benchmarks.md). Here one variant's pass waits 0.3 s for a core (a sleep:
     wall time without CPU) and every other variant's pass costs 0.1 s more CPU than its own (a busy loop):
     the waiting one is the cheapest and must serve. Wall time, as the trial measured before, chose another."""
-    from model import _runtimes
-
     directory = ModelRegistry(demo_registry).path_for("demo")
-    candidates = [name for name in servable(directory) if name != "tensorflow"]
-    assert len(candidates) >= 2, "this host should run at least ONNX Runtime and OpenVINO fp32"
-    waiting = candidates[-1]
-    open_variant = _runtimes.open_variant
+    waiting = None
 
-    def slowed(folder, name):
-        backend = open_variant(folder, name)
-        forward = backend.forward
-
-        def waits_for_a_core(batch):
+    def slow_down(name, calls):
+        if name == waiting:
             time.sleep(0.3)
-            return forward(batch)
+        else:
+            burn_cpu(0.1)
 
-        def costs_more_cpu(batch):
-            until = time.process_time() + 0.1
-            while time.process_time() < until:
-                pass
-            return forward(batch)
-
-        backend.forward = waits_for_a_core if name == waiting else costs_more_cpu
-        return backend
-
-    monkeypatch.setattr(_runtimes, "open_variant", slowed)
+    candidates = candidates_slowed(monkeypatch, directory, slow_down)
+    waiting = candidates[-1]
     choice = load_predictor(directory, max_batch=4).runtime_choice
     assert choice.runtime == waiting, choice.reason
     assert all(choice.timings_ms[waiting] + 50 < choice.timings_ms[name] for name in candidates if name != waiting)
@@ -194,40 +211,17 @@ def test_auto_ranks_the_variants_by_the_cpu_their_pass_costs_not_by_how_long_the
 
 def test_auto_times_short_passes_long_enough_that_a_moment_of_other_work_does_not_decide(demo_registry, monkeypatch):
     """A lone photo's pass is short: two of them can both fall in a moment when something else in the process
-    runs (a start of six on a 2-core AMD EPYC timed int8 at twice its cost that way, and served bf16). Here the
+    runs (two starts of six on a 2-core AMD EPYC timed int8 at twice its cost that way; one served bf16). Here the
     first passes of one variant (its warm-up and the next two) each take 0.1 s more CPU, then none; every
     other variant's pass always takes 0.03 s more. The variant is the cheapest and must serve: timed for
     `TRIAL_S`, not on two passes, as before."""
-    from model import _runtimes
-
     directory = ModelRegistry(demo_registry).path_for("demo")
-    candidates = [name for name in servable(directory) if name != "tensorflow"]
-    assert len(candidates) >= 2, "this host should run at least ONNX Runtime and OpenVINO fp32"
-    unlucky = candidates[0]
-    open_variant = _runtimes.open_variant
+    unlucky = None
 
-    def burn(seconds):
-        until = time.process_time() + seconds
-        while time.process_time() < until:
-            pass
+    def slow_down(name, calls):
+        burn_cpu((0.1 if calls <= 3 else 0.0) if name == unlucky else 0.03)
 
-    def slowed(folder, name):
-        backend = open_variant(folder, name)
-        forward, calls = backend.forward, []
-
-        def unlucky_at_first(batch):
-            calls.append(1)
-            burn(0.1 if len(calls) <= 3 else 0.0)
-            return forward(batch)
-
-        def always_dearer(batch):
-            burn(0.03)
-            return forward(batch)
-
-        backend.forward = unlucky_at_first if name == unlucky else always_dearer
-        return backend
-
-    monkeypatch.setattr(_runtimes, "open_variant", slowed)
+    unlucky = candidates_slowed(monkeypatch, directory, slow_down)[0]
     choice = load_predictor(directory, max_batch=1).runtime_choice
     assert choice.runtime == unlucky, choice.reason
 
