@@ -6,6 +6,7 @@ No worker runs here: what is checked is what reaches Redis, read back through RQ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -98,3 +99,39 @@ async def test_a_photo_whose_sender_gave_up_before_it_was_sent_is_not_queued(red
             await given_up
         first.cancel()
         last.cancel()
+
+
+def test_groups_sent_at_once_never_fill_the_same_room_in_the_queue(redis_url, monkeypatch):
+    """Four groups of three on four threads at once, against a queue limit of 3: three photos are queued and
+    the other nine hear "busy". Each group reads the queue's length, and before the room it found was held
+    for it, all four read 0 and queued twelve (the load test saw a queue of 8 with a limit of 3)."""
+    together = threading.Barrier(4, timeout=2)
+    reduced = ClassifyClient._reduced
+
+    def reduced_together(self, photo):
+        # Held until every group has read the room left: how four threads can interleave on a busy machine.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            together.wait()
+        return reduced(self, photo)
+
+    monkeypatch.setattr(ClassifyClient, "_reduced", reduced_together)
+    client = ClassifyClient(redis_url, queue_limit=3, preprocessing=Preprocessing(image_size=32))
+    groups = [[Submission(jpeg_bytes(10 * group + seed)) for seed in range(3)] for group in range(4)]
+    outcomes: list = []
+    try:
+        threads = [threading.Thread(target=lambda g=g: outcomes.extend(client.submit_group(g))) for g in groups]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(outcomes) == 12
+        assert len(classify_queue(redis_url).job_ids) == 3
+        assert sum(isinstance(outcome, str) for outcome in outcomes) == 3
+        assert sum(isinstance(outcome, QueueBusy) for outcome in outcomes) == 9
+
+        # Every group gave back the room it held: with the queue emptied, all of it is there again.
+        classify_queue(redis_url).empty()
+        again = client.submit_group([Submission(jpeg_bytes(100 + seed)) for seed in range(3)])
+        assert all(isinstance(outcome, str) for outcome in again), again
+    finally:
+        asyncio.run(client.aclose())

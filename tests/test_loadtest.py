@@ -105,5 +105,6 @@ async def test_a_low_queue_limit_gives_prompt_busy_replies_and_a_bounded_queue(
     # Prompt: refused before anything was queued (a bound loose enough for a busy 2-core CI machine).
     assert report["busy_latency_ms"]["max"] < 5000
     assert report["late_replies"] == 0
-    # The limit is checked before each submission, by at most the client's 4 submitting threads at once.
-    assert extra["max_queue_depth"] <= 3 + 4
+    # The room left is held for each group on its way, so the bot's client never queues past the limit, even
+    # with its 4 submitting threads sending at once (before that was held, CI once saw a queue of 8 here).
+    assert extra["max_queue_depth"] <= 3

@@ -226,6 +226,8 @@ class ClassifyClient:
         self._queue = Queue(queue, connection=self._sync, serializer=SERIALIZER)
         self._clock = RedisClock(self._sync)
         self._submitter = _Submitter(self.submit_group, threads=submit_threads)
+        self._admission = threading.Lock()  # guards the room held by groups on their way (`_reserve_room`)
+        self._reserved = 0
         self._listener = _ResultListener(redis_connection(redis_url, asyncio=True, blocking_s=_LISTEN_BLOCK_MS / 1000))
 
     @classmethod
@@ -305,8 +307,9 @@ class ClassifyClient:
         Redis is full, `ClassifyFailed` when Redis cannot be reached.
         """
         outcomes: list[str | ClassifyError | None] = [self._refusal(submission.photo) for submission in submissions]
+        room = 0
         try:
-            room = self.queue_limit - self._queue.count
+            room = self._reserve_room(sum(outcome is None for outcome in outcomes))
             queued = []
             for index, submission in enumerate(submissions):
                 if outcomes[index] is not None:
@@ -333,7 +336,22 @@ class ClassifyClient:
             return [_error_unless_refused(outcome, QueueBusy, _BUSY, exc) for outcome in outcomes]
         except redis.RedisError as exc:
             return [_error_unless_refused(outcome, ClassifyFailed, _UNREACHABLE, exc) for outcome in outcomes]
+        finally:
+            with self._admission:
+                self._reserved -= room  # queued by now (the queue's length counts them) or never to be
         return outcomes
+
+    def _reserve_room(self, wanted: int) -> int:
+        """Room in the queue for up to `wanted` photos, held for this group until it is queued.
+
+        The client's threads send groups at once: each reading the queue's length alone could
+        fill the same room (four groups of three on a limit of 3 queued twelve photos). The room
+        held by the groups on their way counts as taken.
+        """
+        with self._admission:
+            room = min(wanted, max(0, self.queue_limit - self._queue.count - self._reserved))
+            self._reserved += room
+        return room
 
     def _refusal(self, photo: bytes) -> PhotoRejected | None:
         """Why `photo` is refused before anything of it reaches Redis (empty, too large), or None."""
