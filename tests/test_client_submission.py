@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import pytest
 import redis
@@ -133,5 +134,34 @@ def test_groups_sent_at_once_never_fill_the_same_room_in_the_queue(redis_url, mo
         classify_queue(redis_url).empty()
         again = client.submit_group([Submission(jpeg_bytes(100 + seed)) for seed in range(3)])
         assert all(isinstance(outcome, str) for outcome in again), again
+    finally:
+        asyncio.run(client.aclose())
+
+
+def test_a_group_whose_photos_just_joined_the_queue_does_not_hold_their_room_twice(redis_url, monkeypatch):
+    """Limit 2: one photo is in the queue, its transaction's reply still on its way back, when another comes.
+    The second is queued. Had the first group's room been given back only after the reply, the second would
+    have counted that photo twice (in the queue and held) and heard "busy" (CI: three photos at once against
+    a limit of 3 left one out)."""
+    execute = redis.client.Pipeline.execute
+
+    def slow_reply(self, *args, **kwargs):
+        result = execute(self, *args, **kwargs)
+        time.sleep(0.5)  # the reply on its way back, the photos already queued
+        return result
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", slow_reply)
+    client = ClassifyClient(redis_url, queue_limit=2)
+    queue = classify_queue(redis_url)
+    try:
+        first = threading.Thread(target=client.submit_group, args=([Submission(jpeg_bytes(1))],))
+        first.start()
+        deadline = time.monotonic() + 10
+        while queue.count < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        (second,) = client.submit_group([Submission(jpeg_bytes(2))])
+        first.join(10)
+        assert isinstance(second, str), second
+        assert queue.count == 2
     finally:
         asyncio.run(client.aclose())

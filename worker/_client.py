@@ -330,15 +330,21 @@ class ClassifyClient:
                     # One transaction: each job and its photo land together (RQ's enqueue must come first).
                     for index, photo in queued:
                         outcomes[index] = self._enqueue(pipe, submissions[index], photo)
-                    pipe.execute()
+                    # The room is given back as the photos fill it: no group reads the queue's length
+                    # while they are both in it and held, which would count them twice.
+                    with self._admission:
+                        pipe.execute()
+                        self._reserved -= room
+                        room = 0
         except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
             # Redis at its memory bound (or a replica): no room for the photos, which is "busy", not a crash.
             return [_error_unless_refused(outcome, QueueBusy, _BUSY, exc) for outcome in outcomes]
         except redis.RedisError as exc:
             return [_error_unless_refused(outcome, ClassifyFailed, _UNREACHABLE, exc) for outcome in outcomes]
         finally:
-            with self._admission:
-                self._reserved -= room  # queued by now (the queue's length counts them) or never to be
+            if room:  # held but not filled: nothing was left to queue, or Redis refused the group
+                with self._admission:
+                    self._reserved -= room
         return outcomes
 
     def _reserve_room(self, wanted: int) -> int:
