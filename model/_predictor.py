@@ -274,22 +274,23 @@ class Predictor:
 
         size = self.image_size
 
-        def traced_for(bucket: int) -> Callable:
-            # A function per bucket, with its exact shape: each is traced once, and TensorFlow
-            # doesn't warn about "retracing" as it does when one function sees several shapes.
-            @tf.function(input_signature=[tf.TensorSpec((bucket, size, size, 3), tf.uint8)])
-            def call(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-                # Python code here runs only while TensorFlow traces.
-                self._trace_count += 1
-                probabilities, features = keras_model(tf.cast(images, tf.float32), training=False)
-                return tf.cast(probabilities, tf.float32), tf.cast(features, tf.float32)
+        @tf.function
+        def call(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            # Python code here runs only while TensorFlow traces.
+            self._trace_count += 1
+            probabilities, features = keras_model(tf.cast(images, tf.float32), training=False)
+            return tf.cast(probabilities, tf.float32), tf.cast(features, tf.float32)
 
-            return call
-
-        traced = {bucket: traced_for(bucket) for bucket in self._buckets}
+        # One graph per bucket, with its exact shape, traced the first time the bucket runs. Asked for
+        # by shape (`get_concrete_function`), not found by calling: TensorFlow counts calls that trace,
+        # and warns of "retracing" at the fifth bucket of a function called with each shape.
+        traced: dict[int, Callable] = {}
 
         def forward(batch: np.ndarray) -> Outputs:
-            probabilities, features = traced[len(batch)](tf.convert_to_tensor(batch))
+            bucket = len(batch)
+            if bucket not in traced:
+                traced[bucket] = call.get_concrete_function(tf.TensorSpec((bucket, size, size, 3), tf.uint8))
+            probabilities, features = traced[bucket](tf.convert_to_tensor(batch))
             return probabilities.numpy(), features.numpy()
 
         return forward

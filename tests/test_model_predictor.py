@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -194,6 +195,19 @@ def test_batches_in_one_bucket_do_not_retrace(artefact_dir: Path) -> None:
     predictor.probabilities(random_images(1))
     predictor.probabilities(random_images(8))
     assert predictor.trace_count == len(predictor.buckets)
+
+
+def test_warming_every_bucket_does_not_make_tensorflow_warn_of_retracing(
+    artefact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TensorFlow warns "triggered tf.function retracing ... Tracing is expensive" at the fifth shape one
+    function traces by being called: a worker's start said so at every bucket from 16 on, a false alarm."""
+    predictor = Predictor.from_artefact(artefact_dir, max_batch=32)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        predictor.warmup()
+        predictor.probabilities(random_images(23))
+    assert predictor.trace_count == len(predictor.buckets) == 6
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]
 
 
 def test_warmup_of_chosen_sizes(artefact_dir: Path) -> None:
