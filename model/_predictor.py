@@ -42,10 +42,13 @@ if TYPE_CHECKING:  # Keras is imported only for a Keras forward pass: a variant 
 # network had the second output gives None for the features (and so no out-of-distribution verdict).
 Outputs = tuple[np.ndarray, np.ndarray | None]
 
-# `warmup` times the buckets in rounds: at least PLAN_ROUNDS, and more while a round still changes a
-# plan, up to PLAN_ROUNDS_MAX (a ResNet50's round on a 2-core CPU: about 1.4 s on int8, 4 s on TensorFlow).
+# `warmup` times the buckets in rounds: at least PLAN_ROUNDS, and more while a round still finds some
+# bucket's pass faster by more than PLAN_SETTLED, up to PLAN_ROUNDS_MAX (a ResNet50's round on a 2-core
+# CPU: about 1.4 s on int8, 4 s on TensorFlow). Settled by the timings, not the plans: two plans of
+# about the same cost trade places on a few percent of noise.
 PLAN_ROUNDS = 2
 PLAN_ROUNDS_MAX = 6
+PLAN_SETTLED = 0.1
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ class Predictor:
         return best
 
     def _timed_plans(self) -> tuple[dict[int, float], dict[int, tuple[int, ...]]]:
-        """Every bucket's best pass, timed in rounds over all the buckets until a round changes no plan.
+        """Every bucket's best pass, timed in rounds over all the buckets until they settle, and the plans.
 
         In turns, a moment of other work (another process starting, this worker serving while a new
         version warms up) spoils one pass of a few buckets, and a later round times them again. Timed
@@ -232,14 +235,15 @@ class Predictor:
         Wall time, not CPU time: on a GPU the CPU mostly waits.
         """
         best = dict.fromkeys(self._buckets, float("inf"))
-        plans: dict[int, tuple[int, ...]] = {}
         for timed in range(1, PLAN_ROUNDS_MAX + 1):
+            improved = False
             for bucket in self._buckets:
-                best[bucket] = min(best[bucket], self.forward_ms(bucket, repeats=1))
-            previous, plans = plans, cheapest_plans(best, self._max_batch)
-            if timed >= PLAN_ROUNDS and plans == previous:
+                ms = self.forward_ms(bucket, repeats=1)
+                improved |= ms < best[bucket] * (1 - PLAN_SETTLED)
+                best[bucket] = min(best[bucket], ms)
+            if timed >= PLAN_ROUNDS and not improved:
                 break
-        return best, plans
+        return best, cheapest_plans(best, self._max_batch)
 
     def _blank(self, count: int) -> np.ndarray:
         return np.zeros((count, self.image_size, self.image_size, 3), dtype=np.uint8)
