@@ -580,7 +580,7 @@ async def drive(
     async def injected() -> dict[str, Any] | None:
         return await inject(progress) if inject is not None else None
 
-    sampler = _QueueSampler(conversation.redis, settings.classify_queue)
+    sampler = QueueSampler(conversation.redis, settings.classify_queue)
     sampler.start()
     try:
         results = await asyncio.gather(injected(), *(user(index, photos) for index, photos in enumerate(plan)))
@@ -703,7 +703,7 @@ class _Texts:
         return self.votes.get(notice, "other")
 
 
-class _QueueSampler:
+class QueueSampler:
     """The classify queue's depth every 50 ms: how far backpressure let it grow."""
 
     def __init__(self, connection: Any, queue: str) -> None:
@@ -715,7 +715,10 @@ class _QueueSampler:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # Until cancelled, asked of the task: redis-py may turn our own cancellation into a TimeoutError
+        # (as worker._client's listener knows), which a `while True` skipped as a failed sample, sampling
+        # on for good while `stop` waited for it (a fault-harness run hung so).
+        while not asyncio.current_task().cancelling():
             with contextlib.suppress(redis.RedisError, OSError):  # Redis may be restarting: skip that sample
                 self.max_depth = max(self.max_depth, int(await self.connection.llen(self.key)))
             await asyncio.sleep(0.05)

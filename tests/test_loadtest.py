@@ -17,12 +17,42 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 from PIL import Image
 
 from bench import __main__ as cli
-from bench.loadtest import BAD_KINDS, LoadConfig, Rig, drive, make_photo_plan, summarize
+from bench.loadtest import BAD_KINDS, LoadConfig, QueueSampler, Rig, drive, make_photo_plan, summarize
 from carbot.settings import Settings, get_settings
+
+
+async def test_the_queue_sampler_stops_when_redis_py_turns_its_cancellation_into_a_timeout() -> None:
+    """redis-py may raise a TimeoutError for a read that our own cancellation cut short (worker._client's
+    listener knows it). The sampler skipped it as a failed sample and sampled on for good, and a fault-harness
+    run waited for it forever. Here the first read waits until cancelled and raises what redis-py raised; later
+    ones are cancelled plainly, so that a sampler that misses the stop is still ended when the test is."""
+
+    class CancelledRead:
+        reads = 0
+
+        async def llen(self, key: str) -> int:
+            self.reads += 1
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if self.reads == 1:
+                    raise redis.TimeoutError("Timeout reading from localhost:6379") from None
+                raise
+            return 0
+
+    connection = CancelledRead()
+    sampler = QueueSampler(connection, "classify")
+    sampler.start()
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(sampler.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    assert stopping in done, f"the sampler went on after it was stopped ({connection.reads} reads)"
+    assert connection.reads == 1 and sampler.max_depth == 0
 
 
 def test_photo_plan_mixes_sizes_formats_duplicates_and_bad_files() -> None:
