@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._artefact import CHECKSUM_FILE, Artefact, ArtefactCorrupt, read_artefact
 from ._backbones import BACKBONES
-from ._ood import DEFAULT_FALSE_REJECTION, OodScorer, OodVerdict
+from ._ood import DEFAULT_FALSE_REJECTION, FlagRate, OodScorer, OodVerdict, like_photos_flagged
 from ._preprocess import (
     IMAGE_SUFFIXES,
     REDUCE_ABOVE_INPUT_PIXELS,
@@ -55,6 +55,7 @@ __all__ = [
     "Answer",
     "Artefact",
     "ArtefactCorrupt",
+    "FlagRate",
     "ImageRejected",
     "LoadedModel",
     "ModelRegistry",
@@ -75,6 +76,7 @@ __all__ = [
     "covering_size",
     "export_variants",
     "host_supports",
+    "like_photos_flagged",
     "load_artefact",
     "load_image",
     "pixel_count",

@@ -25,6 +25,7 @@ threshold and how it was calibrated, in ``model.json`` under ``"ood"``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,48 @@ class OodScorer:
             if str(arrays["method"]) != METHOD:
                 raise ValueError(f"{path} holds a {arrays['method']} score; this code reads {METHOD}")
             return cls(arrays["means"], arrays["whitening"], threshold)
+
+
+@dataclass(frozen=True)
+class FlagRate:
+    """What share of new photos, drawn like the photos a threshold was calibrated on, it flags."""
+
+    expected: float
+    low: float  # `low` to `high` holds the share in `confidence` of calibrations
+    high: float
+    confidence: float
+
+
+def like_photos_flagged(calibrated_on: int, flagged_there: int, confidence: float = 0.9) -> FlagRate:
+    """The share of like photos flagged by a threshold that `flagged_there` of its `calibrated_on` photos exceed.
+
+    The threshold is then the (flagged_there + 1)-th highest calibration score, and whatever the scores'
+    distribution, the share of like photos above such a threshold is Beta(flagged_there + 1,
+    calibrated_on - flagged_there) distributed. On few calibration photos it is far from the rate chosen:
+    2 % of 228 photos gives 0.9-4.0 % in nine calibrations of ten.
+    """
+    if not 0 <= flagged_there < calibrated_on:
+        raise ValueError(f"{flagged_there} of {calibrated_on} photos cannot be above a threshold set among them")
+    r, n = flagged_there + 1, calibrated_on
+
+    def share_at_most(x: float) -> float:
+        # P(Beta(r, n + 1 - r) <= x) = P(Binomial(n, x) >= r), summed in logs: the binomial's terms overflow.
+        below = sum(
+            math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                     + k * math.log(x) + (n - k) * math.log1p(-x))
+            for k in range(r)
+        )  # fmt: skip
+        return 1.0 - below
+
+    def quantile(q: float) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(50):  # bisection, to about 1e-15
+            middle = (low + high) / 2
+            low, high = (middle, high) if share_at_most(middle) < q else (low, middle)
+        return (low + high) / 2
+
+    tail = (1.0 - confidence) / 2
+    return FlagRate(r / (n + 1), quantile(tail), quantile(1.0 - tail), confidence)
 
 
 def _transform(features: np.ndarray) -> np.ndarray:
