@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
+import pytest
 import redis
 from rq import Queue
 
 from carbot.keys import BATCH_SIZES_KEY, SERIALIZER, STATS_KEY
 from tests.conftest import jpeg_bytes
-from worker import ClassifyClient
+from worker import ClassifyClient, PhotoRejected
 
 
 async def test_the_worker_adds_each_batch_to_the_shared_counters_and_sizes(redis_url, start_worker) -> None:
@@ -30,3 +32,32 @@ async def test_the_worker_adds_each_batch_to_the_shared_counters_and_sizes(redis
     assert counters["padded"] >= 12  # the forward passes' images, padding of the plan included
     assert counters["decode_us"] > 0 and counters["inference_us"] > 0
     assert connection.hgetall(BATCH_SIZES_KEY) == {b"12": b"1"}
+
+
+async def test_a_refused_photo_is_counted_before_anyone_can_read_its_refusal(redis_url, start_worker) -> None:
+    # `carbot status`, read right after a person heard "not a photo", once missed that refusal: the worker
+    # published it before counting it. Redis's MONITOR gives the order in which it ran the worker's commands.
+    start_worker()
+    commands: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:
+            watching.set()
+            for event in monitor.listen():
+                commands.append(event["command"])
+                if event["command"] == "PING" and "XADD" in " ".join(commands):
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    watching.wait(10)
+    async with ClassifyClient(redis_url) as client:
+        with pytest.raises(PhotoRejected):
+            await client.classify(b"not a picture at all, queued as it is")  # the worker rejects it
+    redis.Redis.from_url(redis_url).ping()  # ends the watch
+    watcher.join(10)
+
+    counted = next(i for i, c in enumerate(commands) if c.startswith(f"HINCRBY {STATS_KEY} rejected 1"))
+    published = next(i for i, c in enumerate(commands) if c.startswith("XADD rq:results:"))
+    assert counted < published, commands[min(counted, published) : max(counted, published) + 1]

@@ -296,24 +296,25 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
     def _perform_started(self, batch: list[tuple[Job, Queue]], starts: list[int], executions: list[Execution]) -> None:
         metrics.observe_queue_waits(_queue_wait_ms(job) for job, _ in batch)
         checked_at = self.clock.now()
-        live, expired = [], 0
+        live, refused, expired = [], [], 0
         for (job, queue), execution, earlier in zip(batch, executions, starts):
             try:
                 request = PhotoRequest.from_kwargs(job.kwargs)
             except InvalidJob as exc:
-                self.fail_job(job, queue, execution, exc)
+                refused.append((job, queue, execution, exc))
                 continue
             if earlier >= 2:
                 log.warning("job %s: set aside, it was running twice when a worker died", job.id)
-                self.fail_job(job, queue, execution, PhotoRejected(QUARANTINED, RejectReason.QUARANTINED))
+                refused.append((job, queue, execution, PhotoRejected(QUARANTINED, RejectReason.QUARANTINED)))
                 continue
             if request.expired(checked_at):
                 expired += 1
-                self.fail_job(job, queue, execution, JobExpired())
+                refused.append((job, queue, execution, JobExpired()))
                 continue
             live.append((job, queue, execution, request))
         if not live:
             self._record(BatchReport(), expired=expired)
+            self._fail_all(refused)
             return
 
         try:
@@ -322,20 +323,25 @@ class BatchWorker(OwnJobsOnly, SimpleWorker):
             raise  # not the model's fault: the worker survives it and the photos are handed back
         except Exception as exc:  # the model itself failed: every job gets the error and RQ's retry
             log.exception("batch of %d failed", len(live))
-            for job, queue, execution, _ in live:
-                self.fail_job(job, queue, execution, exc)
+            self._fail_all(refused + [(job, queue, execution, exc) for job, queue, execution, _ in live])
             return
 
+        # Counted before any outcome is published: whoever reads an answer, or a photo's refusal, finds
+        # it counted too (`carbot status` read right after a refusal once missed it).
+        self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
         finished = []
         for (job, queue, execution, _), outcome in zip(live, report.outcomes):
             if isinstance(outcome, Exception):
-                self.fail_job(job, queue, execution, outcome)
+                refused.append((job, queue, execution, outcome))
             else:
                 outcome["timings"] = self._timings(job, report)
                 finished.append((job, execution, outcome))
-        # Counted before the answers are published: whoever reads an answer finds it counted too.
-        self._record(report, expired=expired, queue_wait_ms=max(_queue_wait_ms(job) for job, *_ in live))
+        self._fail_all(refused)
         self.finish_jobs(finished)
+
+    def _fail_all(self, failures: list[tuple[Job, Queue, Execution, BaseException]]) -> None:
+        for job, queue, execution, exc in failures:
+            self.fail_job(job, queue, execution, exc)
 
     def start_jobs(self, batch: list[tuple[Job, Queue]]) -> list[Execution]:
         """RQ's `prepare_execution` + `prepare_job_execution` for every job of the batch, in one round trip.
