@@ -107,7 +107,7 @@ def markdown_section(calibration: dict[str, Any], threshold: float) -> str:
         "|---|---:|",
         *(f"| {name} | {share:.1%} |" for name, share in rows),
         "",
-        f"Set on {calibration['calibrated_on']} photos, the threshold flags about {rate.expected:.1%} of new "
+        f"Set on {calibrated_on} photos, the threshold flags about {rate.expected:.1%} of new "
         f"photos like them, and from {rate.low:.1%} to {rate.high:.1%} in {rate.confidence:.0%} of trainings; "
         "the test split's figure scatters around that again. More validation photos make it steadier.",
         "",
