@@ -117,6 +117,8 @@ TARGETS = {  # name: (comparison, threshold); issue 16's targets on a 2-core CPU
     "d/a'": (">=", 0.75),  # ...against the ceiling of the runtime the worker chose
     "d/a'_drift_free": (">=", 0.75),
     "d/b": (">=", 2.0),
+    # Issue 16 asks d/b and d/c to stay at least what they were; 1.5 is the serving benchmark's target from
+    # before it. The code before issue 16 reached d/c 1.23-1.35 on the AVX-512 EPYC (docs/benchmarks.md).
     "d/c": (">=", 1.5),
     "single_photo_overhead_ms": ("<=", 15.0),
 }
