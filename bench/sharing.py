@@ -227,7 +227,9 @@ def _feedback_photos(folder: Path, count: int) -> Path:
 
 # The retrain, in a process of its own as the train worker's work horse runs it: share_machine first (it reads
 # CARBOT_RETRAIN_YIELD), then TensorFlow. Its feedback photos take the served model's labels in turn; it counts its
-# training steps in Redis and runs until it is killed.
+# training steps in Redis and runs until it is killed. A step costs the same at any learning rate; a low one keeps
+# the loss finite on those arbitrary labels (the serving benchmark's ResNet50, sure of other answers, started at a
+# loss of about 500 and went NaN at its fourth step at the default rate, which ends a retrain).
 _RETRAIN = """
 import json, sys
 from pathlib import Path
@@ -250,7 +252,8 @@ class Count(keras.callbacks.Callback):
         connection.incr(steps_key)
         connection.set(give_way_key, json.dumps(give_way.summary()))
 
-retrain(registry, feedback, version="sharing", config=RetrainConfig(epochs=100000, finetune_fraction=1.0),
+config = RetrainConfig(epochs=100000, finetune_fraction=1.0, learning_rate=0.0005)
+retrain(registry, feedback, version="sharing", config=config,
         promote=False, variants=False, callbacks=[*give_way.callbacks(), Count()])
 """
 
