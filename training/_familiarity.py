@@ -98,7 +98,7 @@ def markdown_section(calibration: dict[str, Any], threshold: float) -> str:
         f"Out-of-distribution score: Mahalanobis distance of the penultimate features (square-rooted) to the "
         "nearest class, "
         f"fitted on {calibration['fitted_on']} training photos, threshold {threshold:.3f} calibrated on "
-        f"{calibration['calibrated_on']} validation photos for a {calibration['false_rejection']:.0%} "
+        f"{calibrated_on} validation photos for a {calibration['false_rejection']:.0%} "
         f"false-rejection rate. Unlike photos: {flagged['unlike_per_kind']} generated per kind "
         '(training._unlike). A flagged photo is answered "this doesn\'t look like a model I know", '
         "with the top-3 still shown.",
