@@ -9,17 +9,14 @@ answered in time, and the assertions are on counts and orderings.
 from __future__ import annotations
 
 import asyncio
-import io
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from carbot.keys import photo_key
@@ -32,6 +29,7 @@ from tests.conftest import (
     frozen_in_a_batch,
     jpeg_bytes,
     noisy_jpeg,
+    slow_png,
     worker_env,
 )
 from worker import Classification, ClassifyClient, PhotoRejected
@@ -44,15 +42,6 @@ _offset = float(os.environ["CLOCK_SKEW_S"])
 _time = time.time
 time.time = lambda: _time() + _offset
 """
-
-
-def slow_png() -> bytes:
-    """A 7000 x 7000 PNG of 15 MB (under the limits) that takes a second or two to decode."""
-    y, x = (axis.astype(np.int32) for axis in np.ogrid[:7000, :7000])  # int32: an int64 grid took ~20 s
-    pixels = np.stack([(x * 7 + y) % 256, (x ^ y) % 256, (x * y) % 251], axis=-1).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

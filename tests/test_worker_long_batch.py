@@ -13,42 +13,18 @@ when the pulse is switched off.
 from __future__ import annotations
 
 import asyncio
-import functools
-import io
-import struct
-import zlib
 
-import numpy as np
 import redis
-from PIL import Image
 from rq import Queue
 from rq.registry import FinishedJobRegistry
 
 from carbot.keys import SERIALIZER
+from tests.conftest import slow_png
 from tests.test_worker_liveness import answered_once
 from worker import Classification, ClassifyClient
 from worker._batch_worker import HEARTBEAT_TTL_S, BatchWorker
 
 PHOTOS = 12
-
-
-@functools.cache
-def _slow_png() -> bytes:
-    """A 7000 x 7000 RGBA PNG (13 MB), encoded once: 1.5-1.9 s a decode here, against 0.8 s for its RGB alone."""
-    y, x = (axis.astype(np.int32) for axis in np.ogrid[:7000, :7000])  # int32: the int64 grid took ~20 s
-    channels = [(x * 7 + y) % 256, (x ^ y) % 256, (x * y) % 251, (x + y * 3) % 256]
-    buffer = io.BytesIO()
-    Image.fromarray(np.stack([c.astype(np.uint8) for c in channels], axis=-1), "RGBA").save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def slow_png(seed: int) -> bytes:
-    """The slow PNG with a text chunk naming `seed`: its own file (photos are stored by their bytes' SHA-256)."""
-    png = _slow_png()
-    header_end = 8 + 25  # the signature, then the IHDR chunk (length, type, 13 bytes of data, CRC)
-    body = b"tEXt" + b"Comment\0" + b"seed %d" % seed
-    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-    return png[:header_end] + chunk + png[header_end:]
 
 
 async def test_a_batch_longer_than_the_heartbeat_at_the_defaults_is_answered_once(redis_url, start_worker):
