@@ -55,7 +55,6 @@ async def test_a_batch_longer_than_the_heartbeat_at_the_defaults_is_answered_onc
     assert all(isinstance(o, Classification) for o in outcomes)
     batch_ms = {o.timings["decode_ms"] + o.timings["inference_ms"] for o in outcomes}
     assert {o.timings["batch_size"] for o in outcomes} == {len(photos)}  # one batch
-    print("BATCH_MS", batch_ms)
     # The precondition: the batch outlived a heartbeat, with room for the sweeper's 0.2 s between looks.
     assert min(batch_ms) > HEARTBEAT_TTL_S * 1000 * 1.2, f"the batch took only {min(batch_ms):.0f} ms"
     answered_once(redis_url, [o.job_id for o in outcomes])
