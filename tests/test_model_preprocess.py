@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from model import ImageRejected, Preprocessing, load_image, reduce_for_queue, upright_size
+from tests.conftest import PNG_SIGNATURE, png_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -37,14 +38,9 @@ def halves(size: tuple[int, int], left: tuple, right: tuple, mode: str = "RGB") 
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height 1-bit pixels but carries almost no data: a decompression bomb."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
+    data = zlib.compress(b"\0" * 64)
+    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 def assert_close(pixel: np.ndarray, colour: tuple, tolerance: int = 8) -> None:
