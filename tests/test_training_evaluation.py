@@ -10,9 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
+from tests.conftest import PNG_SIGNATURE
 from training import Evaluation, evaluate, write_report
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Four classes; D is never predicted. Predictions (argmax): A A B | B B | A | C.
 LABELS = ("A", "B", "C", "D")

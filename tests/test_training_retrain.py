@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 
 import training._fine_tune as retrain_module
 from model import ModelRegistry, Predictor, Preprocessing, build_classifier, load_image, read_artefact, save_artefact
+from tests.conftest import PNG_SIGNATURE
 from training import (
     SYNTHETIC_CLASSES,
     FeedbackPhoto,
@@ -313,7 +314,7 @@ def test_retrain_learns_corrections_and_is_promoted(world: Path, monkeypatch: py
     assert read_artefact(registry.path_for("r1")).labels == SYNTHETIC_CLASSES  # same labels, same preprocessing
     assert meta["preprocessing"] == Preprocessing(image_size=IMAGE_SIZE).to_dict()
     assert outcome.report_image == registry.path_for("r1") / "retrain_report.png"
-    assert outcome.report_image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outcome.report_image.read_bytes()[:8] == PNG_SIGNATURE
     assert "## Retrain gate" in (registry.path_for("r1") / "report.md").read_text()
     # Its out-of-distribution score is its own, refitted and calibrated on the hold-out.
     assert meta["ood"]["calibrated_on"] == len(holdout_paths) and (registry.path_for("r1") / "ood.npz").is_file()
